@@ -1,0 +1,272 @@
+"""Model source -> a local Hugging Face folder (config, safetensors, tokenizer) -> config/tokenizer.
+
+Every source ends as one kind of folder so that one loader serves all:
+- a local HF folder is used as it is;
+- a hub id is fetched through huggingface_hub's cache (offline: the cache only);
+- a `.gguf` file is dequantized once by `transformers` and materialized as a cached
+  safetensors folder, so later loads are instant and tuning/saving work on it;
+- an alias (`default`) names one of the above (see models.py).
+`random:NAME` sources (benchmarks) have a config and no weights or tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from corral.errors import CorralError
+from corral.models import resolve_alias
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja", "generation_config.json"]
+
+# Real architectures for benchmarks with random weights (no large weights can be fetched here).
+RANDOM_PRESETS: dict[str, dict] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                      tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009),
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                       "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192},
+                      tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128009),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      max_position_embeddings=4096, rms_norm_eps=1e-5,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+}
+
+
+@dataclass
+class ModelSource:
+    """Where a model's files are. `folder` is None only for random:NAME models."""
+
+    name: str  # what the user asked for
+    folder: Path | None
+    random_preset: str | None = None
+
+
+def cache_root() -> Path:
+    """Corral's cache folder: $CORRAL_CACHE_DIR or ~/.cache/corral (read when called)."""
+    return Path(os.environ.get("CORRAL_CACHE_DIR") or Path.home() / ".cache" / "corral")
+
+
+def resolve_source(source: str, revision: str | None = None) -> ModelSource:
+    """Turn a model argument (alias, folder, .gguf file, hub id, random:NAME) into files."""
+    if not source:
+        raise CorralError("no model given")
+    if source.startswith("random:"):
+        preset = source.split(":", 1)[1]
+        if preset not in RANDOM_PRESETS:
+            raise CorralError(f"unknown random model {preset!r}; known: {', '.join(RANDOM_PRESETS)}")
+        return ModelSource(source, None, preset)
+    aliased = resolve_alias(source)
+    path = Path(aliased or source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CorralError(f"GGUF file not found: {path}")
+        return ModelSource(source, materialize_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CorralError(f"{path} has no config.json: not a Hugging Face model folder")
+        return ModelSource(source, path)
+    if path.exists():
+        raise CorralError(f"{path} is neither a model folder nor a .gguf file")
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise CorralError(f"model not found: {source!r} is no local path, alias or hub id "
+                          "(hub ids look like 'owner/name'; 'corral models' lists aliases)")
+    return ModelSource(source, download_from_hub(source, revision))
+
+
+def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
+    """Fetch a hub model (config, safetensors, tokenizer) through huggingface_hub's cache."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                   local_files_only=offline)
+    except Exception as online_error:  # network down, gated repo, missing repo ...
+        try:
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                       local_files_only=True)
+        except Exception:
+            reason = str(online_error).strip().splitlines()[0][:160] if str(online_error) else ""
+            raise CorralError(
+                f"cannot fetch {repo_id!r} from the Hugging Face Hub and it is not in the "
+                f"local cache ({type(online_error).__name__}: {reason}); pass a local folder "
+                "or .gguf path with --model instead"
+            ) from None
+    return Path(folder)
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()
+    return cache_root() / "gguf" / f"{path.stem}-{key[:16]}"
+
+
+def materialize_gguf(path: Path) -> Path:
+    """Dequantize a GGUF file once into a cached fp32 safetensors folder and return it."""
+    out = _gguf_cache_dir(path)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=torch.float32)
+    except Exception as e:
+        raise CorralError(f"cannot read GGUF file {path}: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}") from None
+    if getattr(model.config, "model_type", None) != "llama":
+        raise CorralError(f"{path} holds a {model.config.model_type!r} model; Corral runs "
+                          "Llama-architecture models")
+    # transformers marks GGUF-loaded models quantized and then refuses save_pretrained/training;
+    # the weights are already dequantized, so dropping the quantizer is exact.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "corral_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_config(src: ModelSource, rope_scaling: dict | None = None):
+    """The model's `transformers` LlamaConfig, with an optional RoPE-scaling override."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if src.random_preset:
+        config = LlamaConfig(**RANDOM_PRESETS[src.random_preset])
+    else:
+        try:
+            config = AutoConfig.from_pretrained(src.folder)
+        except Exception as e:
+            raise CorralError(f"cannot read {src.folder}/config.json: {e}") from None
+    if getattr(config, "model_type", None) != "llama":
+        raise CorralError(f"{src.name} is a {getattr(config, 'model_type', '?')!r} model; "
+                          "Corral runs Llama-architecture models (model_type 'llama')")
+    if rope_scaling:
+        apply_rope_scaling(config, rope_scaling)
+    return config
+
+
+def parse_rope_scaling(text: str) -> dict:
+    """`--rope-scaling` value: JSON (`{"rope_type": "yarn", "factor": 4}`) or `TYPE:FACTOR`."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CorralError(f"--rope-scaling is not valid JSON: {e}") from None
+    else:
+        kind, _, factor = text.partition(":")
+        try:
+            d = {"rope_type": kind, "factor": float(factor)}
+        except ValueError:
+            raise CorralError(f"--rope-scaling expects TYPE:FACTOR or JSON, got {text!r}") from None
+    d.setdefault("rope_type", d.pop("type", None))
+    if d["rope_type"] not in ("linear", "dynamic", "yarn", "llama3", "default"):
+        raise CorralError(f"unknown rope scaling type {d['rope_type']!r} "
+                          "(linear, dynamic, yarn, llama3)")
+    if d["rope_type"] != "default" and not float(d.get("factor", 0)) > 0:
+        raise CorralError("--rope-scaling needs a positive factor")
+    return d
+
+
+def apply_rope_scaling(config, scaling: dict) -> None:
+    """Stretch the context: merge `scaling` into rope_parameters and grow the position limit."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    original = config.max_position_embeddings
+    params = {"rope_theta": theta, **scaling}
+    if params["rope_type"] in ("yarn", "llama3", "dynamic"):
+        params.setdefault("original_max_position_embeddings", original)
+    if params["rope_type"] == "llama3":
+        params.setdefault("low_freq_factor", 1.0)
+        params.setdefault("high_freq_factor", 4.0)
+    config.rope_parameters = params
+    if params["rope_type"] != "default":
+        config.max_position_embeddings = int(original * float(params["factor"]))
+
+
+def load_tokenizer(src: ModelSource):
+    """The model's tokenizer (None for random:NAME models, which take token ids)."""
+    if src.folder is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src.folder)
+    except Exception as e:
+        raise CorralError(f"cannot load the tokenizer in {src.folder}: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is fp32 on CPU (exact, and CPU bf16 matmuls are no faster here) and bf16 on CUDA."""
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise CorralError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CorralError("--device cuda asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def iter_safetensors(folder: Path):
+    """Yield (name, tensor) from every *.safetensors file in `folder` (memory-mapped)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CorralError(f"{folder} has no *.safetensors weights (pytorch .bin files are not "
+                          "loaded for safety; convert them with transformers' save_pretrained)")
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as fh:
+                for name in fh.keys():
+                    yield name, fh.get_tensor(name)
+        except CorralError:
+            raise
+        except Exception as e:
+            raise CorralError(f"cannot read weights file {f}: {type(e).__name__}: {e}") from None
