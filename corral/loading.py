@@ -217,7 +217,9 @@ def apply_rope_scaling(config, scaling: dict) -> None:
         params.setdefault("low_freq_factor", 1.0)
         params.setdefault("high_freq_factor", 4.0)
     config.rope_parameters = params
-    if params["rope_type"] != "default":
+    # dynamic NTK reads max_position_embeddings as the original length (transformers' rule);
+    # the engine stretches its context by the factor instead (model.llama.context_length).
+    if params["rope_type"] not in ("default", "dynamic"):
         config.max_position_embeddings = int(original * float(params["factor"]))
 
 

