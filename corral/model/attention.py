@@ -7,9 +7,10 @@ Each sequence owns a block table: its KV lives in fixed-size blocks of the share
     seq 0 blocks: [7, 2, 9]   seq 1 blocks: [4]        (block_tables, padded with 0)
     token t of seq s goes to slot  block_tables[s][p // bs] * bs + p % bs   (slot_mapping)
 
-Decode steps (every sequence adds one token) are batched: gather each sequence's blocks, one
-batched matmul per head group. Prefill chunks run per sequence with a causal mask offset by the
-tokens already in the cache (chunked prefill, prefix-cache hits).
+Decode sequences (one new token each) come first in the batch and are batched together: gather
+each one's blocks, one batched matmul per head group. Prefill chunks follow and run per
+sequence with a causal mask offset by the tokens already in the cache (chunked prefill,
+prefix-cache hits).
 """
 
 from __future__ import annotations
@@ -29,12 +30,10 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [B] int64: tokens in cache after this step (incl. new)
     query_lens: list[int]  # [B] new tokens per sequence (host copy)
     context_lens_host: list[int]  # [B] host copy of context_lens
-    # Decode only (all query_lens == 1): additive mask [B, 1, 1, S] hiding padded slots.
+    # The first `num_decodes` sequences have one new token each; decode_mask [Bd, 1, 1, S]
+    # (additive) hides the padded slots of their gathered context.
+    num_decodes: int = 0
     decode_mask: torch.Tensor | None = None
-
-    @property
-    def is_decode(self) -> bool:
-        return self.decode_mask is not None
 
 
 def build_decode_mask(context_lens: torch.Tensor, max_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -57,12 +56,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal GQA attention for a flat batch. q: [T, nh, hd]; k, v: [T, nkv, hd] (this step's,
     already written to the cache). Returns [T, nh, hd]."""
-    if meta.is_decode:
+    nd = meta.num_decodes
+    if nd == len(meta.query_lens):
         return _decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
-    start = 0
+    if nd:
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
+    start = nd
     bs = k_cache.shape[1]
-    for i, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_host)):
+    for i in range(nd, len(meta.query_lens)):
+        qlen, ctx = meta.query_lens[i], meta.context_lens_host[i]
         end = start + qlen
         if ctx == qlen:  # nothing cached before this chunk: use the fresh K/V directly
             ks, vs = k[start:end], v[start:end]
@@ -96,14 +99,14 @@ def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Every sequence has one new token: batch them. q: [B, nh, hd]."""
+    """The first Bd sequences have one new token each: batch them. q: [Bd, nh, hd]."""
     b, nh, hd = q.shape
     nkv = k_cache.shape[2]
     g = nh // nkv
     mask = meta.decode_mask  # [B, 1, 1, S]
     s = mask.shape[-1]
     nblk = (s + k_cache.shape[1] - 1) // k_cache.shape[1]
-    bt = meta.block_tables[:, :nblk]
+    bt = meta.block_tables[:b, :nblk]
     # gather: [B, nblk, bs, nkv, hd] -> [B, nkv, S, hd]
     ks = k_cache[bt].flatten(1, 2)[:, :s].permute(0, 2, 1, 3)
     vs = v_cache[bt].flatten(1, 2)[:, :s].permute(0, 2, 1, 3)

@@ -34,6 +34,7 @@ class OneSequence:
         meta = AttentionMetadata(
             slot_mapping=pos.clone(), block_tables=self.table,
             context_lens=torch.tensor([ctx]), query_lens=[n], context_lens_host=[ctx],
+            num_decodes=int(decode),
             decode_mask=build_decode_mask(torch.tensor([ctx]), ctx, torch.float32) if decode else None,
         )
         rope_lens = torch.full((n,), ctx) if self.dynamic else None

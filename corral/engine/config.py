@@ -1,0 +1,31 @@
+"""Engine settings: one plain dataclass, passed in explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class EngineConfig:
+    model: str = "default"
+    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    device: str = "auto"
+    chat_format: str | None = None  # None: the tokenizer's template (see chat.py)
+    max_model_len: int | None = None  # default: the model's context length
+    rope_scaling: dict | str | None = None  # e.g. "linear:2" or {"rope_type": "yarn", ...}
+    revision: str | None = None
+    block_size: int = 16
+    kv_cache_memory_gb: float | None = None  # CPU default 2 GiB (capped by what can be used)
+    gpu_memory_utilization: float = 0.90  # CUDA: fraction of GPU memory for weights + cache
+    max_num_seqs: int | None = None  # default 64 on CPU, 256 on CUDA
+    max_num_batched_tokens: int | None = None  # per-step token budget (chunked prefill)
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seeds the generator of requests that give no seed
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(**kwargs)

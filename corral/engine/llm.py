@@ -1,0 +1,233 @@
+"""The public engine API: LLM for offline batches, AsyncLLM for streaming servers and UIs."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from corral.engine.config import EngineConfig
+from corral.engine.core import EngineCore, EngineStats
+from corral.outputs import RequestOutput
+from corral.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class _Frontend:
+    """What LLM and AsyncLLM share: the loaded core and chat rendering."""
+
+    core: EngineCore
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def chat_format(self):
+        return self.core.chat_format
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    @property
+    def info(self) -> dict:
+        return self.core.info
+
+    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        """Exactly the token ids `chat` sends for this conversation."""
+        from corral.chat import encode_chat
+
+        return encode_chat(self.tokenizer, self.chat_format, messages, add_generation_prompt)
+
+    def chat_params(self, params: SamplingParams) -> SamplingParams:
+        """Add the chat format's stop tokens (e.g. Llama 3's <|eot_id|>) to `params`."""
+        extra = [t for t in self.chat_format.stop_token_ids(self.tokenizer)
+                 if t not in params.stop_token_ids and t not in self.core.eos_token_ids]
+        if not extra:
+            return params
+        from dataclasses import replace
+
+        return replace(params, stop_token_ids=params.stop_token_ids + extra)
+
+
+class LLM(_Frontend):
+    """Offline batched generation: `LLM(model="default").generate(prompts, SamplingParams())`."""
+
+    def __init__(self, model: str = "default", **kwargs):
+        self.config = EngineConfig.from_kwargs(model=model, **kwargs)
+        self.core = EngineCore(self.config)
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Prompts are strings or token-id lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self._run(list(prompts), params, use_tqdm)
+
+    def chat(self, conversations: list[Message] | list[list[Message]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Render each conversation with the model's chat format and generate its answer."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        plist = _per_prompt(params, len(conversations))
+        ids = [self.encode_chat(c) for c in conversations]
+        return self._run(ids, [self.chat_params(p) for p in plist], use_tqdm)
+
+    def _run(self, prompts: list[Prompt], params, use_tqdm: bool) -> list[RequestOutput]:
+        plist = _per_prompt(params, len(prompts))
+        order = []
+        for prompt, p in zip(prompts, plist):
+            rid = f"llm-{next(self._ids)}"
+            self.core.add_request(rid, prompt, p)
+            order.append(rid)
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(order), desc="Generating", unit="req", dynamic_ncols=True)
+        generated = 0
+        while self.core.has_work():
+            for out in self.core.step():
+                generated += sum(len(o.delta_token_ids) for o in out.outputs)
+                if out.finished:
+                    done[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+            if bar is not None:
+                elapsed = bar.format_dict["elapsed"] or 1e-9
+                bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s", refresh=False)
+        if bar is not None:
+            bar.close()
+        return [done[r] for r in order]
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+
+class AsyncLLM(_Frontend):
+    """The engine in a background thread; `async for out in engine.stream(prompt, params)`.
+
+    The thread owns the EngineCore. Callers send add/abort commands through a queue; outputs
+    come back to each caller's asyncio queue on the caller's event loop.
+    """
+
+    def __init__(self, model: str = "default", **kwargs):
+        self.config = EngineConfig.from_kwargs(model=model, **kwargs)
+        self.core = EngineCore(self.config)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = self.core.stats()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="corral-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (event loop) ---------------------------------------------------------
+
+    async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's state after every step that changed it; the last has
+        finished=True. Leaving early (break, cancellation, client gone) aborts the request."""
+        if self._stop.is_set():
+            raise RuntimeError("the engine is shut down")
+        rid = request_id or uuid.uuid4().hex
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (asyncio.get_running_loop(), q)
+        self._commands.put(("add", rid, prompt, params or SamplingParams()))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self._commands.put(("abort", rid))
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> RequestOutput:
+        """Run one request to the end and return its final output."""
+        last = None
+        async for last in self.stream(prompt, params, request_id):
+            pass
+        return last
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        """A snapshot taken by the engine thread after its latest step."""
+        return self._stats
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    # ---- engine thread ------------------------------------------------------------------
+
+    def _deliver(self, rid: str, item) -> None:
+        target = self._streams.get(rid)
+        if target is not None:
+            loop, q = target
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                self._streams.pop(rid, None)
+
+    def _handle(self, cmd) -> None:
+        if cmd[0] == "add":
+            _, rid, prompt, params = cmd
+            try:
+                self.core.add_request(rid, prompt, params)
+            except Exception as e:  # CorralError / ValueError go back to that caller
+                self._deliver(rid, e)
+        elif cmd[0] == "abort":
+            out = self.core.abort(cmd[1])
+            if out is not None:
+                self._deliver(cmd[1], out)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            block = not self.core.has_work()
+            try:
+                cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+                self._handle(cmd)
+                while True:  # drain everything that queued up during the last step
+                    self._handle(self._commands.get_nowait())
+            except queue.Empty:
+                pass
+            if self.core.has_work():
+                for out in self.core.step():
+                    self._deliver(out.request_id, out)
+            self._stats = self.core.stats()
+        # shutting down: tell every open stream
+        for rid in list(self.core.requests):
+            out = self.core.abort(rid)
+            if out is not None:
+                self._deliver(rid, out)
+
+
+def _per_prompt(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+    return params
