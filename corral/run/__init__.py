@@ -1,0 +1,1 @@
+"""The `generate`, `chat`, `prompt` and `models` commands (terminal front ends)."""
