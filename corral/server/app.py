@@ -1,0 +1,164 @@
+"""The FastAPI app: OpenAI + TGI routes over one AsyncLLM, with auth, limits and metrics.
+
+`create_app(engine, config)` builds everything per app (no module globals), so tests can run
+several apps side by side and the CLI only adds uvicorn and signal handling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from corral.server import openai, tgi
+from corral.server.auth import bearer_ok
+from corral.server.config import ServerConfig
+from corral.server.errors import ApiError, error_response
+from corral.server.limits import Admission
+from corral.server.metrics import ServerMetrics
+from corral.server.serving import RequestRecord, Serving, new_id
+
+log = logging.getLogger("corral.server")
+
+ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/generate",
+                    "/generate_stream", "/", "/info", "/health", "/metrics"})
+
+
+class BodyTooLarge(HTTPException):
+    """An HTTPException so FastAPI's body parsing lets it through as a 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than {limit} bytes")
+
+
+class Gate:
+    """Outer ASGI layer: request id, auth, body-size limit, then one JSON log line and the
+    request counter once the response (streamed or not) has ended."""
+
+    def __init__(self, app, serving: Serving):
+        self.app, self.serving = app, serving
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, cfg = scope["path"], self.serving.config
+        rec = RequestRecord(id=new_id(), method=scope["method"], path=path)
+        scope.setdefault("state", {})["record"] = rec
+        status = 500
+
+        async def send_logged(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", rec.id.encode()))
+            await send(message)
+
+        received = 0
+
+        async def receive_limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > cfg.max_body_bytes:
+                raise BodyTooLarge(cfg.max_body_bytes)
+            return message
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        try:
+            if scope["method"] != "OPTIONS" and not bearer_ok(cfg.api_key, headers, path):
+                err = ApiError(401, "invalid or missing API key (send Authorization: Bearer "
+                                    "<key>)", code="invalid_api_key")
+                resp = error_response(path, err, {"WWW-Authenticate": "Bearer"})
+                return await resp(scope, receive, send_logged)
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > cfg.max_body_bytes:
+                resp = error_response(path, ApiError(413, str(BodyTooLarge(cfg.max_body_bytes)
+                                                               .detail)))
+                return await resp(scope, receive, send_logged)
+            await self.app(scope, receive_limited, send_logged)
+        finally:
+            self._done(rec, status)
+
+    def _done(self, rec: RequestRecord, status: int) -> None:
+        duration = time.perf_counter() - rec.start
+        m = self.serving.metrics
+        m.requests.labels(rec.path if rec.path in ROUTES else "other", str(status)).inc()
+        if rec.path not in ("/metrics", "/health"):
+            m.duration.observe(duration)
+        line = {"id": rec.id, "method": rec.method, "path": rec.path, "status": status,
+                "prompt_tokens": rec.prompt_tokens, "completion_tokens": rec.completion_tokens,
+                "ttft_ms": None if rec.ttft is None else round(rec.ttft * 1000, 1),
+                "duration_ms": round(duration * 1000, 1)}
+        if rec.prompt is not None:
+            line["prompt"] = rec.prompt
+        log.info(json.dumps(line))
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    where = ".".join(loc)
+    return (f"{where}: {err.get('msg', 'invalid request')}" if where
+            else err.get("msg", "invalid request body")), (loc[0] if loc else None)
+
+
+def create_app(engine, config: ServerConfig) -> FastAPI:
+    """The HTTP app serving `engine` (an AsyncLLM) under `config`'s limits."""
+    config.resolve(engine.max_model_len)
+    serving = Serving(engine, config, ServerMetrics(),
+                      Admission(config.max_concurrent_requests, config.max_queue))
+    app = FastAPI(title="Corral", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serving = serving
+    app.include_router(openai.router)
+    app.include_router(tgi.router)
+
+    @app.get("/health")
+    async def health():
+        st = engine.stats()
+        body = {"status": "draining" if serving.admission.draining else "ok",
+                "running_requests": serving.admission.running,
+                "queued_requests": serving.admission.queued,
+                "num_running": st.num_running, "num_waiting": st.num_waiting,
+                "num_free_blocks": st.num_free_blocks, "num_total_blocks": st.num_total_blocks}
+        return JSONResponse(body, status_code=503 if serving.admission.draining else 200)
+
+    @app.get("/metrics")
+    async def metrics():
+        data = serving.metrics.render(engine.stats(), serving.admission.queued)
+        return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        msg = exc.detail
+        if exc.status_code == 404:
+            msg = f"no route for {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            msg = f"{request.method} is not allowed on {request.url.path}"
+        return error_response(request.url.path, ApiError(exc.status_code, str(msg)))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, exc: RequestValidationError):
+        msg, param = _validation_message(exc)
+        return error_response(request.url.path, ApiError(400, msg, param=param))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):
+        log.exception("request failed")
+        return error_response(request.url.path, ApiError(500, f"internal error: {exc}"))
+
+    app.add_middleware(Gate, serving=serving)
+    if config.cors_origins:  # outermost, so preflight requests never meet auth
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins,
+                           allow_methods=["*"], allow_headers=["*"])
+    return app

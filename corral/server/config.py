@@ -1,0 +1,46 @@
+"""Settings for one `corral serve` process (plain data; the CLI fills it from flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from corral.errors import CorralError
+
+
+@dataclass
+class ServerConfig:
+    """Limits, auth and logging for the HTTP server.
+
+    `max_input_tokens` / `max_total_tokens` default to the engine's context length (set by
+    `resolve`). `max_concurrent_requests` requests run in the engine at once; up to `max_queue`
+    more wait their turn; past that a request is answered 429 at once.
+    """
+
+    model_name: str = "default"  # the name clients send as `model` (also accepted: engine's)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_concurrent_requests: int = 64
+    max_queue: int = 256
+    max_body_bytes: int = 4 * 1024 * 1024
+    api_key: str | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    drain_timeout: float = 30.0
+    log_prompts: bool = False
+
+    def resolve(self, max_model_len: int) -> ServerConfig:
+        """Fill unset token limits from the model's context length and check them."""
+        total = self.max_total_tokens or max_model_len
+        inp = self.max_input_tokens or total - 1
+        if total > max_model_len:
+            raise CorralError(f"--max-total-tokens {total} exceeds the model's context "
+                              f"length {max_model_len}")
+        if not 0 < inp < total:
+            raise CorralError(f"--max-input-tokens must be in [1, {total - 1}], got {inp}")
+        if self.max_concurrent_requests < 1:
+            raise CorralError("--max-concurrent-requests must be at least 1")
+        if self.max_queue < 0:
+            raise CorralError("--max-queue must be >= 0")
+        self.max_total_tokens, self.max_input_tokens = total, inp
+        return self
