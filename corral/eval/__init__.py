@@ -1,0 +1,1 @@
+"""Evaluation: question sets, answer scores, LLM-as-judge, reports and run comparisons."""
