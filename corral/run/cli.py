@@ -177,7 +177,7 @@ def open_engine(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from corral.run.repl import chat_params, stream_answer, write_stdout
+    from corral.run.repl import stream_answer, write_stdout
 
     prompt = read_prompt(args.prompt)
     params = sampling_params_from_args(args)
@@ -191,7 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             messages.append({"role": "user", "content": prompt})
             request = engine.encode_chat(messages)
-            params = chat_params(engine, params)
+            params = engine.chat_params(params)
         stats = asyncio.run(stream_answer(engine, request, params, write_stdout))
         write_stdout("\n")
         if args.verbose:

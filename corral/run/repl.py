@@ -19,6 +19,7 @@ HELP = "commands: /system TEXT (set; empty clears), /reset (forget the conversat
 @dataclass
 class AnswerStats:
     text: str
+    prompt_tokens: int
     num_tokens: int
     ttft_s: float  # time to first token
     total_s: float
@@ -26,7 +27,8 @@ class AnswerStats:
 
     def line(self) -> str:
         rate = self.num_tokens / self.total_s if self.total_s > 0 else 0.0
-        return (f"[{self.num_tokens} tokens, {rate:.1f} tok/s, TTFT {self.ttft_s * 1000:.0f} ms, "
+        return (f"[prompt {self.prompt_tokens} tokens, {self.num_tokens} tokens, "
+                f"{rate:.1f} tok/s, TTFT {self.ttft_s * 1000:.0f} ms, "
                 f"finish: {self.finish_reason}]")
 
 
@@ -34,30 +36,29 @@ async def stream_answer(engine, prompt: str | list[int], params: SamplingParams,
                         write: Callable[[str], None]) -> AnswerStats:
     """Stream one request's text through `write` as it arrives; return what came back.
 
-    Cancelling the task (Ctrl-C) aborts the engine request before re-raising.
+    Cancelling the task (Ctrl-C) closes the stream, which aborts the engine request.
     """
     request_id = f"cli-{uuid.uuid4().hex[:12]}"
     start = time.perf_counter()
     first = None
     last = None
-    try:
-        async with aclosing(engine.stream(prompt, params, request_id=request_id)) as stream:
-            async for out in stream:
-                last = out
-                delta = out.outputs[0].delta_text
-                if first is None and (delta or out.outputs[0].delta_token_ids):
-                    first = time.perf_counter()
-                if delta:
-                    write(delta)
-    except asyncio.CancelledError:
-        await engine.abort(request_id)
-        raise
+    # aclosing: leaving early (Ctrl-C cancels the task) closes the stream at once, and a
+    # stream closed before its end aborts the engine request.
+    async with aclosing(engine.stream(prompt, params, request_id=request_id)) as stream:
+        async for out in stream:
+            last = out
+            delta = out.outputs[0].delta_text
+            if first is None and (delta or out.outputs[0].delta_token_ids):
+                first = time.perf_counter()
+            if delta:
+                write(delta)
     end = time.perf_counter()
     if last is not None and last.error:
         raise CorralError(f"generation failed: {last.error}")
     comp = last.outputs[0] if last is not None else None
     return AnswerStats(
         text=comp.text if comp else "",
+        prompt_tokens=len(last.prompt_token_ids) if last is not None else 0,
         num_tokens=len(comp.token_ids) if comp else 0,
         ttft_s=(first or end) - start,
         total_s=end - start,
@@ -68,16 +69,6 @@ async def stream_answer(engine, prompt: str | list[int], params: SamplingParams,
 def write_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def chat_params(engine, params: SamplingParams) -> SamplingParams:
-    """`params` plus the chat format's stop strings and stop token ids."""
-    fmt = engine.chat_format
-    params.stop = list(dict.fromkeys([*params.stop, *fmt.stop_strings]))
-    if engine.tokenizer is not None:
-        ids = fmt.stop_token_ids(engine.tokenizer)
-        params.stop_token_ids = list(dict.fromkeys([*params.stop_token_ids, *ids]))
-    return params
 
 
 @dataclass
@@ -134,7 +125,7 @@ def run_repl(engine, params: SamplingParams, system: str | None = None,
     def note(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    params = chat_params(engine, params)
+    params = engine.chat_params(params)  # the format's stop tokens (e.g. <|eot_id|>)
     session = ChatSession(system=system)
     if interactive:
         note(f"chatting with {engine.info.get('name', 'the model')}; {HELP}; Ctrl-D exits")
@@ -161,9 +152,12 @@ def run_repl(engine, params: SamplingParams, system: str | None = None,
                 continue
             shown.clear()
             room = min(params.max_tokens or 1, engine.max_model_len // 4)
-            prompt = session.fit(engine, line, room)
             try:
+                prompt = session.fit(engine, line, room)
                 stats = runner.run(stream_answer(engine, prompt, params, write))
+            except CorralError as e:  # e.g. the message alone exceeds the context
+                note(f"error: {e}")
+                continue
             except KeyboardInterrupt:
                 write_stdout("\n")
                 note("[stopped]")

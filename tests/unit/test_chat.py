@@ -245,7 +245,7 @@ def test_training_segments_template_skips_trailing_newline(smol_tok):
     assert segs[1] == ("Hello there<|im_end|>", True) and segs[2] == ("\n", False)
 
 
-# --- validation and names --------------------------------------------------------------------------
+# --- validation and names -----------------------------------------------------------------
 
 @pytest.mark.parametrize("conv, msg", [
     ([], "empty"),
