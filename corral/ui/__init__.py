@@ -1,0 +1,1 @@
+"""Browser chat (Gradio) over the local engine or an OpenAI-compatible endpoint."""
