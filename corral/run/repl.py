@@ -44,14 +44,17 @@ async def stream_answer(engine, prompt: str | list[int], params: SamplingParams,
     last = None
     # aclosing: leaving early (Ctrl-C cancels the task) closes the stream at once, and a
     # stream closed before its end aborts the engine request.
-    async with aclosing(engine.stream(prompt, params, request_id=request_id)) as stream:
-        async for out in stream:
-            last = out
-            delta = out.outputs[0].delta_text
-            if first is None and (delta or out.outputs[0].delta_token_ids):
-                first = time.perf_counter()
-            if delta:
-                write(delta)
+    try:
+        async with aclosing(engine.stream(prompt, params, request_id=request_id)) as stream:
+            async for out in stream:
+                last = out
+                delta = out.outputs[0].delta_text
+                if first is None and (delta or out.outputs[0].delta_token_ids):
+                    first = time.perf_counter()
+                if delta:
+                    write(delta)
+    except ValueError as e:  # the engine refusing the request's parameters
+        raise CorralError(str(e)) from None
     end = time.perf_counter()
     if last is not None and last.error:
         raise CorralError(f"generation failed: {last.error}")

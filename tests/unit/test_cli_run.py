@@ -142,6 +142,7 @@ def test_models_table(capsys):
     (["generate", "hi", "--format", "vicuna"], "unknown chat format 'vicuna'"),
     (["chat", "--format", "nope"], "unknown chat format"),
     (["generate", "hi", "--rope-scaling", "warp:2"], "unknown rope scaling type"),
+    (["generate", "hi", "--raw", "--system", "S"], "--system has no effect with --raw"),
     (["prompt"], "no conversation"),
     (["prompt", "--format", "chatml", "--assistant", "A"], "'user' was expected"),
     (["prompt", "--format", "chatml", "--user", "A", "--system", "S"], "only the first"),
