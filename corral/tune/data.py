@@ -187,9 +187,10 @@ def detect_format(columns: set[str]) -> str | None:
     """The data format implied by a row's columns, or None."""
     if "messages" in columns or "conversations" in columns:
         return "messages"
-    if "instruction" in columns and "output" in columns:
+    # one telltale column is enough: a missing partner is then reported as a missing column
+    if "instruction" in columns:
         return "alpaca"
-    if "prompt" in columns and "completion" in columns:
+    if "prompt" in columns or "completion" in columns:
         return "prompt-completion"
     if "text" in columns:
         return "text"

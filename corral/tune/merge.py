@@ -25,7 +25,8 @@ TEMPLATES = {
     "human-assistant": (
         "{% for m in messages %}{% if m['role'] == 'assistant' %}"
         "{{ '<s>Assistant: ' + m['content'] | trim + '\\n</s>' }}"
-        "{% else %}{{ '<s>' + m['role'] | capitalize + ': ' + m['content'] | trim + '\\n</s>' }}"
+        "{% else %}{{ '<s>' + ('Human' if m['role'] == 'user' else 'System') + ': ' + "
+        "m['content'] | trim + '\\n</s>' }}"
         "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<s>Assistant: ' }}{% endif %}"),
     "llama3": (

@@ -183,22 +183,33 @@ def make_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.accelerator.num_processes > 1:  # DDP/FSDP wrap the whole model: plain path
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            inputs = dict(inputs)
-            labels = inputs.pop("labels")
             if model.training:
                 mask = inputs.get("attention_mask")
-                self.tokens_seen += int(mask.sum() if mask is not None else labels.numel())
-            lm = causal_lm(model)
-            hidden = lm.model(**inputs).last_hidden_state[:, :-1]  # (B, T-1, H)
-            targets = labels[:, 1:]  # position t predicts token t+1
-            keep = targets != -100
-            logits = lm.lm_head(hidden[keep]).float()  # (N, V): trained positions only
-            loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-            n = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-            loss = loss / torch.clamp(torch.as_tensor(n, device=loss.device), min=1)
+                self.tokens_seen += int(mask.sum() if mask is not None
+                                        else inputs["input_ids"].numel())
+            loss = answer_loss(model, inputs, num_items_in_batch)
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return CorralTrainer
+
+
+def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy summed over trained labels / num_items_in_batch.
+
+    `num_items_in_batch` is the trained-token count of the whole optimizer step (all
+    accumulated micro-batches), so accumulation gives the same gradient as one big batch.
+    """
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    lm = causal_lm(model)
+    # use_cache=False matters: with a cache transformers ignores packed position_ids
+    hidden = lm.model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
+    targets = labels[:, 1:]  # position t predicts token t+1
+    keep = targets != -100
+    logits = lm.lm_head(hidden[keep]).float()  # (N, V): trained positions only
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    n = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    return loss / torch.clamp(torch.as_tensor(n, device=loss.device), min=1)
 
 
 def make_progress_callback(trainer, log_path: Path, show: bool):
@@ -292,20 +303,21 @@ def split_validation(cfg: TuneConfig, examples: list):
             [e for i, e in enumerate(examples) if i in held])
 
 
-def training_args(cfg: TuneConfig, out: Path, device: torch.device, has_val: bool):
+def training_args(cfg: TuneConfig, out: Path, device: torch.device, has_val: bool,
+                  **overrides):
     from transformers import TrainingArguments
 
     lr = cfg.learning_rate if cfg.learning_rate is not None else (2e-5 if cfg.full else 2e-4)
     bf16 = device.type == "cuda" and (cfg.load_in_4bit or cfg.dtype in ("auto", "bf16",
                                                                          "bfloat16"))
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(out), learning_rate=lr, lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=1 if cfg.packing else cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps" if has_val else "no",
         eval_steps=cfg.eval_steps or cfg.save_steps, save_strategy="steps",
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
@@ -316,6 +328,8 @@ def training_args(cfg: TuneConfig, out: Path, device: torch.device, has_val: boo
         use_cpu=device.type == "cpu", dataloader_num_workers=0, save_only_model=False,
         disable_tqdm=True,
     )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
 
 
 def train(cfg: TuneConfig) -> dict:
