@@ -33,3 +33,14 @@ def default_folder():
     from corral.loading import resolve_source
 
     return resolve_source("default").folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_folder):
+    """A tiny random Llama (vocab 256) with SmolLM2's tokenizer: a fast engine for tests."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_model(path, tiny_config(max_position_embeddings=512), seed=0)
+    AutoTokenizer.from_pretrained(default_folder).save_pretrained(path)
+    return path

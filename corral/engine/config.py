@@ -15,7 +15,8 @@ class EngineConfig:
     rope_scaling: dict | str | None = None  # e.g. "linear:2" or {"rope_type": "yarn", ...}
     revision: str | None = None
     block_size: int = 16
-    kv_cache_memory_gb: float | None = None  # CPU default 2 GiB (capped by what can be used)
+    kv_cache_memory_gb: float | None = None  # CPU default 1 GiB (capped by what can be used)
+    num_kv_blocks: int | None = None  # exact block count (overrides the memory settings)
     gpu_memory_utilization: float = 0.90  # CUDA: fraction of GPU memory for weights + cache
     max_num_seqs: int | None = None  # default 64 on CPU, 256 on CUDA
     max_num_batched_tokens: int | None = None  # per-step token budget (chunked prefill)

@@ -101,6 +101,8 @@ class EngineCore:
     # ---- setup -------------------------------------------------------------------------
 
     def _num_kv_blocks(self, block_size: int) -> int:
+        if self.config.num_kv_blocks:
+            return self.config.num_kv_blocks
         per_block = kv_bytes_per_block(self.model_config, block_size, self.dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -108,7 +110,7 @@ class EngineCore:
             if self.config.kv_cache_memory_gb:
                 budget = min(budget, self.config.kv_cache_memory_gb * 2**30)
         else:
-            budget = (self.config.kv_cache_memory_gb or 2.0) * 2**30
+            budget = (self.config.kv_cache_memory_gb or 1.0) * 2**30
         num = int(budget // per_block)
         seqs = self.config.max_num_seqs or (256 if self.device.type == "cuda" else 64)
         useful = seqs * ((self.max_model_len + block_size - 1) // block_size) + 1
