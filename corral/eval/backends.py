@@ -48,15 +48,24 @@ class LocalBackend:
     """A local model through `corral.LLM`; a batch goes to the engine at once so its
     continuous batching runs the questions together."""
 
-    def __init__(self, llm, name: str):
-        self.llm = llm
+    def __init__(self, llm=None, name: str = "local", engine_kwargs: dict | None = None):
+        self._llm = llm
         self.name = name
+        self.engine_kwargs = engine_kwargs or {}
 
     @classmethod
     def load(cls, model: str, **engine_kwargs) -> LocalBackend:
-        from corral import LLM
+        """A backend that loads `model` on first use (a resumed run with nothing left to ask
+        never loads it)."""
+        return cls(None, model, engine_kwargs)
 
-        return cls(LLM(model=model, **engine_kwargs), model)
+    @property
+    def llm(self):
+        if self._llm is None:
+            from corral import LLM
+
+            self._llm = LLM(model=self.name, **self.engine_kwargs)
+        return self._llm
 
     def chat(self, conversations: list[Conversation], params: SamplingParams,
              progress: Progress = None) -> list[Reply]:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from corral.eval.charts import bar_chart, data_uri
 
-# (key, label, y-axis max for charts or None for no chart)
+# (key, label, y-axis max for a compare chart or None for no chart)
 METRICS: list[tuple[str, str, float | None]] = [
     ("language_adherence", "Language adherence", 1.0),
-    ("language_adherence_zh", "Adherence on zh questions", 1.0),
-    ("language_adherence_en", "Adherence on en questions", 1.0),
+    ("language_adherence_zh", "Adherence on zh questions", None),
+    ("language_adherence_en", "Adherence on en questions", None),
     ("accuracy", "Accuracy", 1.0),
     ("accuracy_norm", "Accuracy (length-normalized)", None),
     ("judge_score", "Judge score (1-10)", 10.0),
@@ -24,6 +24,15 @@ METRICS: list[tuple[str, str, float | None]] = [
     ("mean_answer_chars", "Answer length (chars)", None),
     ("mean_answer_tokens", "Answer length (tokens)", None),
     ("mean_seconds", "Seconds per answer", None),
+]
+# A run's charts: (file name, title, metrics drawn side by side per category, y-axis max).
+CHARTS: list[tuple[str, str, list[str], float]] = [
+    ("language_adherence", "Language adherence (all / zh / en questions)",
+     ["language_adherence", "language_adherence_zh", "language_adherence_en"], 1.0),
+    ("accuracy", "Accuracy", ["accuracy", "accuracy_norm"], 1.0),
+    ("judge_score", "Judge score (1-10)", ["judge_score"], 10.0),
+    ("failure_rates", "Refusal / empty / truncated rates",
+     ["refusal_rate", "empty_rate", "truncated_rate"], 1.0),
 ]
 LABELS = {k: label for k, label, _ in METRICS}
 
@@ -89,18 +98,18 @@ def shown_metrics(groups: list[dict]) -> list[str]:
 
 
 def charts(summary: dict) -> dict[str, bytes]:
-    """One per-category bar chart (PNG) per chartable metric that has values."""
+    """The run's per-category bar charts (PNG) that have values, by file name."""
     cats = summary["categories"]
     out = {}
-    for key, label, ymax in METRICS:
-        values = [cats[c].get(key) for c in cats]
-        if ymax is None or all(v is None for v in values):
-            continue
-        out[key] = bar_chart(f"{label} by category", list(cats), {"run": values}, ymax)
+    for name, title, keys, ymax in CHARTS:
+        series = {LABELS[k]: [cats[c].get(k) for c in cats] for k in keys}
+        series = {k: v for k, v in series.items() if any(x is not None for x in v)}
+        if series:
+            out[name] = bar_chart(f"{title} by category", list(cats), series, ymax)
     return out
 
 
-def markdown(summary: dict) -> str:
+def markdown(summary: dict, pngs: dict[str, bytes]) -> str:
     """report.md: the run, the overall scores and a per-category table."""
     info = summary["info"]
     groups = {"overall": summary["overall"]} | summary["categories"]
@@ -117,15 +126,8 @@ def markdown(summary: dict) -> str:
     for lang, g in summary["languages"].items():
         lines.append(f"| {lang} | {g['n']} | {fmt(g['answer_languages'])} | "
                      f"{fmt(g['language_adherence'], 'language_adherence')} |")
-    lines += ["", "Charts: " + ", ".join(f"[{k}](charts/{k}.png)" for k in charts_list(summary)),
-              ""]
+    lines += ["", "Charts: " + ", ".join(f"[{k}](charts/{k}.png)" for k in pngs), ""]
     return "\n".join(lines)
-
-
-def charts_list(summary: dict) -> list[str]:
-    cats = summary["categories"]
-    return [k for k, _, ymax in METRICS
-            if ymax is not None and any(cats[c].get(k) is not None for c in cats)]
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -194,5 +196,5 @@ def write_reports(out_dir: Path, summary: dict, records: list[dict]) -> None:
     (out_dir / "charts").mkdir(exist_ok=True)
     for key, png in pngs.items():
         (out_dir / "charts" / f"{key}.png").write_bytes(png)
-    (out_dir / "report.md").write_text(markdown(summary), encoding="utf-8")
+    (out_dir / "report.md").write_text(markdown(summary, pngs), encoding="utf-8")
     (out_dir / "report.html").write_text(html_report(summary, records, pngs), encoding="utf-8")
