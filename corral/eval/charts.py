@@ -30,7 +30,7 @@ def bar_chart(title: str, labels: list[str], series: dict[str, list[float | None
         if ymax is not None:
             ax.set_ylim(0, ymax * 1.1)
         if len(series) > 1:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         buf = io.BytesIO()
