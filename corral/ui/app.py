@@ -61,16 +61,21 @@ def text_of(message: dict[str, Any]) -> str:
     return ""
 
 
+def is_error(message: dict[str, Any]) -> bool:
+    return message.get("role") == "assistant" and text_of(message).startswith(ERROR_PREFIX)
+
+
 def to_messages(history: list[dict[str, Any]], system: str) -> list[Message]:
-    """The conversation the model sees: system prompt first, error bubbles left out."""
+    """The conversation the model sees: system prompt first; failed turns (an error bubble and
+    the question that caused it) left out, so one bad turn does not poison the next."""
     messages: list[Message] = []
     if system.strip():
         messages.append({"role": "system", "content": system.strip()})
-    for m in history:
-        text = text_of(m)
-        if m.get("role") == "assistant" and text.startswith(ERROR_PREFIX):
+    for i, m in enumerate(history):
+        failed = m.get("role") == "user" and i + 1 < len(history) and is_error(history[i + 1])
+        if is_error(m) or failed:
             continue
-        messages.append({"role": m["role"], "content": text})
+        messages.append({"role": m["role"], "content": text_of(m)})
     return messages
 
 
@@ -167,7 +172,7 @@ def build_app(backend: ChatBackend, title: str = "Corral chat",
                               elem_id="top-k")
             max_tokens = gr.Slider(1, max_new_tokens, min(512, max_new_tokens), step=1,
                                    label="Max new tokens", elem_id="max-tokens")
-            rep = gr.Slider(1.0, 2.0, 1.1, step=0.05, label="Repetition penalty",
+            rep = gr.Slider(1.0, 2.0, 1.0, step=0.05, label="Repetition penalty",
                             elem_id="repetition-penalty")
 
         knobs = [chatbot, system, temperature, top_p, top_k, max_tokens, rep]

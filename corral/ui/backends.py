@@ -13,6 +13,7 @@ aborts the request on the engine or closes the HTTP stream.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -38,6 +39,7 @@ class LocalBackend:
 
     def __init__(self, engine: Any):
         self.engine = engine
+        self._info: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, model: str, **engine_kwargs: Any) -> LocalBackend:
@@ -47,12 +49,22 @@ class LocalBackend:
         return cls(AsyncLLM(model=model, **engine_kwargs))
 
     def info(self) -> dict[str, Any]:
-        return dict(self.engine.info)
+        if self._info is None:
+            from corral.models import resolve_alias
+
+            info = dict(self.engine.info)
+            # "default" says little on the page: name the file the alias stands for too.
+            target = resolve_alias(str(info.get("name") or ""))
+            if target:
+                info["name"] = f"{Path(target).stem} ({info['name']})"
+            self._info = info
+        return self._info
 
     def stats(self) -> dict[str, Any]:
         """Engine load, for the /corral/status route (the browser test checks it goes idle)."""
         s = self.engine.stats()
-        return {"num_running": s.num_running, "num_waiting": s.num_waiting}
+        return {"num_running": s.num_running, "num_waiting": s.num_waiting,
+                "num_free_blocks": s.num_free_blocks, "num_total_blocks": s.num_total_blocks}
 
     async def stream_chat(
         self, messages: list[Message], params: SamplingParams
@@ -68,6 +80,9 @@ class LocalBackend:
         max_new = limit - len(ids)
         if params.max_tokens is None or params.max_tokens > max_new:
             params = _replace(params, max_tokens=max_new)
+        # The chat format's end-of-turn tokens (e.g. <|im_end|>) end the answer.
+        if hasattr(self.engine, "chat_params"):
+            params = self.engine.chat_params(params)
         stream = self.engine.stream(ids, params)
         try:
             async for out in stream:

@@ -62,14 +62,18 @@ def test_add_user_and_retry_history():
     assert drop_last_answer(hist + [{"role": "assistant", "content": "x"}]) == hist
 
 
-def test_to_messages_puts_system_first_and_skips_errors():
+def test_to_messages_puts_system_first_and_skips_failed_turns():
     hist = [{"role": "user", "content": "q1"},
             {"role": "assistant", "content": ERROR_PREFIX + "Cannot reach x"},
-            {"role": "user", "content": "q2"}]
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"},
+            {"role": "user", "content": "q3"}]
     assert to_messages(hist, "  Be terse. ") == [
         {"role": "system", "content": "Be terse."},
-        {"role": "user", "content": "q1"}, {"role": "user", "content": "q2"}]
-    assert to_messages(hist[:1], "") == [{"role": "user", "content": "q1"}]
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"},
+        {"role": "user", "content": "q3"}]
+    # Retry drops the error bubble, so the failed question is asked again.
+    assert to_messages(drop_last_answer(hist[:2]), "") == [{"role": "user", "content": "q1"}]
 
 
 async def test_respond_streams_growing_answer_with_params():
