@@ -211,6 +211,7 @@ class EngineCore:
 
     # ---- the step ----------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one batch; return a snapshot of every request that changed."""
         for req in self.requests.values():
