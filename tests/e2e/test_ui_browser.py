@@ -102,25 +102,32 @@ def last_bot_text(page) -> str:
     return bots.last.inner_text() if bots.count() else ""
 
 
-def watch_answer(page, url: str, n_bots: int, timeout: float = 60) -> tuple[str, list[int]]:
-    """Poll the newest bot message until the engine is idle and the text settles;
-    return the final text and every distinct length seen on the way (the pieces)."""
+def busy(page) -> bool:
+    """Gradio shows the chatbot's status tracker while an event streams into it."""
+    tracker = page.locator('#chatbot [data-testid="status-tracker"]')
+    return tracker.count() > 0 and "hide" not in (tracker.first.get_attribute("class") or "")
+
+
+def watch_answer(page, n_bots: int, timeout: float = 60) -> tuple[str, list[int]]:
+    """Poll the newest bot message until its event is over; return the final text and every
+    distinct length seen on the way (the pieces)."""
     lengths: list[int] = []
     deadline = time.monotonic() + timeout
-    stable_since = None
     while True:
         assert time.monotonic() < deadline, f"answer did not finish: {lengths}"
         text = last_bot_text(page) if page.locator(BOT).count() >= n_bots else ""
         if text and (not lengths or len(text) != lengths[-1]):
             lengths.append(len(text))
-            stable_since = None
-        elif text:
-            s = status(url)
-            if s["num_running"] == s["num_waiting"] == 0:
-                stable_since = stable_since or time.monotonic()
-                if time.monotonic() - stable_since > 0.6:
-                    return text, lengths
+        elif text and not busy(page):
+            return text, lengths
         page.wait_for_timeout(40)
+
+
+def wait_growing(page, n_bots: int, min_chars: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while page.locator(BOT).count() < n_bots or len(last_bot_text(page)) < min_chars:
+        assert time.monotonic() < deadline, "the answer never started"
+        page.wait_for_timeout(50)
 
 
 def set_number(page, elem_id: str, value: float) -> None:
@@ -129,81 +136,92 @@ def set_number(page, elem_id: str, value: float) -> None:
     box.press("Enter")
 
 
+def send(page, text: str) -> None:
+    page.fill("#user-input textarea", text)
+    page.click("#send")
+
+
+def open_tab(browser, url: str, outside: list[str]):
+    page = browser.new_page(viewport={"width": 1100, "height": 1100})
+    page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:"))
+            else outside.append(r.url))
+    page.goto(url + "/")
+    page.locator("#model-info").filter(has_text="SmolLM2").wait_for(timeout=30_000)
+    page.get_by_text("Advanced options").click()
+    set_number(page, "temperature", 0)  # greedy: repeatable answers
+    return page
+
+
 def test_chat_in_a_real_browser(ui_server):
     from playwright.sync_api import sync_playwright
 
     url = ui_server
     ARTIFACTS.mkdir(exist_ok=True)
+    outside: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 1100})
-            outside: list[str] = []
-            page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:"))
-                    else outside.append(r.url))
-            page.goto(url + "/")
-
+            a = open_tab(browser, url, outside)
             # The header names the model, its size, dtype and context length.
-            info = page.locator("#model-info")
-            info.filter(has_text="SmolLM2").wait_for(timeout=30_000)
-            assert "135M parameters · float32 · 8,192-token context" in info.inner_text()
+            assert "135M parameters · float32 · 8,192-token context" in a.inner_text(
+                "#model-info")
+            set_number(a, "max-tokens", 24)
 
-            # Greedy and short, so the answers are repeatable and quick.
-            page.get_by_text("Advanced options").click()
-            set_number(page, "temperature", 0)
-            set_number(page, "max-tokens", 24)
-
-            # 1. Ask; the answer arrives in pieces.
-            page.fill("#user-input textarea", "What is your name?")
-            page.keyboard.press("Enter")
-            first, lengths = watch_answer(page, url, n_bots=1)
+            # 1. Ask (Enter); the answer arrives in pieces.
+            a.fill("#user-input textarea", "What is your name?")
+            a.keyboard.press("Enter")
+            first, lengths = watch_answer(a, n_bots=1)
             assert len(lengths) >= 3 and lengths == sorted(lengths), lengths
             assert "Zorblax" not in first
 
             # 2. A system prompt that names the model, then Retry: the new answer uses it.
-            page.fill("#system-prompt textarea", "Your name is Zorblax.")
-            page.click("#retry")
-            page.wait_for_function(
+            a.fill("#system-prompt textarea", "Your name is Zorblax.")
+            a.click("#retry")
+            a.wait_for_function(
                 "([sel, old]) => { const b = document.querySelectorAll(sel);"
                 " return b.length === 1 && b[0].innerText !== old; }",
                 arg=[BOT, first], timeout=30_000)
-            second, _ = watch_answer(page, url, n_bots=1)
+            second, _ = watch_answer(a, n_bots=1)
             assert "Zorblax" in second, second
-            assert page.locator('[data-testid="user"]').count() == 1  # retry, not a new turn
-            page.screenshot(path=str(ARTIFACTS / "ui_system_prompt.png"))
+            assert a.locator('[data-testid="user"]').count() == 1  # retry, not a new turn
+            a.screenshot(path=str(ARTIFACTS / "ui_system_prompt.png"))
 
-            # 3. A long answer, stopped mid-way: the text stops growing, the engine goes idle.
-            set_number(page, "max-tokens", 1000)
-            page.fill("#user-input textarea", "Write a very long story about a dragon.")
-            page.click("#send")
-            deadline = time.monotonic() + 60
-            while page.locator(BOT).count() < 2 or len(last_bot_text(page)) < 40:
-                assert time.monotonic() < deadline, "the long answer never started"
-                page.wait_for_timeout(50)
-            assert status(url)["num_running"] == 1  # still generating when we stop it
-            page.click("#stop")
+            # 3. A second tab streams a long answer; tab A chats meanwhile and is not held up.
+            b = open_tab(browser, url, outside)
+            set_number(b, "max-tokens", 1000)
+            send(b, "Write a very long story about a dragon.")
+            wait_growing(b, n_bots=1, min_chars=20)
+            send(a, "Thanks!")
+            thanks, _ = watch_answer(a, n_bots=2)
+            assert thanks and not thanks.startswith("⚠️")
+            assert status(url)["num_running"] == 1 and busy(b)  # B still going after A's turn
+            assert a.locator(BOT).count() == 2 and b.locator(BOT).count() == 1
+            assert "dragon" not in a.inner_text("#chatbot")  # independent histories
+            assert "Zorblax" not in b.inner_text("#chatbot")
+
+            # 4. Stop in tab B mid-answer: the text stops growing and the engine goes idle.
+            b.click("#stop")
             wait_idle(url)
-            stopped = last_bot_text(page)
-            page.wait_for_timeout(1500)
-            assert last_bot_text(page) == stopped
-            assert 40 <= len(stopped) < 2000  # well short of 1000 tokens
+            stopped = last_bot_text(b)
+            b.wait_for_timeout(1500)
+            assert last_bot_text(b) == stopped and not busy(b)
+            assert 20 <= len(stopped) < 2000  # well short of 1000 tokens
 
-            # 4. A prompt longer than the context: a readable message in the chat.
-            page.fill("#user-input textarea", "hello " * 9000)
-            page.click("#send")
-            page.locator(BOT).nth(2).wait_for(timeout=30_000)
-            error = last_bot_text(page)
+            # 5. A prompt longer than the context: a readable message in the chat.
+            send(a, "hello " * 9000)
+            a.locator(BOT).nth(2).wait_for(timeout=30_000)
+            error = last_bot_text(a)
             assert error.startswith("⚠️") and "this model's context is 8192 tokens" in error
-            assert "Traceback" not in page.content()
+            assert "Traceback" not in a.content()
 
             # The page is still usable after a stop and an error: the next turn answers.
-            set_number(page, "max-tokens", 8)
-            page.fill("#user-input textarea", "Thanks!")
-            page.click("#send")
-            thanks, _ = watch_answer(page, url, n_bots=4)
-            assert page.locator(BOT).count() == 4 and not thanks.startswith("⚠️")
+            set_number(a, "max-tokens", 8)
+            send(a, "Thanks again!")
+            again, _ = watch_answer(a, n_bots=4)
+            assert again and not again.startswith("⚠️")
 
-            page.screenshot(path=str(ARTIFACTS / "ui_chat.png"), full_page=True)
+            a.screenshot(path=str(ARTIFACTS / "ui_chat.png"), full_page=True)
+            b.screenshot(path=str(ARTIFACTS / "ui_stopped.png"))
             assert outside == [], f"the page reached outside the machine: {outside}"
         finally:
             browser.close()
