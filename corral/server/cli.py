@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -81,6 +82,14 @@ def serve(args: argparse.Namespace) -> int:
             def handle_exit(self, sig, frame):  # refuse new work (503), finish what runs
                 admission.draining = True
                 super().handle_exit(sig, frame)
+
+            @contextlib.contextmanager
+            def capture_signals(self):
+                with super().capture_signals():
+                    yield
+                    # uvicorn re-raises the signal after shutdown; a finished drain is a
+                    # clean exit (0), and the engine still gets shut down below.
+                    getattr(self, "_captured_signals", []).clear()
 
         server = DrainingServer(uvicorn.Config(
             app, host=config.host, port=config.port, access_log=False, log_level="info",
