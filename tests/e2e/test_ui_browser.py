@@ -184,11 +184,12 @@ def test_chat_in_a_real_browser(ui_server):
             second, _ = watch_answer(a, n_bots=1)
             assert "Zorblax" in second, second
             assert a.locator('[data-testid="user"]').count() == 1  # retry, not a new turn
-            a.screenshot(path=str(ARTIFACTS / "ui_system_prompt.png"))
+            a.screenshot(path=str(ARTIFACTS / "ui_system_prompt.png"), full_page=True)
 
             # 3. A second tab streams a long answer; tab A chats meanwhile and is not held up.
             b = open_tab(browser, url, outside)
             set_number(b, "max-tokens", 1000)
+            set_number(b, "repetition-penalty", 1.2)  # the penalty path runs in the engine too
             send(b, "Write a very long story about a dragon.")
             wait_growing(b, n_bots=1, min_chars=20)
             send(a, "Thanks!")
@@ -221,7 +222,7 @@ def test_chat_in_a_real_browser(ui_server):
             assert again and not again.startswith("⚠️")
 
             a.screenshot(path=str(ARTIFACTS / "ui_chat.png"), full_page=True)
-            b.screenshot(path=str(ARTIFACTS / "ui_stopped.png"))
+            b.screenshot(path=str(ARTIFACTS / "ui_stopped.png"), full_page=True)
             assert outside == [], f"the page reached outside the machine: {outside}"
         finally:
             browser.close()
