@@ -33,6 +33,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same, for prompt tokens (OpenAI `echo` + `logprobs`)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (benchmarks), no text or stop strings
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -61,6 +62,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 20:

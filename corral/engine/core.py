@@ -170,7 +170,7 @@ class EngineCore:
             seed = params.seed + i if params.seed is not None else int(
                 torch.randint(0, 2**62, (1,), generator=self._rng))
             seq.generator = torch.Generator(device=self.device).manual_seed(seed)
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and params.detokenize:
                 seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             req.seqs.append(seq)
         self.requests[request_id] = req
