@@ -165,18 +165,23 @@ def materialize_gguf(path: Path) -> Path:
 
 def load_config(src: ModelSource, rope_scaling: dict | None = None):
     """The model's `transformers` LlamaConfig, with an optional RoPE-scaling override."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import LlamaConfig
 
     if src.random_preset:
         config = LlamaConfig(**RANDOM_PRESETS[src.random_preset])
     else:
+        path = src.folder / "config.json"
         try:
-            config = AutoConfig.from_pretrained(src.folder)
+            model_type = json.loads(path.read_text()).get("model_type")
+        except (OSError, ValueError) as e:
+            raise CorralError(f"cannot read {path}: {e}") from None
+        if model_type != "llama":
+            raise CorralError(f"{src.name} is a {model_type!r} model; Corral runs "
+                              "Llama-architecture models (model_type 'llama')")
+        try:  # LlamaConfig directly: AutoConfig would import every architecture's module
+            config = LlamaConfig.from_pretrained(src.folder)
         except Exception as e:
-            raise CorralError(f"cannot read {src.folder}/config.json: {e}") from None
-    if getattr(config, "model_type", None) != "llama":
-        raise CorralError(f"{src.name} is a {getattr(config, 'model_type', '?')!r} model; "
-                          "Corral runs Llama-architecture models (model_type 'llama')")
+            raise CorralError(f"cannot read {path}: {e}") from None
     if rope_scaling:
         apply_rope_scaling(config, rope_scaling)
     return config
