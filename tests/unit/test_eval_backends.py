@@ -81,3 +81,26 @@ def test_endpoint_request_kwargs():
     assert kw["temperature"] == 0 and kw["max_tokens"] == 9 and kw["stop"] == ["###"]
     assert kw["extra_body"] == {"top_k": 5}
     assert "seed" not in kw
+
+
+class ChatLLM:
+    """chat() fails for a whole batch when any conversation says BAD (as an engine raising on
+    one over-long prompt would)."""
+
+    def chat(self, conversations, params, use_tqdm=True):
+        if any("BAD" in c[-1]["content"] for c in conversations):
+            raise ValueError("prompt is longer than max_model_len")
+        return [RequestOutput("r", None, [1], [CompletionOutput(0, "ok " + c[-1]["content"],
+                                                                [5, 6], finish_reason="stop")],
+                              True) for c in conversations]
+
+
+def test_local_chat_isolates_a_failing_question():
+    backend = LocalBackend(ChatLLM(), "fake")
+    convs = [[{"role": "user", "content": t}] for t in ("a", "BAD", "b")]
+    done = []
+    replies = backend.chat(convs, SamplingParams(max_tokens=4), done.append)
+    assert [r.text for r in replies] == ["ok a", "", "ok b"]
+    assert replies[1].error == "ValueError: prompt is longer than max_model_len"
+    assert replies[0].completion_tokens == 2 and replies[0].finish_reason == "stop"
+    assert sum(done) == 3
