@@ -205,7 +205,11 @@ def test_chat_in_a_real_browser(ui_server):
             wait_idle(url)
             stopped = last_bot_text(b)
             b.wait_for_timeout(1500)
-            assert last_bot_text(b) == stopped and not busy(b)
+            assert last_bot_text(b) == stopped
+            deadline = time.monotonic() + 15
+            while busy(b):  # the page leaves its "generating" state too
+                assert time.monotonic() < deadline, "the chat still looks busy after Stop"
+                b.wait_for_timeout(100)
             assert 20 <= len(stopped) < 2000  # well short of 1000 tokens
 
             # 5. A prompt longer than the context: a readable message in the chat.
