@@ -11,6 +11,9 @@ import unicodedata
 # Fenced blocks (``` or ~~~), including one left open at the end of a truncated answer.
 _FENCED = re.compile(r"(```|~~~)[^\n]*\n?.*?(?:\1|\Z)", re.DOTALL)
 _INLINE = re.compile(r"`[^`\n]+`")
+# Identifiers written outside backticks (is_prime(7), numpy.array, this.run()) are code too.
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:[._][A-Za-z0-9_]+)+(?:\([^)\n]*\))?"
+                    r"|[A-Za-z_][A-Za-z0-9_]*\([^)\n]*\)")
 _LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
 
 
@@ -28,8 +31,9 @@ MAIN_SHARE = 0.7  # a language is "main" when it holds at least this share of th
 
 
 def strip_code(text: str) -> str:
-    """The prose of an answer: fenced code blocks and `inline code` removed."""
-    return _INLINE.sub(" ", _FENCED.sub("\n", text))
+    """The prose of an answer: fenced code blocks, `inline code` and bare identifiers
+    (snake_case, dotted.names, calls()) removed."""
+    return _IDENT.sub(" ", _INLINE.sub(" ", _FENCED.sub("\n", text)))
 
 
 def language_counts(text: str) -> dict[str, float]:

@@ -51,6 +51,9 @@ def test_detect_language_ignores_code_blocks():
     # Chinese inside code only: the prose is English.
     assert score.detect_language(CODE_HEAVY_EN) == "en"
     assert score.strip_code(CODE_HEAVY_ZH).count("range") == 0
+    # Bare identifiers outside backticks are code, not English prose.
+    assert score.detect_language("```python\nx = 1\n```\n使用this.is_num_greater()函数") == "zh"
+    assert score.detect_language("调用 is_prime(7) 或 numpy.array 即可") == "zh"
 
 
 def test_unterminated_fence_and_code_only():
