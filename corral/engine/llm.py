@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import queue
 import threading
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -128,7 +129,8 @@ class AsyncLLM(_Frontend):
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.core.stats()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="corral-engine", daemon=True)
+        self._dead: BaseException | None = None  # set if the engine thread crashed
+        self._thread = threading.Thread(target=self._run, name="corral-engine", daemon=True)
         self._thread.start()
 
     # ---- caller side (event loop) ---------------------------------------------------------
@@ -137,6 +139,8 @@ class AsyncLLM(_Frontend):
                      request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's state after every step that changed it; the last has
         finished=True. Leaving early (break, cancellation, client gone) aborts the request."""
+        if self._dead is not None:
+            raise RuntimeError(f"the engine stopped after an error: {self._dead!r}")
         if self._stop.is_set():
             raise RuntimeError("the engine is shut down")
         rid = request_id or uuid.uuid4().hex
@@ -200,6 +204,17 @@ class AsyncLLM(_Frontend):
             out = self.core.abort(cmd[1])
             if out is not None:
                 self._deliver(cmd[1], out)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug, not a bad request: fail every open stream loudly
+            self._dead = e
+            self._stop.set()
+            err = RuntimeError(f"the engine stopped after an error: {e!r}")
+            for rid in list(self._streams):
+                self._deliver(rid, err)
+            traceback.print_exc()
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -118,3 +118,37 @@ def test_stop_string_spanning_tokens_is_cut_and_never_streamed(core):
     assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
     assert out.text == text[: text.index(stop)]
     assert "".join(deltas) == out.text  # the stop string never leaked into the stream
+
+
+async def test_async_stream_deltas_abort_and_crash(tiny_model_dir):
+    from corral import AsyncLLM
+
+    engine = AsyncLLM(model=str(tiny_model_dir), max_model_len=256)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        pieces, last = [], None
+        async for out in engine.stream([5, 6, 7], params):
+            pieces.append(out.outputs[0].delta_token_ids)
+            last = out
+        assert last.finished and sum(pieces, []) == last.token_ids and len(last.token_ids) == 12
+        # leaving a stream early aborts the request and frees its blocks
+        async for out in engine.stream([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True)):
+            break
+        for _ in range(100):
+            st = engine.stats()
+            if st.num_requests == 0 and st.num_free_blocks == st.num_total_blocks:
+                break
+            await __import__("asyncio").sleep(0.05)
+        assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+        # a crash in the engine thread reaches open streams instead of hanging them
+        def boom():
+            raise RuntimeError("boom")
+        engine.core.step = boom
+        with pytest.raises(RuntimeError, match="boom"):
+            async for _ in engine.stream([5, 6], params):
+                pass
+        with pytest.raises(RuntimeError, match="stopped after an error"):
+            async for _ in engine.stream([5, 6], params):
+                pass
+    finally:
+        engine.shutdown()
