@@ -93,6 +93,16 @@ def score_reply(q: Question, reply: Reply) -> dict:
     return rec
 
 
+def rescore(q: Question, rec: dict) -> dict:
+    """Recompute an open answer's scores from its stored text (scoring is cheap and the
+    scorer may have improved since the answer was recorded); judge fields are kept."""
+    if rec.get("error") or q.is_choice:
+        return rec
+    reply = Reply(text=rec.get("answer") or "", finish_reason=rec.get("finish_reason"),
+                  completion_tokens=rec.get("completion_tokens"), seconds=rec.get("seconds", 0.0))
+    return rec | score_reply(q, reply)
+
+
 def score_choice(backend: Backend, q: Question) -> dict:
     """The record of one multiple-choice question, scored by log-likelihood."""
     t0 = time.perf_counter()
@@ -179,7 +189,7 @@ def run_eval(backend: Backend, questions: list[Question], out_dir: Path,
           f"asking {len(todo)}")
     failed = ask(backend, todo, out_dir, params, system, batch_size) if todo else 0
     records = read_answers(out_dir)
-    ordered = [records[q.id] for q in questions if q.id in records]
+    ordered = [rescore(q, records[q.id]) for q in questions if q.id in records]
     if judge_backend is not None:
         judge(judge_backend, ordered, out_dir, judge_max_tokens, batch_size)
     # Keep records of questions outside this run (e.g. an earlier, larger --limit) at the end.

@@ -189,3 +189,18 @@ def test_cli_compare_and_errors(tmp_path, capsys):
     assert "--output DIR is required" in capsys.readouterr().err
     assert main(["eval", "--questions", "builtin:nope", "--output", str(tmp_path / "x")]) == 1
     assert "no built-in question set" in capsys.readouterr().err
+
+
+def test_resume_rescores_stored_answers(tmp_path):
+    run(FakeBackend(ZH), tmp_path, questions=QUESTIONS[:1])
+    path = tmp_path / "answers.jsonl"
+    stale = json.loads(path.read_text()) | {"answer_language": "en", "language_adherent": False,
+                                             "judge_score": 6.0}
+    path.write_text(json.dumps(stale, ensure_ascii=False) + "\n")
+    again = FakeBackend(ZH)
+    summary = run(again, tmp_path, questions=QUESTIONS[:1])
+    rec = read_answers(tmp_path)["q1"]
+    assert again.asked == []
+    assert rec["answer_language"] == "zh" and rec["language_adherent"] is True
+    assert rec["judge_score"] == 6.0  # kept
+    assert summary["overall"]["language_adherence"] == 1.0
