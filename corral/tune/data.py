@@ -148,11 +148,12 @@ def _read_json(path: Path, name: str) -> list[dict]:
 
 
 def _read_parquet(path: Path, name: str) -> list[dict]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         return pq.read_table(path).to_pylist()
-    except Exception as e:
+    except (OSError, pa.ArrowException) as e:
         raise CorralError(f"{name}: unreadable Parquet file: {e}") from None
 
 
@@ -161,7 +162,7 @@ def _read_saved_dataset(path: Path) -> list[dict]:
 
     try:
         ds = load_from_disk(str(path))
-    except Exception as e:
+    except (OSError, ValueError) as e:
         raise CorralError(f"{path}: not a saved Hugging Face dataset folder "
                           f"(datasets.save_to_disk): {str(e).splitlines()[0][:160]}") from None
     if isinstance(ds, DatasetDict):
@@ -174,7 +175,7 @@ def _read_hub(repo_id: str) -> list[dict]:
 
     try:
         ds = load_dataset(repo_id, split="train")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- network, auth, missing repo, bad files: all one line
         reason = str(e).strip().splitlines()[0][:160] if str(e) else type(e).__name__
         raise CorralError(f"cannot load dataset {repo_id!r} from the Hugging Face Hub or its "
                           f"cache: {reason}") from None

@@ -290,7 +290,7 @@ def split_validation(cfg: TuneConfig, examples: list):
 
     if cfg.val_data:
         return examples, load_examples(cfg.val_data, cfg.data_format)
-    n_val = int(cfg.val_split) if cfg.val_split >= 1 else int(round(len(examples) * cfg.val_split))
+    n_val = int(cfg.val_split) if cfg.val_split >= 1 else round(len(examples) * cfg.val_split)
     if cfg.val_split > 0:
         n_val = max(n_val, 1)
     if n_val >= len(examples):
@@ -310,24 +310,24 @@ def training_args(cfg: TuneConfig, out: Path, device: torch.device, has_val: boo
     lr = cfg.learning_rate if cfg.learning_rate is not None else (2e-5 if cfg.full else 2e-4)
     bf16 = device.type == "cuda" and (cfg.load_in_4bit or cfg.dtype in ("auto", "bf16",
                                                                          "bfloat16"))
-    kwargs = dict(
-        output_dir=str(out), learning_rate=lr, lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
-        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-        per_device_train_batch_size=1 if cfg.packing else cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=cfg.eval_steps or cfg.save_steps, save_strategy="steps",
-        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,  # TensorBoard: OUTPUT/runs/<date>
-        report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed, bf16=bf16,
-        remove_unused_columns=False, prediction_loss_only=True,
-        train_sampling_strategy="random" if cfg.packing else "group_by_length",
-        use_cpu=device.type == "cpu", dataloader_num_workers=0, save_only_model=False,
-        disable_tqdm=True,
-    )
+    kwargs = {
+        "output_dir": str(out), "learning_rate": lr, "lr_scheduler_type": cfg.lr_scheduler,
+        "warmup_steps": cfg.warmup, "weight_decay": cfg.weight_decay,
+        "num_train_epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "per_device_train_batch_size": cfg.batch_size,  # packing: rows of max_seq_len
+        "per_device_eval_batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+        "activation_checkpointing": cfg.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
+        "eval_strategy": "steps" if has_val else "no",
+        "eval_steps": cfg.eval_steps or cfg.save_steps, "save_strategy": "steps",
+        "save_steps": cfg.save_steps, "save_total_limit": cfg.save_total_limit,
+        "logging_steps": cfg.logging_steps,  # TensorBoard: OUTPUT/runs/<date>
+        "report_to": ["tensorboard"], "seed": cfg.seed, "data_seed": cfg.seed, "bf16": bf16,
+        "remove_unused_columns": False, "prediction_loss_only": True,
+        "train_sampling_strategy": "random" if cfg.packing else "group_by_length",
+        "use_cpu": device.type == "cpu", "dataloader_num_workers": 0, "save_only_model": False,
+        "disable_tqdm": True,
+    }
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -359,8 +359,12 @@ def train(cfg: TuneConfig) -> dict:
     tokenizer = load_tokenizer(src) or _stand_in_tokenizer()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    human_assistant = uses_human_assistant(examples)
-    fmt_name = "human-assistant" if human_assistant and not cfg.chat_format else cfg.chat_format
+    fmt_name = cfg.chat_format
+    if uses_human_assistant(examples):  # already rendered: the saved template must match it
+        if fmt_name and get_chat_format(fmt_name, tokenizer).name != "human-assistant":
+            raise CorralError(f"{cfg.data} holds rendered '<s>Human: ...<s>Assistant: ...' text; "
+                              "--chat-format must be human-assistant (or left out)")
+        fmt_name = "human-assistant"
     chat_format = get_chat_format(fmt_name, tokenizer)
     train_ds, val_ds = build_datasets(cfg, tokenizer, chat_format, train_ex, val_ex)
     # 3. model and trainer

@@ -148,14 +148,14 @@ def bad(tmp_path, name: str, text: str) -> str:
      "data.jsonl row 2: missing column 'output'"),
     ("data.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": " "}\n',
      "data.jsonl row 2: empty answer in column 'output'"),
-    ("data.csv", "text\n\"<s>Human: hi\n</s><s>Assistant: yo\n</s>\"\n"
-                 "\"<s>Human: hi\n</s><s>Assistant: \n</s>\"\n",
+    ("data.csv", ("text\n\"<s>Human: hi\n</s><s>Assistant: yo\n</s>\"\n"
+                  "\"<s>Human: hi\n</s><s>Assistant: \n</s>\"\n"),
      "data.csv row 2: empty answer after '<s>Assistant: '"),
-    ("chat.jsonl", '{"messages": [{"role": "user", "content": "q"}, '
-                   '{"role": "assistant", "content": ""}]}\n',
+    ("chat.jsonl", ('{"messages": [{"role": "user", "content": "q"}, '
+                    '{"role": "assistant", "content": ""}]}\n'),
      "chat.jsonl row 1: empty answer in message 1 of 'messages'"),
-    ("data.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"\n'
-                   '{"prompt": "c", "completion": "d"}\n',
+    ("data.jsonl", ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"\n'
+                    '{"prompt": "c", "completion": "d"}\n'),
      "data.jsonl row 2: unparsable JSON"),
     ("data.csv", "prompt,completion\na,b\nc,d,e\n", "data.csv row 2: unparsable row"),
     ("data.jsonl", '{"question": "a", "answer": "b"}\n', "data.jsonl row 1: unknown data format"),

@@ -154,5 +154,33 @@ def test_last_checkpoint_skips_incomplete(tmp_path):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
         if complete:
-            (d / "trainer_state.json").write_text('{"global_step": %d}' % step)
+            (d / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
     assert last_checkpoint(tmp_path).name == "checkpoint-10"
+
+
+def test_full_finetune_with_packing_saves_a_loadable_model(tmp_path, default_folder):
+    """--full --packing end to end in-process: packed rows, eval loss, a full model folder with
+    the chat template, and a clear answer when it is then given to merge."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corral.tune.merge import merge
+    from corral.tune.sft import train
+    from tests.conftest import save_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(default_folder)
+    base = tmp_path / "base"
+    save_tiny_model(base, tiny_config(vocab_size=len(tok)))
+    tok.save_pretrained(base)
+    out = tmp_path / "out"
+    summary = train(TuneConfig(model=str(base), data="examples/data/bilingual_sft.jsonl",
+                               output=str(out), full=True, packing=True, max_seq_len=128,
+                               batch_size=2, max_steps=3, val_split=4, save_steps=100,
+                               learning_rate=1e-3, progress=False))
+    assert summary["method"] == "full" and summary["global_step"] == 3
+    assert summary["train_rows"] < summary["train_examples"]  # samples were packed together
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == len(tok)
+    assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
+    with pytest.raises(CorralError, match="full model"):
+        merge(str(base), str(out), str(tmp_path / "merged"))
