@@ -1,7 +1,8 @@
 """Training tokens/s and peak memory: `corral tune` vs a plain TRL SFTTrainer script, same run.
 
 Both sides train the same model with the same data (examples/data/bilingual_sft.jsonl), LoRA
-settings, sequence length, batch size, steps, learning rate and seed; each runs in its own
+settings, sequence length, batch size, steps, learning rate, seed and gradient checkpointing
+(on by default: TRL's SFTConfig default; --no-gradient-checkpointing turns it off on both); each runs in its own
 fresh subprocess so peak memory is its own. Loss is on the answers on both sides (TRL: its
 prompt-completion format, completion-only loss by default).
 
@@ -48,7 +49,7 @@ def run_corral(a) -> dict:
                          lora_alpha=2 * a.lora_r, lora_dropout=0.0, learning_rate=2e-4,
                          warmup=0, val_split=0, save_steps=10**6, logging_steps=10**6,
                          load_in_4bit=a.load_in_4bit, seed=0, device=a.device, progress=False,
-                         epochs=100)
+                         epochs=100, gradient_checkpointing=a.gradient_checkpointing)
         s = train(cfg)
     return {"tokens": s["tokens_seen"], "seconds": s["train_seconds"],
             "final_loss": s["train_loss"]}
@@ -89,7 +90,8 @@ def run_trl(a) -> dict:
                          learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0,
                          report_to=[], save_strategy="no", logging_steps=10**6, seed=0,
                          bf16=device.type == "cuda", use_cpu=device.type == "cpu",
-                         include_num_input_tokens_seen="non_padding", disable_tqdm=True)
+                         include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+                         gradient_checkpointing=a.gradient_checkpointing)
         peft = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
@@ -116,6 +118,8 @@ def side(a, name: str) -> dict:
            str(a.max_seq_len), "--lora-r", str(a.lora_r), "--device", a.device]
     if a.load_in_4bit:
         cmd.append("--load-in-4bit")
+    if not a.gradient_checkpointing:
+        cmd.append("--no-gradient-checkpointing")
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -140,6 +144,8 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA on both sides (CUDA)")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing",
+                   action="store_false", help="turn TRL's default checkpointing off on both sides")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--side", choices=["corral", "trl"], help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -158,6 +164,7 @@ def main() -> None:
         "benchmark": "tune_speed", "model": a.model, "device": a.device, "hardware": hw,
         "steps": a.steps, "batch_size": a.batch_size, "max_seq_len": a.max_seq_len,
         "lora_r": a.lora_r, "load_in_4bit": a.load_in_4bit,
+        "gradient_checkpointing": a.gradient_checkpointing,
         "memory_measure": "cuda max_memory_allocated" if a.device == "cuda" else "peak RSS",
         "trl_tokens_per_s": round(trl["tokens_per_s"], 1),
         "corral_tokens_per_s": round(corral["tokens_per_s"], 1),
