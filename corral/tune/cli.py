@@ -107,7 +107,7 @@ def config_from_args(args: argparse.Namespace):
     """TuneConfig from yaml (if any) overridden by the flags actually given."""
     from corral.tune.sft import TuneConfig
 
-    known = {f.name for f in fields(TuneConfig)} - {"extra"}
+    known = {f.name for f in fields(TuneConfig)}
     settings = load_yaml(args.config) if args.config else {}
     unknown = sorted(set(settings) - known)
     if unknown:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -62,7 +62,6 @@ class TuneConfig:
     dtype: str = "auto"
     device: str = "auto"
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # unknown yaml keys are rejected before use
 
     def check(self) -> None:
         """Raise CorralError for settings that cannot work (before anything is loaded)."""
@@ -341,8 +340,6 @@ def train(cfg: TuneConfig) -> dict:
     from corral.tune.data import load_examples, uses_human_assistant
 
     cfg.check()
-    if cfg.extra:
-        raise CorralError(f"unknown tune settings: {', '.join(sorted(cfg.extra))}")
     # 1. data first: every bad row is reported before a model is touched
     examples = load_examples(cfg.data, cfg.data_format)
     train_ex, val_ex = split_validation(cfg, examples)
@@ -351,6 +348,8 @@ def train(cfg: TuneConfig) -> dict:
     if resume_from and not cfg.resume:
         raise CorralError(f"{out} already holds checkpoints ({resume_from.name}); pass --resume "
                           "to continue that run or choose another --output")
+    if cfg.resume and not resume_from:
+        print(f"corral tune: no complete checkpoint in {out} yet; starting at step 0")
     device = resolve_device(cfg.device)
     if cfg.load_in_4bit:
         nf4_config(device, torch.bfloat16)  # clear error on CPU before loading anything
@@ -407,7 +406,7 @@ def train(cfg: TuneConfig) -> dict:
         "eval_loss_before": eval_before, "eval_loss_after": eval_after,
         "train_seconds": round(seconds, 2), "tokens_seen": trainer.tokens_seen,
         "tokens_per_s": round(trainer.tokens_seen / seconds, 1) if seconds > 0 else None,
-        "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+        "config": asdict(cfg),
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

@@ -184,3 +184,27 @@ def test_full_finetune_with_packing_saves_a_loadable_model(tmp_path, default_fol
     assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
     with pytest.raises(CorralError, match="full model"):
         merge(str(base), str(out), str(tmp_path / "merged"))
+
+
+def test_same_seed_same_adapter(tmp_path, default_folder):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from corral.tune.sft import train
+    from tests.conftest import save_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(default_folder)
+    base = tmp_path / "base"
+    save_tiny_model(base, tiny_config(vocab_size=len(tok)))
+    tok.save_pretrained(base)
+
+    def run(name: str, seed: int) -> dict:
+        train(TuneConfig(model=str(base), data="examples/data/bilingual_sft.csv",
+                         output=str(tmp_path / name), max_steps=2, batch_size=2, val_split=0,
+                         max_seq_len=64, seed=seed, learning_rate=1e-2, progress=False))
+        return load_file(tmp_path / name / "adapter_model.safetensors")
+
+    a, b, c = run("a", 1), run("b", 1), run("c", 2)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
