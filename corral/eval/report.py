@@ -131,7 +131,7 @@ def markdown(summary: dict, pngs: dict[str, bytes]) -> str:
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:13px}
+table{border-collapse:collapse;margin:1em 0;font-size:13px;display:block;overflow-x:auto}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}.ans td{text-align:left;vertical-align:top}
 .pos{color:#0a7a2f}.neg{color:#b3261e}img{display:block;margin:1em 0;max-width:100%}
