@@ -15,6 +15,7 @@ prefix-cache hits).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,12 @@ def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The first Bd sequences have one new token each: batch them. q: [Bd, nh, hd]."""
+    # --- CUDA: the Triton paged-decode kernel (corral/model/triton_attention.py) ---
+    if q.is_cuda and _triton_decode() is not None:
+        b = q.shape[0]
+        return _triton_decode()(q, k_cache, v_cache, meta.block_tables[:b],
+                                meta.context_lens[:b], scale)
+    # --- end CUDA dispatch; below: the PyTorch path (CPU, and CUDA without triton) ---
     b, nh, hd = q.shape
     nkv = k_cache.shape[2]
     g = nh // nkv
@@ -114,3 +121,14 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     scores = torch.matmul(qg, ks.transpose(-1, -2)).mul_(scale).add_(mask)  # [B,nkv,g,S]
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, vs).view(b, nh, hd)
+
+
+@functools.cache
+def _triton_decode():
+    """The Triton decode kernel, or None where triton is not installed (imported on first use:
+    CPU runs never import triton)."""
+    try:
+        from corral.model.triton_attention import paged_decode_attention
+    except ImportError:
+        return None
+    return paged_decode_attention
