@@ -132,7 +132,7 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    ctx = tl.load(ContextLens + seq)
+    ctx = tl.load(ContextLens + seq).to(tl.int32)  # int32 loop bounds, whatever the input
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(ctx, BLOCK_SIZE))
 

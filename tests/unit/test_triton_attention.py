@@ -130,42 +130,83 @@ def test_compiled_kernel_matches_pytorch_on_gpu():
         assert (got.float().cpu() - want).abs().max().item() < TOL[dtype]
 
 
+def tiny_gqa_model(path: Path, default_folder: Path) -> Path:
+    """A tiny random Llama with head_dim 64 and GQA 2, and SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import save_tiny_model, tiny_config
+
+    # a wider init than HF's 0.02 keeps greedy choices away from near-ties
+    config = tiny_config(hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=64, max_position_embeddings=1024, initializer_range=0.2)
+    save_tiny_model(path, config, seed=1)
+    AutoTokenizer.from_pretrained(default_folder).save_pretrained(path)
+    return path
+
+
+def engine_greedy(folder: str, device: str, max_tokens: int = 24) -> dict[str, list[int]]:
+    """Greedy token ids for three prompts (5, 40 and 300 tokens: 1 to 21 blocks) run together."""
+    from corral import SamplingParams
+    from corral.engine.config import EngineConfig
+    from corral.engine.core import EngineCore
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (5, 40, 300)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    core = EngineCore(EngineConfig(model=folder, device=device, dtype="float32",
+                                   num_kv_blocks=128, max_model_len=1024))
+    for i, p in enumerate(prompts):
+        core.add_request(f"r{i}", p, params)
+    done = {}
+    while core.has_work():
+        for out in core.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert len(done) == len(prompts) and all(len(t) == max_tokens for t in done.values())
+    return done
+
+
+def _engine_with_kernel(folder: str) -> dict:
+    """The CPU engine with its decode attention routed to the kernel exactly as the CUDA branch
+    of attention._decode_attention does, vs the plain CPU engine."""
+    from corral.model import attention
+
+    ref = engine_greedy(folder, "cpu")
+    kernel = attention._triton_decode()
+    calls = []
+
+    def decode(q, k_cache, v_cache, meta, scale):
+        calls.append(q.shape[0])
+        b = q.shape[0]
+        return kernel(q, k_cache, v_cache, meta.block_tables[:b], meta.context_lens[:b], scale)
+
+    attention._decode_attention = decode
+    return {"ref": ref, "triton": engine_greedy(folder, "cpu"), "decode_calls": len(calls),
+            "max_decode_batch": max(calls, default=0)}
+
+
+@needs_triton
+def test_engine_greedy_with_kernel_under_interpreter(tmp_path, default_folder):
+    folder = tiny_gqa_model(tmp_path, default_folder)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__, "engine", str(folder)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["decode_calls"] > 0 and res["max_decode_batch"] == 3  # the kernel really ran
+    assert res["triton"] == res["ref"]
+
+
 @pytest.mark.cuda
 @needs_cuda
 @needs_triton
 def test_engine_greedy_on_gpu_matches_cpu(tmp_path, default_folder):
-    from transformers import AutoTokenizer
-
-    from corral import SamplingParams
-    from corral.engine.config import EngineConfig
-    from corral.engine.core import EngineCore
-    from tests.conftest import save_tiny_model, tiny_config
-
-    # head_dim 64, GQA 2; a wider init than HF's keeps greedy choices away from near-ties
-    config = tiny_config(hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=64, max_position_embeddings=1024, initializer_range=0.2)
-    save_tiny_model(tmp_path, config, seed=1)
-    AutoTokenizer.from_pretrained(default_folder).save_pretrained(tmp_path)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (5, 40, 300)]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
-    def greedy(device: str) -> dict[str, list[int]]:
-        core = EngineCore(EngineConfig(model=str(tmp_path), device=device, dtype="float32",
-                                       num_kv_blocks=128, max_model_len=1024))
-        for i, p in enumerate(prompts):
-            core.add_request(f"r{i}", p, params)
-        done = {}
-        while core.has_work():
-            for out in core.step():
-                if out.finished:
-                    done[out.request_id] = out.outputs[0].token_ids
-        return done
-
-    cpu, gpu = greedy("cpu"), greedy("cuda")
-    assert len(cpu) == len(prompts) and all(len(t) == 24 for t in cpu.values())
-    assert gpu == cpu
+    folder = str(tiny_gqa_model(tmp_path, default_folder))
+    assert engine_greedy(folder, "cuda") == engine_greedy(folder, "cpu")
 
 
-if __name__ == "__main__":  # the interpreter run (see test_kernel_matches_pytorch_under_interpreter)
-    print(json.dumps(_run_cases()))
+if __name__ == "__main__":  # the interpreter runs (the tests above start these subprocesses)
+    if sys.argv[1:2] == ["engine"]:
+        print(json.dumps(_engine_with_kernel(sys.argv[2])))
+    else:
+        print(json.dumps(_run_cases()))
