@@ -46,7 +46,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if hd != hd_cache or nh % nkv:
         raise ValueError(f"shapes do not match: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
     # the kernel indexes the last dim with stride 1
-    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous()
+                           for t in (q, k_cache, v_cache))
     group = nh // nkv
     max_blocks = block_tables.shape[1]
     out = torch.empty_like(q)
@@ -71,8 +72,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), *part_strides, *lse_strides,
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd,
-        HEAD_PAD=_pad(hd), BLOCK_SIZE=block_size, SLOTS_PAD=_pad(block_size), PRECISION=_dot_precision(k_cache),
+        GROUP=group, BLOCK_H=_pad(group), HEAD_DIM=hd, HEAD_PAD=_pad(hd),
+        BLOCK_SIZE=block_size, SLOTS_PAD=_pad(block_size), PRECISION=_dot_precision(k_cache),
         STORE_LSE=num_splits > 1, num_warps=4,
     )
     if num_splits > 1:
