@@ -109,18 +109,17 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     # --- end CUDA dispatch; below: the PyTorch path (CPU, and CUDA without triton) ---
     b, nh, hd = q.shape
     nkv = k_cache.shape[2]
-    g = nh // nkv
     mask = meta.decode_mask  # [B, 1, 1, S]
     s = mask.shape[-1]
     nblk = (s + k_cache.shape[1] - 1) // k_cache.shape[1]
     bt = meta.block_tables[:b, :nblk]
-    # gather: [B, nblk, bs, nkv, hd] -> [B, nkv, S, hd]
-    ks = k_cache[bt].flatten(1, 2)[:, :s].permute(0, 2, 1, 3)
-    vs = v_cache[bt].flatten(1, 2)[:, :s].permute(0, 2, 1, 3)
-    qg = q.view(b, nkv, g, hd)  # heads of a group share one KV head
-    scores = torch.matmul(qg, ks.transpose(-1, -2)).mul_(scale).add_(mask)  # [B,nkv,g,S]
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vs).view(b, nh, hd)
+    # gather [B, nblk, bs, nkv, hd] -> strided view [B, nkv, S, hd]; SDPA reads the strides
+    # directly (a contiguous permute costs as much again as the gather)
+    ks = k_cache[bt].flatten(1, 2)[:, :s].transpose(1, 2)
+    vs = v_cache[bt].flatten(1, 2)[:, :s].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=mask, scale=scale,
+                                       enable_gqa=nh != nkv)  # [B, nh, 1, hd]
+    return o[:, :, 0]
 
 
 @functools.cache
