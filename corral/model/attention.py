@@ -113,13 +113,20 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     s = mask.shape[-1]
     nblk = (s + k_cache.shape[1] - 1) // k_cache.shape[1]
     bt = meta.block_tables[:b, :nblk]
-    # gather [B, nblk, bs, nkv, hd] -> strided view [B, nkv, S, hd]; SDPA reads the strides
-    # directly (a contiguous permute costs as much again as the gather)
+    # gather [B, nblk, bs, nkv, hd] -> view [B, nkv, S, hd]
     ks = k_cache[bt].flatten(1, 2)[:, :s].transpose(1, 2)
     vs = v_cache[bt].flatten(1, 2)[:, :s].transpose(1, 2)
-    o = F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=mask, scale=scale,
-                                       enable_gqa=nh != nkv)  # [B, nh, 1, hd]
-    return o[:, :, 0]
+    if q.dtype == torch.float32:
+        # SDPA reads the strided view directly (a contiguous copy would cost as much again
+        # as the gather); measured 1.7x faster than the matmuls below on CPU in fp32
+        o = F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=mask, scale=scale,
+                                           enable_gqa=nh != nkv)  # [B, nh, 1, hd]
+        return o[:, :, 0]
+    # bf16/fp16: CPU SDPA is 3x slower than two batched matmuls here; softmax in fp32
+    qg = q.view(b, nkv, nh // nkv, hd)  # the heads of a group share one KV head
+    scores = torch.matmul(qg, ks.transpose(-1, -2)).float().mul_(scale).add_(mask)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)  # [B, nkv, g, S]
+    return torch.matmul(probs, vs).view(b, nh, hd)
 
 
 @functools.cache
