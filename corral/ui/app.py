@@ -7,8 +7,9 @@ closes our async generator, which aborts the engine request (or closes the HTTP 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import gradio as gr
@@ -108,8 +109,10 @@ def drop_last_answer(history: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 async def respond(backend: ChatBackend, history: list[dict[str, Any]], system: str,
-                  *sliders: float) -> AsyncIterator[list[dict[str, str]]]:
-    """Stream the answer to the last user message into the chat, one delta at a time."""
+                  *sliders: float, should_stop: Callable[[], bool] = lambda: False
+                  ) -> AsyncIterator[list[dict[str, str]]]:
+    """Stream the answer to the last user message into the chat, one delta at a time.
+    `should_stop()` true ends the answer early (the backend stream is closed: engine abort)."""
     history = _plain(history or [])
     if not history or history[-1]["role"] != "user":
         yield history
@@ -118,9 +121,13 @@ async def respond(backend: ChatBackend, history: list[dict[str, Any]], system: s
     history.append(answer)
     try:
         params = sampling(*sliders)
-        async for delta in backend.stream_chat(to_messages(history[:-1], system), params):
-            answer["content"] += delta
-            yield history
+        stream = backend.stream_chat(to_messages(history[:-1], system), params)
+        async with contextlib.aclosing(stream):
+            async for delta in stream:
+                if should_stop():
+                    break
+                answer["content"] += delta
+                yield history
     except (CorralError, ValueError) as e:
         answer["content"] = _error_text(answer["content"], str(e))
     except Exception as e:  # any other failure is still a message, never a stack trace
@@ -141,10 +148,20 @@ def build_app(backend: ChatBackend, title: str = "Corral chat",
               max_new_tokens: int = 2048) -> gr.Blocks:
     """The chat page for `backend`; mount it with `gr.mount_gradio_app` or `.launch()` it."""
 
-    async def bot(history, system, temperature, top_p, top_k, max_tokens, rep):
+    # Stop ends the answer from inside the generator, so the event finishes normally:
+    # Gradio's `cancels` sometimes left the chat looking busy after the cancel.
+    stopping: set[str] = set()
+
+    async def bot(history, system, temperature, top_p, top_k, max_tokens, rep,
+                  request: gr.Request):
+        sid = request.session_hash if request is not None else ""
+        stopping.discard(sid)
         async for h in respond(backend, history, system, temperature, top_p, top_k,
-                               max_tokens, rep):
+                               max_tokens, rep, should_stop=lambda: sid in stopping):
             yield h
+
+    def stop_answer(request: gr.Request):
+        stopping.add(request.session_hash if request is not None else "")
 
     def header() -> str:
         return model_line(backend.info())
@@ -185,7 +202,7 @@ def build_app(backend: ChatBackend, title: str = "Corral chat",
         events.append(
             retry.click(drop_last_answer, chatbot, chatbot, queue=False).then(bot, knobs, chatbot)
         )
-        stop.click(None, None, None, cancels=events)
+        stop.click(stop_answer, None, None, queue=False)
         clear.click(list, None, chatbot, queue=False, cancels=events)
         demo.load(header, None, info_md)
     # Several tabs answer at once: the engine batches their requests.

@@ -123,8 +123,29 @@ def test_build_app_has_the_controls():
                     "repetition-penalty"):
         assert elem_id in ids, elem_id
     assert ids["max-tokens"].maximum == 300
-    # The stop button cancels the three streaming events (Enter, Send, Retry).
+    # Three streaming events (Enter, Send, Retry); Stop ends them from inside (see app.py),
+    # Clear cancels them.
     bots = {i for i, d in demo.fns.items() if d.name == "bot"}
-    stop_cancels = [set(d.cancels) for d in demo.fns.values()
-                    if (ids["stop"]._id, "click") in d.targets and d.cancels]
-    assert len(bots) == 3 and stop_cancels == [bots]
+    stop_fns = [d.name for d in demo.fns.values() if (ids["stop"]._id, "click") in d.targets]
+    clear_cancels = [set(d.cancels) for d in demo.fns.values()
+                     if (ids["clear"]._id, "click") in d.targets and d.cancels]
+    assert len(bots) == 3 and stop_fns == ["stop_answer"] and clear_cancels == [bots]
+
+
+async def test_should_stop_ends_the_answer_and_closes_the_stream():
+    closed = []
+
+    class Endless:
+        async def stream_chat(self, messages, params):
+            try:
+                while True:
+                    yield "x"
+            finally:
+                closed.append(True)
+
+    hist = [{"role": "user", "content": "q"}]
+    seen = []
+    async for h in respond(Endless(), hist, "", 0.7, 0.9, 0, 16, 1.0,
+                           should_stop=lambda: len(seen) >= 3):
+        seen.append(h[-1]["content"])
+    assert seen[-1] == "xxx" and closed == [True]
