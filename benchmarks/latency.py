@@ -18,8 +18,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Workload, corral_run, hardware, hf_generate_static, load_hf,  # noqa: E402
-                    make_workload, percentiles)
+from common import (
+    Workload,
+    corral_run,
+    hardware,
+    hf_generate_static,
+    load_hf,
+    make_workload,
+    percentiles,
+)
 
 
 def summarize(runs: list[dict]) -> dict:

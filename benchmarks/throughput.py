@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import corral_run, hardware, hf_generate_static, load_hf, make_workload  # noqa: E402
+from common import corral_run, hardware, hf_generate_static, load_hf, make_workload
 
 
 def main() -> None:

@@ -10,8 +10,15 @@ from corral.engine.llm import LLM, AsyncLLM
 from corral.outputs import CompletionOutput, RequestOutput
 from corral.sampling_params import SamplingParams
 
-__all__ = ["LLM", "AsyncLLM", "EngineConfig", "SamplingParams", "RequestOutput",
-           "CompletionOutput", "load"]
+__all__ = [
+    "LLM",
+    "AsyncLLM",
+    "CompletionOutput",
+    "EngineConfig",
+    "RequestOutput",
+    "SamplingParams",
+    "load",
+]
 __version__ = "0.1.0"
 
 

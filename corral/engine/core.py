@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from corral.engine.config import EngineConfig
-from corral.engine.detokenizer import IncrementalDetokenizer, check_stop_strings, streamable_text_end
+from corral.engine.detokenizer import (
+    IncrementalDetokenizer,
+    check_stop_strings,
+    streamable_text_end,
+)
 from corral.engine.kv_cache import BlockManager
 from corral.engine.runner import ModelRunner, kv_bytes_per_block
 from corral.engine.sampler import apply_penalties, block_stop_tokens, sample, top_logprobs
@@ -54,8 +58,14 @@ class Request:
 
 class EngineCore:
     def __init__(self, config: EngineConfig):
-        from corral.loading import (load_config, load_tokenizer, parse_rope_scaling,
-                                    resolve_device, resolve_dtype, resolve_source)
+        from corral.loading import (
+            load_config,
+            load_tokenizer,
+            parse_rope_scaling,
+            resolve_device,
+            resolve_dtype,
+            resolve_source,
+        )
         from corral.model.llama import LlamaForCausalLM, context_length
 
         self.config = config
@@ -81,8 +91,7 @@ class EngineCore:
         cuda = self.device.type == "cuda"
         bs = config.block_size
         num_blocks = self._num_kv_blocks(bs)
-        if num_blocks * bs < self.max_model_len:
-            self.max_model_len = num_blocks * bs  # the cache must hold one full sequence
+        self.max_model_len = min(self.max_model_len, num_blocks * bs)  # the cache must hold one full sequence
         self.bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
