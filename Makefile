@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/corral generate "What is the capital of France?"
+	$(BIN)/corral generate --temperature 0 "What is the capital of France?"
 
 serve: $(STAMP)
 	$(BIN)/corral serve --model default --host 127.0.0.1 --port 8000
