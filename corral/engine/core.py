@@ -69,7 +69,6 @@ class EngineCore:
         from corral.model.llama import LlamaForCausalLM, context_length
 
         self.config = config
-        t0 = time.time()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         src = resolve_source(config.model, config.revision)
@@ -105,7 +104,6 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
         self._chat_format = None
-        self.load_seconds = time.time() - t0
 
     # ---- setup -------------------------------------------------------------------------
 
