@@ -12,7 +12,9 @@ rather than once per query head:
 
 Long contexts with few (sequence, KV head) pairs are split over the context (split-K): each
 split writes its normalized partial output and log-sum-exp, and a second small kernel merges
-them. With one split the first kernel writes the final output directly.
+them. With one split the first kernel writes the final output directly. The number of splits
+comes from shapes only, and each sequence divides its own blocks among them on the device, so
+a launch depends on no host-side context length (CUDA graphs replay it for any lengths).
 
 Arithmetic is fp32 throughout: K/V (fp32, bf16 or fp16) are upcast on load. fp32 caches use
 exact ("ieee") dots; bf16/fp16 caches use TF32 tensor cores, which hold bf16/fp16 values
@@ -55,8 +57,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     if num_splits is None:
         num_splits = _choose_splits(q.device, b * nkv, max_blocks)
-    blocks_per_split = triton.cdiv(max_blocks, max(1, min(num_splits, max_blocks)))
-    num_splits = triton.cdiv(max_blocks, blocks_per_split)
+    num_splits = max(1, min(num_splits, max_blocks))
     if num_splits == 1:
         part, lse = out, out  # write the final output; lse is not stored
         part_strides = (out.stride(0), out.stride(1), 0)
@@ -67,7 +68,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_strides = (part.stride(0), part.stride(1), part.stride(2))
         lse_strides = (lse.stride(0), lse.stride(1))
     _decode_split_kernel[(b, nkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part, lse, scale, blocks_per_split,
+        q, k_cache, v_cache, block_tables, context_lens, part, lse, scale, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -118,7 +119,7 @@ def _dot_precision(cache: torch.Tensor) -> str:
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, BlockTables, ContextLens, Out, Lse, scale, blocks_per_split,
+    Q, K, V, BlockTables, ContextLens, Out, Lse, scale, num_splits,
     stride_qb, stride_qh,
     stride_kn, stride_ks, stride_kh,
     stride_vn, stride_vs, stride_vh,
@@ -134,8 +135,10 @@ def _decode_split_kernel(
     split = tl.program_id(2)
 
     ctx = tl.load(ContextLens + seq).to(tl.int32)  # int32 loop bounds, whatever the input
+    num_blocks = tl.cdiv(ctx, BLOCK_SIZE)
+    blocks_per_split = tl.cdiv(num_blocks, num_splits)  # this sequence's blocks, split evenly
     first = split * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, tl.cdiv(ctx, BLOCK_SIZE))
+    last = tl.minimum(first + blocks_per_split, num_blocks)
 
     rows = tl.arange(0, BLOCK_H)  # query heads of this KV head's group (padded)
     row_ok = rows < GROUP
