@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ from corral.engine.sequence import Sequence
 from corral.errors import CorralError
 from corral.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from corral.sampling_params import SamplingParams
+
+log = logging.getLogger("corral.engine")
 
 
 @dataclass
@@ -86,6 +89,7 @@ class EngineCore:
             self.model = LlamaForCausalLM.from_folder(src.folder, self.model_config, self.dtype,
                                                       self.device, max_len=self.max_model_len)
         self.source = src
+        self.weights = self._attach_gguf_kernels(src)
         self.eos_token_ids = _eos_ids(src, self.model_config, self.tokenizer)
         cuda = self.device.type == "cuda"
         bs = config.block_size
@@ -100,6 +104,8 @@ class EngineCore:
             self.bm,
         )
         self.runner = ModelRunner(self.model, num_blocks, bs, self.dtype, self.device)
+        if cuda and config.cuda_graphs:
+            self._capture_decode_graphs()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
@@ -127,6 +133,33 @@ class EngineCore:
                               f"{per_block / 2**20:.1f} MiB per block); raise --kv-cache-memory")
         return num
 
+    def _capture_decode_graphs(self) -> None:
+        from corral.model.attention import decode_uses_triton
+
+        if not decode_uses_triton(self.device):
+            # the PyTorch decode path would gather every sequence's full-width block table
+            log.warning("CUDA graphs need triton for decode attention; decoding eagerly")
+            return
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        start = time.perf_counter()
+        self.runner.capture_decode_graphs(self.scheduler.config.max_num_seqs, self.max_model_len)
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        sizes = self.runner.graphs.sizes
+        log.info("captured %d CUDA graphs for decode (batch %d..%d) in %.1f s, %.0f MiB",
+                 len(sizes), sizes[0], sizes[-1], time.perf_counter() - start, used / 2**20)
+
+    def _attach_gguf_kernels(self, src) -> str:
+        """CPU fp32 from a .gguf: decode steps read the file's quantized blocks (3-5x fewer
+        bytes than the dense fp32 copy, which prefill keeps using). Returns the weight path."""
+        dense = f"dense {str(self.dtype).removeprefix('torch.')}"
+        if not (self.config.gguf_kernels and src.gguf and self.device.type == "cpu"
+                and self.dtype == torch.float32):
+            return dense
+        from corral.model.gguf_kernels import attach_gguf_kernels
+
+        return attach_gguf_kernels(self.model, src.gguf)
+
     @property
     def chat_format(self):
         if self._chat_format is None and self.tokenizer is not None:
@@ -147,6 +180,7 @@ class EngineCore:
             "chat_format": getattr(self.chat_format, "name", None),
             "kv_blocks": self.bm.num_blocks,
             "block_size": self.bm.block_size,
+            "weights": self.weights,
         }
 
     # ---- requests ----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Turns a scheduled batch into tensors, runs the model, returns the logits the sampler needs.
 
-Owns the KV-cache tensors: per layer, K and V of shape [num_blocks, block_size, n_kv, hd].
+Owns the KV-cache tensors: per layer, K and V of shape [num_blocks + 1, block_size, n_kv, hd]
+(the extra block is never handed out: padded rows of CUDA-graph decode batches write there).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from corral.engine.cuda_graphs import DecodeGraphs
 from corral.engine.scheduler import ScheduledBatch
 from corral.model.attention import AttentionMetadata, build_decode_mask
 from corral.model.llama import LlamaForCausalLM, head_dim_of
@@ -36,13 +38,24 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.dynamic_rope = (cfg.rope_parameters or {}).get("rope_type") == "dynamic"
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, head_dim_of(cfg))
+        self.pad_block = num_blocks  # past the BlockManager's ids 0..num_blocks-1
+        shape = (num_blocks + 1, block_size, cfg.num_key_value_heads, head_dim_of(cfg))
         self.kv_cache = [(torch.zeros(shape, dtype=dtype, device=device),
                           torch.zeros(shape, dtype=dtype, device=device))
                          for _ in range(cfg.num_hidden_layers)]
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Record the pure-decode forward at padded batch sizes up to max_num_seqs (CUDA graphs
+        on CUDA; elsewhere the same padded path runs eagerly, which the CPU tests check)."""
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.pad_block, self.block_size,
+                                   max_num_seqs, max_model_len, self.dtype, self.device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:
+        if self.graphs is not None and self.graphs.fits(batch):
+            hidden = self.graphs.run(batch)
+            return StepLogits(list(range(len(batch.seqs))), self.model.compute_logits(hidden), {})
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []

@@ -111,7 +111,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The first Bd sequences have one new token each: batch them. q: [Bd, nh, hd]."""
     # --- CUDA: the Triton paged-decode kernel (corral/model/triton_attention.py) ---
-    if q.is_cuda and _triton_decode() is not None:
+    if decode_uses_triton(q.device):
         b = q.shape[0]
         return _triton_decode()(q, k_cache, v_cache, meta.block_tables[:b],
                                 meta.context_lens[:b], scale)
@@ -135,6 +135,11 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     scores = torch.matmul(qg, ks.transpose(-1, -2)).float().mul_(scale).add_(mask)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)  # [B, nkv, g, S]
     return torch.matmul(probs, vs).view(b, nh, hd)
+
+
+def decode_uses_triton(device: torch.device) -> bool:
+    """Whether decode attention on `device` runs the Triton kernel (which ignores decode_mask)."""
+    return device.type == "cuda" and _triton_decode() is not None
 
 
 @functools.cache

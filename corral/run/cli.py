@@ -62,6 +62,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         '"factor": 2}\'')
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context length in tokens (default: the model's)")
+    g.add_argument("--no-gguf-kernels", action="store_true",
+                   help="CPU: decode on the dense fp32 weights instead of the .gguf's "
+                        "quantized blocks")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
 
 
 def add_format_arg(parser) -> None:
@@ -88,9 +93,13 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
         from corral.loading import parse_rope_scaling
 
         rope = parse_rope_scaling(args.rope_scaling)
-    return {"model": args.model, "dtype": args.dtype, "device": args.device,
-            "chat_format": args.format, "max_model_len": args.max_model_len,
-            "rope_scaling": rope}
+    kw = {"model": args.model, "dtype": args.dtype, "device": args.device,
+          "chat_format": args.format, "max_model_len": args.max_model_len, "rope_scaling": rope}
+    if args.no_cuda_graphs:
+        kw["cuda_graphs"] = False
+    if args.no_gguf_kernels:
+        kw["gguf_kernels"] = False
+    return kw
 
 
 class AppendTurn(argparse.Action):

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     eng.add_argument("--max-model-len", type=int, default=None)
     eng.add_argument("--kv-cache-memory-gb", type=float, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=None)
+    eng.add_argument("--no-cuda-graphs", action="store_true",
+                     help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     lim = p.add_argument_group("limits and safety")
     lim.add_argument("--max-input-tokens", type=int, default=None,
                      help="longest prompt accepted (default: context length - 1); longer: 413")
@@ -72,6 +74,8 @@ def serve(args: argparse.Namespace) -> int:
     engine_kw = {k: getattr(args, k) for k in ("dtype", "device", "chat_format", "max_model_len",
                                                "kv_cache_memory_gb", "max_num_seqs")
                  if getattr(args, k) is not None}
+    if args.no_cuda_graphs:
+        engine_kw["cuda_graphs"] = False
     _setup_logging()
     engine = AsyncLLM(model=args.model, **engine_kw)
     try:
