@@ -62,6 +62,7 @@ class ModelSource:
     name: str  # what the user asked for
     folder: Path | None
     random_preset: str | None = None
+    gguf: Path | None = None  # the .gguf file `folder` was dequantized from
 
 
 def cache_root() -> Path:
@@ -83,7 +84,7 @@ def resolve_source(source: str, revision: str | None = None) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CorralError(f"GGUF file not found: {path}")
-        return ModelSource(source, materialize_gguf(path))
+        return ModelSource(source, materialize_gguf(path), gguf=path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CorralError(f"{path} has no config.json: not a Hugging Face model folder")

@@ -165,6 +165,8 @@ class LlamaForCausalLM(nn.Module):
         if not self.tie:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config, self.max_len)
+        # optional logits matmul on packed GGUF weights (model.gguf_kernels.attach_gguf_kernels)
+        self.packed_lm_head = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -181,6 +183,8 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, D] -> fp32 logits [N, vocab]."""
+        if self.packed_lm_head is not None:
+            return self.packed_lm_head(hidden).float()
         w = self.model.embed_tokens.weight if self.tie else self.lm_head.weight
         return F.linear(hidden, w).float()
 

@@ -1,0 +1,258 @@
+"""Decode on CPU straight from a GGUF file's quantized blocks (Q4_1, Q8_0).
+
+Decode is memory-bound: reading SmolLM2's dequantized fp32 weights moves ~540 MB per token,
+its Q4_1/Q8_0 blocks ~96 MB. `attach_gguf_kernels` gives the model's Linear layers the packed
+rows of the GGUF tensors; a layer then runs `csrc/gguf_gemm.c` (compiled on first use with the
+system C compiler, loaded with ctypes, which releases the GIL) for steps of at most `max_rows`
+tokens, and its dense fp32 weight (kept) for larger steps such as prefill.
+
+The kernel rebuilds each weight exactly as the dense copy was made (fp32 d*q + m), so the
+logits differ from the dense path only by the order of the sums.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # per 32 weights
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
+# Largest step (tokens) that takes the kernel; measured on a 2-core Zen4 (see README).
+DEFAULT_MAX_ROWS = 16
+
+_lib: ctypes.CDLL | None = None
+_lib_tried = False
+
+
+@dataclass
+class PackedWeight:
+    """Rows of GGUF blocks for one [n, k] weight (fused layers: parts' rows concatenated)."""
+
+    kind: str  # "q4_1" | "q8_0"
+    data: torch.Tensor  # uint8 [n, k // 32 * BLOCK_BYTES[kind]]
+    n: int
+    k: int
+
+
+# ---- the compiled library --------------------------------------------------------------------
+
+def find_compiler() -> str | None:
+    return shutil.which("gcc") or shutil.which("cc")
+
+
+def _source() -> bytes:
+    return resources.files("corral.model").joinpath("csrc/gguf_gemm.c").read_bytes()
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def build_library(cache_dir: Path | None = None) -> Path | None:
+    """Compile csrc/gguf_gemm.c once per source+flags+CPU into the cache; None on failure."""
+    from corral.loading import cache_root
+
+    cc = find_compiler()
+    if cc is None:
+        _warn("no C compiler (gcc/cc) found")
+        return None
+    src = _source()
+    key = hashlib.sha256(src + " ".join([cc, *CFLAGS]).encode() + _cpu_id().encode())
+    out_dir = (cache_dir or cache_root() / "kernels") / key.hexdigest()[:16]
+    lib = out_dir / "gguf_gemm.so"
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        c_file = Path(tmp) / "gguf_gemm.c"
+        c_file.write_bytes(src)
+        tmp_lib = Path(tmp) / "gguf_gemm.so"
+        try:
+            proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp_lib), str(c_file)],
+                                  capture_output=True, text=True, timeout=120, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _warn(f"{cc} failed: {e}")
+            return None
+        if proc.returncode != 0:
+            first = (proc.stderr.strip().splitlines() or [""])[0][:200]
+            _warn(f"{cc} failed: {first}")
+            return None
+        os.replace(tmp_lib, lib)  # atomic: concurrent builders write the same bytes
+    return lib
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The kernel library (built on first call, then cached per process); None if unavailable."""
+    global _lib, _lib_tried
+    if _lib_tried:
+        return _lib
+    _lib_tried = True
+    path = build_library()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        _warn(f"cannot load {path}: {e}")
+        return None
+    f32, u8, i32 = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int
+    for kind in BLOCK_BYTES:
+        fn = getattr(lib, f"gguf_gemm_{kind}")
+        fn.argtypes = [f32, i32, i32, u8, i32, f32, i32]
+        fn.restype = None
+        fn = getattr(lib, f"gguf_dequant_{kind}")
+        fn.argtypes = [u8, i32, i32, f32]
+        fn.restype = None
+    _lib = lib
+    return lib
+
+
+def _warn(reason: str) -> None:
+    print(f"corral: GGUF kernels unavailable ({reason}); using dense fp32 weights",
+          file=sys.stderr, flush=True)
+
+
+def gguf_matmul(lib: ctypes.CDLL, x: torch.Tensor, w: PackedWeight,
+                num_threads: int | None = None) -> torch.Tensor:
+    """x [M, K] fp32 @ W^T -> [M, N] fp32."""
+    x = x.contiguous()
+    m = x.shape[0]
+    y = torch.empty(m, w.n, dtype=torch.float32)
+    getattr(lib, f"gguf_gemm_{w.kind}")(x.data_ptr(), m, w.k, w.data.data_ptr(), w.n,
+                                         y.data_ptr(), num_threads or torch.get_num_threads())
+    return y
+
+
+def gguf_dequantize(lib: ctypes.CDLL, w: PackedWeight) -> torch.Tensor:
+    """The kernel's own fp32 weights [N, K] (tests compare them with the dense copy)."""
+    out = torch.empty(w.n, w.k, dtype=torch.float32)
+    getattr(lib, f"gguf_dequant_{w.kind}")(w.data.data_ptr(), w.n, w.k, out.data_ptr())
+    return out
+
+
+# ---- the model side --------------------------------------------------------------------------
+
+@dataclass
+class PackedLinear:
+    """y = x @ W^T + b: the kernel for steps of at most `max_rows` rows, the dense W above."""
+
+    packed: PackedWeight
+    lib: ctypes.CDLL
+    max_rows: int
+    weight: torch.Tensor  # the dense fp32 copy
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() == 2 and x.shape[0] <= self.max_rows and x.dtype == torch.float32
+                and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)):
+            y = gguf_matmul(self.lib, x, self.packed)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+class GGUFLinear(nn.Linear):
+    """An nn.Linear (same Parameters, same state_dict) that runs through a PackedLinear."""
+
+    def __init__(self, dense: nn.Linear, packed: PackedWeight, lib: ctypes.CDLL, max_rows: int):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = dense.in_features, dense.out_features
+        self.weight, self.bias = dense.weight, dense.bias
+        self.fast = PackedLinear(packed, lib, max_rows, dense.weight, dense.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fast(x)
+
+
+def read_gguf_weights(path: Path, config) -> dict[str, PackedWeight]:
+    """Packed weights by our module name (qkv_proj, o_proj, gate_up_proj, down_proj, lm_head).
+
+    A module is left out when any of its parts is in a type the kernel lacks. attn_q/attn_k rows
+    are put back in Hugging Face's rotary order, as transformers does when it dequantizes.
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+
+    def rows(name: str, heads: int | None = None) -> tuple[str, np.ndarray] | None:
+        t = tensors.get(name)
+        kind = t.tensor_type.name.lower() if t is not None else None
+        if kind not in BLOCK_BYTES:
+            return None
+        data = np.asarray(t.data)
+        if heads:  # ggml's interleaved rotary rows -> HF halves (reverse of the converter)
+            half = data.shape[0] // heads // 2
+            data = data.reshape(heads, half, 2, -1).swapaxes(1, 2).reshape(data.shape)
+        return kind, data
+
+    def fuse(*parts) -> PackedWeight | None:
+        if any(p is None for p in parts) or len({k for k, _ in parts}) != 1:
+            return None
+        kind = parts[0][0]
+        data = np.concatenate([d for _, d in parts], axis=0)
+        k = data.shape[1] // BLOCK_BYTES[kind] * 32
+        return PackedWeight(kind, torch.from_numpy(np.ascontiguousarray(data)), data.shape[0], k)
+
+    out: dict[str, PackedWeight | None] = {}
+    for i in range(config.num_hidden_layers):
+        b, a, m = f"blk.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        out[a + "qkv_proj"] = fuse(rows(b + "attn_q.weight", nh), rows(b + "attn_k.weight", nkv),
+                                   rows(b + "attn_v.weight"))
+        out[a + "o_proj"] = fuse(rows(b + "attn_output.weight"))
+        out[m + "gate_up_proj"] = fuse(rows(b + "ffn_gate.weight"), rows(b + "ffn_up.weight"))
+        out[m + "down_proj"] = fuse(rows(b + "ffn_down.weight"))
+    tie = bool(getattr(config, "tie_word_embeddings", False)) or "output.weight" not in tensors
+    out["lm_head"] = fuse(rows("token_embd.weight" if tie else "output.weight"))
+    return {name: w for name, w in out.items() if w is not None}
+
+
+def attach_gguf_kernels(model, gguf_path: Path, max_rows: int = DEFAULT_MAX_ROWS) -> str:
+    """Give `model`'s Linear layers (and its lm_head) the GGUF file's packed rows.
+
+    Returns a one-line description of the weight path, for the load message.
+    """
+    lib = load_library()
+    if lib is None:
+        return "dense fp32 (GGUF kernels unavailable)"
+    packed = read_gguf_weights(gguf_path, model.config)
+    kinds: set[str] = set()
+    n = 0
+    for name, w in packed.items():
+        if name == "lm_head":
+            weight = model.model.embed_tokens.weight if model.tie else model.lm_head.weight
+            if tuple(weight.shape) != (w.n, w.k):
+                continue
+            # a plain attribute, not a module: the state_dict keeps its names
+            model.packed_lm_head = PackedLinear(w, lib, max_rows, weight)
+        else:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            dense = getattr(parent, attr)
+            if tuple(dense.weight.shape) != (w.n, w.k):
+                continue
+            setattr(parent, attr, GGUFLinear(dense, w, lib, max_rows))
+        kinds.add(w.kind)
+        n += 1
+    total = 4 * model.config.num_hidden_layers + 1
+    return (f"GGUF {'/'.join(sorted(kinds))} kernels for {n}/{total} matmuls "
+            f"(steps <= {max_rows} tokens), dense fp32 above")
