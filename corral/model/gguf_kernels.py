@@ -17,6 +17,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -183,24 +184,79 @@ class GGUFLinear(nn.Linear):
         return self.fast(x)
 
 
+GGML_TYPES = {3: "q4_1", 8: "q8_0"}  # the block types the kernel reads, by ggml type id
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_tensor_rows(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """name -> (block type, memory-mapped uint8 rows [n, row bytes]) for the file's block-typed
+    2-D tensors. Reads only the header: gguf's GGUFReader also parses every tokenizer string
+    (seconds for a 49k vocabulary)."""
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    raw = memoryview(buf)
+    if bytes(raw[:4]) != b"GGUF" or struct.unpack_from("<I", raw, 4)[0] < 2:
+        raise ValueError("not a little-endian GGUF v2+ file")
+    pos = 8
+    n_tensors, n_kv = struct.unpack_from("<QQ", raw, pos)
+    pos += 16
+    alignment = 32
+
+    def skip_string(p: int) -> int:
+        return p + 8 + struct.unpack_from("<Q", raw, p)[0]
+
+    def skip_value(p: int, vtype: int) -> int:
+        if vtype == 8:
+            return skip_string(p)
+        if vtype == 9:
+            itype, count = struct.unpack_from("<IQ", raw, p)
+            p += 12
+            if itype in _SCALAR_BYTES:
+                return p + count * _SCALAR_BYTES[itype]
+            for _ in range(count):
+                p = skip_value(p, itype)
+            return p
+        return p + _SCALAR_BYTES[vtype]
+
+    for _ in range(n_kv):
+        end = skip_string(pos)
+        key = bytes(raw[pos + 8:end]).decode()
+        (vtype,) = struct.unpack_from("<I", raw, end)
+        if key == "general.alignment":
+            (alignment,) = struct.unpack_from("<I", raw, end + 4)
+        pos = skip_value(end + 4, vtype)
+    infos = []
+    for _ in range(n_tensors):
+        end = skip_string(pos)
+        name = bytes(raw[pos + 8:end]).decode()
+        (n_dims,) = struct.unpack_from("<I", raw, end)
+        dims = struct.unpack_from(f"<{n_dims}Q", raw, end + 4)
+        ttype, offset = struct.unpack_from("<IQ", raw, end + 4 + 8 * n_dims)
+        pos = end + 4 + 8 * n_dims + 12
+        infos.append((name, dims, GGML_TYPES.get(ttype, "other"), offset))
+    data_start = -(-pos // alignment) * alignment
+    out = {}
+    for name, dims, kind, offset in infos:
+        if kind not in BLOCK_BYTES or len(dims) != 2:
+            continue
+        row_bytes = dims[0] // 32 * BLOCK_BYTES[kind]
+        start = data_start + offset
+        out[name] = (kind, buf[start:start + row_bytes * dims[1]].reshape(dims[1], row_bytes))
+    return out
+
+
 def read_gguf_weights(path: Path, config) -> dict[str, PackedWeight]:
     """Packed weights by our module name (qkv_proj, o_proj, gate_up_proj, down_proj, lm_head).
 
     A module is left out when any of its parts is in a type the kernel lacks. attn_q/attn_k rows
     are put back in Hugging Face's rotary order, as transformers does when it dequantizes.
     """
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = gguf_tensor_rows(path)
     nh, nkv = config.num_attention_heads, config.num_key_value_heads
 
     def rows(name: str, heads: int | None = None) -> tuple[str, np.ndarray] | None:
-        t = tensors.get(name)
-        kind = t.tensor_type.name.lower() if t is not None else None
+        kind, data = tensors.get(name, (None, None))
         if kind not in BLOCK_BYTES:
             return None
-        data = np.asarray(t.data)
         if heads:  # ggml's interleaved rotary rows -> HF halves (reverse of the converter)
             half = data.shape[0] // heads // 2
             data = data.reshape(heads, half, 2, -1).swapaxes(1, 2).reshape(data.shape)
@@ -235,7 +291,11 @@ def attach_gguf_kernels(model, gguf_path: Path, max_rows: int = DEFAULT_MAX_ROWS
     lib = load_library()
     if lib is None:
         return "dense fp32 (GGUF kernels unavailable)"
-    packed = read_gguf_weights(gguf_path, model.config)
+    try:
+        packed = read_gguf_weights(gguf_path, model.config)
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        _warn(f"cannot read {gguf_path.name}: {e}")
+        return "dense fp32 (GGUF kernels unavailable)"
     kinds: set[str] = set()
     n = 0
     for name, w in packed.items():

@@ -113,6 +113,17 @@ def test_falls_back_to_dense_without_a_working_compiler(monkeypatch, tmp_path, c
     assert not any(isinstance(mod, gk.GGUFLinear) for mod in model.modules())
 
 
+def test_unreadable_gguf_falls_back_to_dense(lib, tmp_path, capsys):
+    from corral.model.llama import LlamaForCausalLM
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))  # version 0
+    model = LlamaForCausalLM.random(tiny_config(), torch.float32, torch.device("cpu"))
+    assert gk.attach_gguf_kernels(model, bad).startswith("dense")
+    assert "cannot read bad.gguf" in capsys.readouterr().err
+    assert model.packed_lm_head is None
+
+
 @pytest.mark.slow
 def test_engine_greedy_with_kernels_matches_transformers(lib, default_folder, monkeypatch):
     """Decode steps of 1 and 3 sequences run on the kernels; greedy output equals transformers'."""
