@@ -124,14 +124,20 @@ class AsyncLLM(_Frontend):
 
     def __init__(self, model: str = "default", **kwargs):
         self.config = EngineConfig.from_kwargs(model=model, **kwargs)
-        self.core = EngineCore(self.config)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stats = self.core.stats()
         self._stop = threading.Event()
         self._dead: BaseException | None = None  # set if the engine thread crashed
+        # The engine thread loads the model itself: steps run ~30% slower on CPU when the
+        # weights and torch's thread pool were set up by another thread (measured on SmolLM2:
+        # prefill of 32 prompts 0.8 s vs 1.3 s, decode step at batch 32 94 ms vs 135 ms).
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="corral-engine", daemon=True)
         self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
 
     # ---- caller side (event loop) ---------------------------------------------------------
 
@@ -206,6 +212,14 @@ class AsyncLLM(_Frontend):
                 self._deliver(cmd[1], out)
 
     def _run(self) -> None:
+        try:
+            self.core = EngineCore(self.config)
+            self._stats = self.core.stats()
+        except BaseException as e:  # reported to the constructor's caller
+            self._load_error = e
+            return
+        finally:
+            self._loaded.set()
         try:
             self._loop()
         except BaseException as e:  # a bug, not a bad request: fail every open stream loudly

@@ -152,3 +152,12 @@ async def test_async_stream_deltas_abort_and_crash(tiny_model_dir):
                 pass
     finally:
         engine.shutdown()
+
+
+def test_async_llm_load_error_reaches_the_caller(tmp_path):
+    from corral import AsyncLLM
+    from corral.errors import CorralError
+
+    # the model loads on the engine thread; its error must still surface in the constructor
+    with pytest.raises(CorralError, match="model not found"):
+        AsyncLLM(model=str(tmp_path / "missing.bin"))
