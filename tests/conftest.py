@@ -9,10 +9,10 @@ import torch
 def tiny_config(rope: dict | None = None, **overrides):
     from transformers import LlamaConfig
 
-    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
-              rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-              rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0})
+    kw = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+              "rope_parameters": rope or {"rope_type": "default", "rope_theta": 10000.0}}
     kw.update(overrides)
     return LlamaConfig(**kw)
 

@@ -270,7 +270,7 @@ class EngineCore:
                 req.metrics.first_scheduled_time = now
         try:
             out = self.runner.execute(batch)
-        except Exception as e:  # fail this batch's requests, keep serving the others
+        except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the others
             return [self._fail(req, f"{type(e).__name__}: {e}") for req in touched.values()]
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -325,9 +325,10 @@ class EngineCore:
             if not (at_limit or seq.num_tokens >= self.max_model_len):
                 return
             seq.finish_reason = "length"
-            if seq.detok is not None:  # flush a character still waiting for its last byte
-                if check_stop_strings(seq, seq.detok.step(seq.token_ids, final=True)):
-                    seq.finish_reason = "stop"
+            # flush a character still waiting for its last byte
+            if seq.detok is not None and check_stop_strings(
+                    seq, seq.detok.step(seq.token_ids, final=True)):
+                seq.finish_reason = "stop"
         self.scheduler.finish(seq)
 
     def _fail(self, req: Request, message: str) -> RequestOutput:

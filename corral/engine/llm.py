@@ -204,7 +204,7 @@ class AsyncLLM(_Frontend):
             _, rid, prompt, params = cmd
             try:
                 self.core.add_request(rid, prompt, params)
-            except Exception as e:  # CorralError / ValueError go back to that caller
+            except Exception as e:  # noqa: BLE001 - CorralError / ValueError go back to that caller
                 self._deliver(rid, e)
         elif cmd[0] == "abort":
             out = self.core.abort(cmd[1])
@@ -215,14 +215,14 @@ class AsyncLLM(_Frontend):
         try:
             self.core = EngineCore(self.config)
             self._stats = self.core.stats()
-        except BaseException as e:  # reported to the constructor's caller
+        except BaseException as e:  # noqa: BLE001 - reported to the constructor's caller
             self._load_error = e
             return
         finally:
             self._loaded.set()
         try:
             self._loop()
-        except BaseException as e:  # a bug, not a bad request: fail every open stream loudly
+        except BaseException as e:  # noqa: BLE001 - a bug, not a bad request: fail every open stream loudly
             self._dead = e
             self._stop.set()
             err = RuntimeError(f"the engine stopped after an error: {e!r}")
