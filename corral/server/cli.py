@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     eng.add_argument("--max-num-seqs", type=int, default=None)
     eng.add_argument("--no-cuda-graphs", action="store_true",
                      help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    eng.add_argument("--no-gguf-kernels", action="store_true",
+                     help="CPU: decode on the dense fp32 weights instead of the .gguf's "
+                          "Q4_1/Q8_0 blocks")
     lim = p.add_argument_group("limits and safety")
     lim.add_argument("--max-input-tokens", type=int, default=None,
                      help="longest prompt accepted (default: context length - 1); longer: 413")
@@ -76,6 +79,8 @@ def serve(args: argparse.Namespace) -> int:
                  if getattr(args, k) is not None}
     if args.no_cuda_graphs:
         engine_kw["cuda_graphs"] = False
+    if args.no_gguf_kernels:
+        engine_kw["gguf_kernels"] = False
     _setup_logging()
     engine = AsyncLLM(model=args.model, **engine_kw)
     try:

@@ -136,7 +136,8 @@ async def info(request: Request):
             "max_stop_sequences": 16, "max_input_tokens": cfg.max_input_tokens,
             "max_input_length": cfg.max_input_tokens, "max_total_tokens": cfg.max_total_tokens,
             "validation_workers": 1, "max_client_batch_size": 1,
-            "router": "corral", "version": _version(), "sha": None, "docker_label": None}
+            "router": "corral", "version": _version(), "sha": None, "docker_label": None,
+            "corral_weights": einfo.get("weights")}  # e.g. which CPU weight path decodes
 
 
 def _version() -> str:
