@@ -13,16 +13,9 @@ logits differ from the dense path only by the order of the sums.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
 import struct
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +23,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from corral.model import cbuild
+from corral.model.cbuild import find_compiler  # a module attribute: tests replace it
+
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # per 32 weights
+# -ffp-contract=off: weights rebuilt as d*q + m with two roundings, like gguf's numpy
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
 # Largest step (tokens) that takes the kernel: on a 2-core Zen4 the kernels still beat the dense
 # fp32 decode step at batch 64 (220 vs 291 ms); 64 is also the CPU default max_num_seqs.
@@ -52,54 +49,12 @@ class PackedWeight:
 
 # ---- the compiled library --------------------------------------------------------------------
 
-def find_compiler() -> str | None:
-    return shutil.which("gcc") or shutil.which("cc")
-
-
-def _source() -> bytes:
-    return resources.files("corral.model").joinpath("csrc/gguf_gemm.c").read_bytes()
-
-
-def _cpu_id() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
-        return "\n".join(lines)
-    except OSError:
-        return platform.processor()
-
-
 def build_library(cache_dir: Path | None = None) -> Path | None:
     """Compile csrc/gguf_gemm.c once per source+flags+CPU into the cache; None on failure."""
-    from corral.loading import cache_root
-
-    cc = find_compiler()
-    if cc is None:
-        _warn("no C compiler (gcc/cc) found")
-        return None
-    src = _source()
-    key = hashlib.sha256(src + " ".join([cc, *CFLAGS]).encode() + _cpu_id().encode())
-    out_dir = (cache_dir or cache_root() / "kernels") / key.hexdigest()[:16]
-    lib = out_dir / "gguf_gemm.so"
-    if lib.is_file():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        c_file = Path(tmp) / "gguf_gemm.c"
-        c_file.write_bytes(src)
-        tmp_lib = Path(tmp) / "gguf_gemm.so"
-        try:
-            proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp_lib), str(c_file)],
-                                  capture_output=True, text=True, timeout=120, check=False)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            _warn(f"{cc} failed: {e}")
-            return None
-        if proc.returncode != 0:
-            first = (proc.stderr.strip().splitlines() or [""])[0][:200]
-            _warn(f"{cc} failed: {first}")
-            return None
-        os.replace(tmp_lib, lib)  # atomic: concurrent builders write the same bytes
-    return lib
+    path, why = cbuild.build("gguf_gemm", find_compiler(), CFLAGS, cache_dir)
+    if path is None:
+        _warn(why)
+    return path
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -111,10 +66,9 @@ def load_library() -> ctypes.CDLL | None:
     path = build_library()
     if path is None:
         return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        _warn(f"cannot load {path}: {e}")
+    lib, why = cbuild.load(path)
+    if lib is None:
+        _warn(why)
         return None
     f32, u8, i32 = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int
     for kind in BLOCK_BYTES:
