@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from corral.engine.scheduler import ScheduledBatch
-from corral.model.attention import AttentionMetadata, build_decode_mask, decode_uses_triton
+from corral.model.attention import AttentionMetadata, build_decode_mask, decode_needs_mask
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -76,7 +76,7 @@ class DecodeGraphs:
         self.tables = torch.full((n, self.max_blocks), pad_block, dtype=torch.long, device=device)
         self.num_replays = 0
         dynamic_rope = (model.config.rope_parameters or {}).get("rope_type") == "dynamic"
-        with_mask = not decode_uses_triton(device)  # the Triton kernel bounds by context_lens
+        with_mask = decode_needs_mask(device, dtype)  # the kernels bound by context_lens
         width = self.max_blocks * block_size
 
         def forward_fn(b: int) -> Callable[[], torch.Tensor]:

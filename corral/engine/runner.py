@@ -12,7 +12,7 @@ import torch
 
 from corral.engine.cuda_graphs import DecodeGraphs
 from corral.engine.scheduler import ScheduledBatch
-from corral.model.attention import AttentionMetadata, build_decode_mask
+from corral.model.attention import AttentionMetadata, build_decode_mask, decode_needs_mask
 from corral.model.llama import LlamaForCausalLM, head_dim_of
 
 
@@ -92,7 +92,7 @@ class ModelRunner:
         dev = self.device
         ctx_t = torch.tensor(ctx_lens, dtype=torch.long)
         decode_mask = None
-        if num_decodes:
+        if num_decodes and decode_needs_mask(dev, self.dtype):
             decode_mask = build_decode_mask(ctx_t[:num_decodes], max(ctx_lens[:num_decodes]),
                                             self.dtype).to(dev)
         meta = AttentionMetadata(

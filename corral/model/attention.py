@@ -7,10 +7,11 @@ Each sequence owns a block table: its KV lives in fixed-size blocks of the share
     seq 0 blocks: [7, 2, 9]   seq 1 blocks: [4]        (block_tables, padded with 0)
     token t of seq s goes to slot  block_tables[s][p // bs] * bs + p % bs   (slot_mapping)
 
-Decode sequences (one new token each) come first in the batch and are batched together: gather
-each one's blocks, one batched matmul per head group. Prefill chunks follow and run per
-sequence with a causal mask offset by the tokens already in the cache (chunked prefill,
-prefix-cache hits).
+Decode sequences (one new token each) come first in the batch and are batched together: on CUDA
+the Triton kernel (triton_attention.py), on the CPU in fp32 a C kernel (cpu_attention.py), both
+reading the blocks in place; otherwise gather each one's blocks, one batched matmul per head
+group. Prefill chunks follow and run per sequence with a causal mask offset by the tokens
+already in the cache (chunked prefill, prefix-cache hits).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from corral.model import cpu_attention
 
 
 @dataclass
@@ -32,7 +35,8 @@ class AttentionMetadata:
     query_lens: list[int]  # [B] new tokens per sequence (host copy)
     context_lens_host: list[int]  # [B] host copy of context_lens
     # The first `num_decodes` sequences have one new token each; decode_mask [Bd, 1, 1, S]
-    # (additive) hides the padded slots of their gathered context.
+    # (additive) hides the padded slots of their gathered context; None where the decode kernel
+    # bounds by context_lens (see decode_needs_mask).
     num_decodes: int = 0
     decode_mask: torch.Tensor | None = None
 
@@ -115,10 +119,17 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         b = q.shape[0]
         return _triton_decode()(q, k_cache, v_cache, meta.block_tables[:b],
                                 meta.context_lens[:b], scale)
-    # --- end CUDA dispatch; below: the PyTorch path (CPU, and CUDA without triton) ---
+    # --- end CUDA dispatch ---
     b, nh, hd = q.shape
+    if cpu_attention.supports(q, k_cache):
+        return cpu_attention.paged_decode(q, k_cache, v_cache, meta.block_tables[:b],
+                                          meta.context_lens[:b], scale)
+    # the PyTorch path (bf16/fp16 CPU, CUDA without triton)
     nkv = k_cache.shape[2]
     mask = meta.decode_mask  # [B, 1, 1, S]
+    if mask is None:
+        ctx = meta.context_lens[:b]
+        mask = build_decode_mask(ctx, int(ctx.max()), k_cache.dtype)
     s = mask.shape[-1]
     nblk = (s + k_cache.shape[1] - 1) // k_cache.shape[1]
     bt = meta.block_tables[:b, :nblk]
@@ -135,6 +146,15 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     scores = torch.matmul(qg, ks.transpose(-1, -2)).float().mul_(scale).add_(mask)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)  # [B, nkv, g, S]
     return torch.matmul(probs, vs).view(b, nh, hd)
+
+
+def decode_needs_mask(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode on `device` with a `dtype` KV cache reads AttentionMetadata.decode_mask
+    (the Triton and C kernels bound each sequence by context_lens instead)."""
+    if decode_uses_triton(device):
+        return False
+    return not (device.type == "cpu" and dtype == torch.float32
+                and cpu_attention.load_library() is not None)
 
 
 def decode_uses_triton(device: torch.device) -> bool:

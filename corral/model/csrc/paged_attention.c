@@ -1,0 +1,164 @@
+/* Decode attention over a paged KV cache on the CPU: one new query token per sequence.
+ *
+ * Compiled on first use by corral/model/cpu_attention.py (gcc -O3 -march=native -fopenmp) and
+ * called through ctypes. Shapes (all fp32 contiguous, ids int64):
+ *   q, out        [B, nh, hd]
+ *   k/v cache     [num_blocks, bs, nkv, hd]
+ *   block_tables  [B, >= ceil(ctx/bs)] (row stride `bt_stride`), context_lens [B]
+ *
+ * One task per (sequence, kv head), spread over OpenMP threads: the g = nh/nkv query heads that
+ * share the kv head run together, so each K/V row is read from memory once. The context is
+ * walked in tiles of at most TILE tokens inside one block, with an online softmax (running max
+ * m, running sum l, output accumulator rescaled by exp(m_old - m_new) when the max grows).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define TILE 32
+
+#ifdef __AVX512F__
+/* Lanes of x[0..n) for n <= 16. */
+static inline __mmask16 tail_mask(int n) { return (__mmask16)((1u << n) - 1u); }
+
+/* exp for x <= 0 (Cephes expf: ~1 ulp). Inputs below -87 give ~exp(-87) ≈ 0 relative to the
+ * running sum (>= 1), which holds the row's max term exp(0). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline float dot(const float *a, const float *b, int hd) {
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= hd; i += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < hd) {
+        const __mmask16 m = tail_mask(hd - i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* p[0..n) = exp(s[0..n) - mx); returns their sum. */
+static inline float exp_sum(const float *s, float *p, int n, float mx) {
+    const __m512 vm = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vm));
+        _mm512_mask_storeu_ps(p + j, m, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* acc[0..hd) = acc * alpha + sum_j p[j] * v[j * stride + 0..hd). */
+static inline void accumulate(float *acc, float alpha, const float *p, const float *v,
+                              int64_t stride, int n, int hd) {
+    const __m512 va = _mm512_set1_ps(alpha);
+    for (int i = 0; i < hd; i += 16) {
+        const __mmask16 m = hd - i >= 16 ? (__mmask16)0xffff : tail_mask(hd - i);
+        __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + i), va);
+        for (int j = 0; j < n; j++)
+            a = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, v + j * stride + i), a);
+        _mm512_mask_storeu_ps(acc + i, m, a);
+    }
+}
+#else
+static inline float dot(const float *a, const float *b, int hd) {
+    float s = 0.0f;
+    for (int i = 0; i < hd; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline float exp_sum(const float *s, float *p, int n, float mx) {
+    float sum = 0.0f;
+    for (int j = 0; j < n; j++) {
+        p[j] = expf(s[j] - mx);
+        sum += p[j];
+    }
+    return sum;
+}
+
+static inline void accumulate(float *acc, float alpha, const float *p, const float *v,
+                              int64_t stride, int n, int hd) {
+    for (int i = 0; i < hd; i++) acc[i] *= alpha;
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < hd; i++) acc[i] += p[j] * v[j * stride + i];
+}
+#endif
+
+/* One (sequence, kv head): g query heads q[g][hd] (already scaled) -> out[g][hd]. Inlined into
+ * callers with a constant hd, so the common head sizes get fully unrolled loops. */
+static inline __attribute__((always_inline)) void attend(
+        const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
+        int64_t ctx, int g, int nkv, int hd, int bs, float *out) {
+    float acc[g * hd], m[g], l[g], s[g * TILE], p[TILE];
+    memset(acc, 0, sizeof(acc));
+    for (int h = 0; h < g; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
+    const int64_t row = (int64_t)nkv * hd;  /* floats between consecutive tokens */
+    for (int64_t t0 = 0; t0 < ctx;) {
+        const int64_t off = t0 % bs;
+        int n = (int)(bs - off < TILE ? bs - off : TILE);
+        if (ctx - t0 < n) n = (int)(ctx - t0);
+        const int64_t base = (table[t0 / bs] * bs + off) * row;
+        const float *k = k_cache + base, *v = v_cache + base;
+        for (int j = 0; j < n; j++)
+            for (int h = 0; h < g; h++) s[h * TILE + j] = dot(q + h * hd, k + j * row, hd);
+        for (int h = 0; h < g; h++) {
+            float mx = m[h];
+            for (int j = 0; j < n; j++) mx = s[h * TILE + j] > mx ? s[h * TILE + j] : mx;
+            const float alpha = expf(m[h] - mx);  /* 0 on the first tile (m = -inf) */
+            l[h] = l[h] * alpha + exp_sum(s + h * TILE, p, n, mx);
+            m[h] = mx;
+            accumulate(acc + h * hd, alpha, p, v, row, n, hd);
+        }
+        t0 += n;
+    }
+    for (int h = 0; h < g; h++) {
+        const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;  /* ctx 0: zeros */
+        for (int i = 0; i < hd; i++) out[h * hd + i] = acc[h * hd + i] * inv;
+    }
+}
+
+void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
+                      const int64_t *block_tables, int64_t bt_stride, const int64_t *context_lens,
+                      float *out, int B, int nh, int nkv, int hd, int bs, float scale,
+                      int num_threads) {
+    const int g = nh / nkv;
+    const int tasks = B * nkv;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int task = 0; task < tasks; task++) {
+        const int b = task / nkv, kh = task % nkv;
+        const int64_t off = ((int64_t)b * nh + (int64_t)kh * g) * hd;
+        float qs[g * hd];
+        for (int i = 0; i < g * hd; i++) qs[i] = q[off + i] * scale;
+        const int64_t *table = block_tables + (int64_t)b * bt_stride;
+        const float *kc = k_cache + (int64_t)kh * hd, *vc = v_cache + (int64_t)kh * hd;
+        const int64_t ctx = context_lens[b];
+        if (hd == 64)
+            attend(qs, kc, vc, table, ctx, g, nkv, 64, bs, out + off);
+        else if (hd == 128)
+            attend(qs, kc, vc, table, ctx, g, nkv, 128, bs, out + off);
+        else
+            attend(qs, kc, vc, table, ctx, g, nkv, hd, bs, out + off);
+    }
+}
