@@ -165,3 +165,17 @@ def test_falls_back_to_torch_without_a_working_compiler(monkeypatch, tmp_path, c
     torch.testing.assert_close(out.double(), reference(q, kc, vc, tables, ctx, 0.2),
                                rtol=1e-5, atol=1e-5)
     assert capsys.readouterr().err == ""  # warned once per process
+
+
+def test_portable_c_path_without_avx512(monkeypatch, tmp_path):
+    """The plain C loops (CPUs without AVX-512) give the same results as the reference."""
+    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_attention, "CFLAGS", [*cpu_attention.CFLAGS, "-mno-avx512f"])
+    monkeypatch.setattr(cpu_attention, "_lib", None)
+    monkeypatch.setattr(cpu_attention, "_lib_tried", False)
+    assert cpu_attention.load_library() is not None
+    for nh, nkv, hd, bs in [(9, 3, 64, 16), (4, 4, 40, 5), (8, 2, 128, 16)]:
+        q, kc, vc, tables, ctx = random_case(nh, nkv, hd, bs, CONTEXTS[bs], seed=hd)
+        out = cpu_attention.paged_decode(q, kc, vc, tables, ctx, hd ** -0.5)
+        torch.testing.assert_close(out.double(), reference(q, kc, vc, tables, ctx, hd ** -0.5),
+                                   rtol=1e-5, atol=1e-5)
