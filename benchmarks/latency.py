@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--no-gguf-kernels", action="store_true",
                     help="decode on the dense fp32 weights of a .gguf model")
+    ap.add_argument("--quantize", choices=["q8_0"], default=None,
+                    help="CPU fp32 HF model: decode on Q8_0 weights quantized at load")
     args = ap.parse_args()
 
     from corral.engine.config import EngineConfig
@@ -60,7 +62,8 @@ def main() -> None:
     t = time.perf_counter()
     core = EngineCore(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                    max_model_len=args.prompt_len + args.output_len + 16,
-                                   gguf_kernels=not args.no_gguf_kernels))
+                                   gguf_kernels=not args.no_gguf_kernels,
+                                   quantization=args.quantize))
     load_s = time.perf_counter() - t
     vocab = core.model_config.vocab_size
     work = make_workload(args.num_requests, (args.prompt_len,) * 2, (args.output_len,) * 2, vocab,
@@ -70,12 +73,12 @@ def main() -> None:
     ours = summarize([corral_run(core, w) for w in singles])
     print(f"model {args.model} {core.info['dtype']} on {device}; corral load {load_s:.1f}s; "
           f"{args.num_requests} requests one at a time, prompt {args.prompt_len}, "
-          f"output {args.output_len}; weights: {core.info['weights']}")
+          f"output {args.output_len}; quantize {args.quantize}; weights: {core.info['weights']}")
     print(f"corral:       {ours['decode_tokens_per_s']:7.1f} tok/s single stream  "
           f"TTFT p50 {ours['ttft_s']['p50'] * 1e3:.0f}ms  ITL p50 "
           f"{ours['itl_s']['p50'] * 1e3:.1f}ms p99 {ours['itl_p99_s'] * 1e3:.1f}ms")
     result = {"bench": "latency", "model": args.model, "device": str(device),
-              "dtype": core.info["dtype"],
+              "dtype": core.info["dtype"], "quantize": args.quantize,
               "weights": core.info["weights"], "corral": ours, "hardware": hardware()}
     del core
     if not args.skip_hf:

@@ -21,6 +21,7 @@ class EngineConfig:
     max_num_seqs: int | None = None  # default 64 on CPU, 256 on CUDA
     max_num_batched_tokens: int | None = None  # per-step token budget (chunked prefill)
     enable_prefix_caching: bool = True
+    quantization: str | None = None  # "q8_0": CPU fp32 decode on Q8_0 weights made at load
     gguf_kernels: bool = True  # CPU fp32 .gguf model: small steps read the quantized blocks
     cuda_graphs: bool = True  # CUDA: replay recorded graphs for decode steps (False: eager)
     seed: int = 0  # seeds the generator of requests that give no seed

@@ -75,6 +75,7 @@ class EngineCore:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         src = resolve_source(config.model, config.revision)
+        self._check_quantization(src)
         rope = config.rope_scaling
         if isinstance(rope, str):
             rope = parse_rope_scaling(rope)
@@ -89,7 +90,7 @@ class EngineCore:
             self.model = LlamaForCausalLM.from_folder(src.folder, self.model_config, self.dtype,
                                                       self.device, max_len=self.max_model_len)
         self.source = src
-        self.weights = self._attach_gguf_kernels(src)
+        self.weights = self._attach_kernels(src)
         self.eos_token_ids = _eos_ids(src, self.model_config, self.tokenizer)
         cuda = self.device.type == "cuda"
         bs = config.block_size
@@ -149,10 +150,32 @@ class EngineCore:
         log.info("captured %d CUDA graphs for decode (batch %d..%d) in %.1f s, %.0f MiB",
                  len(sizes), sizes[0], sizes[-1], time.perf_counter() - start, used / 2**20)
 
-    def _attach_gguf_kernels(self, src) -> str:
-        """CPU fp32 from a .gguf: decode steps read the file's quantized blocks (3-5x fewer
-        bytes than the dense fp32 copy, which prefill keeps using). Returns the weight path."""
+    def _check_quantization(self, src) -> None:
+        """Refuse a `quantization` that cannot apply, before any weights are read."""
+        q = self.config.quantization
+        if q is None:
+            return
+        from corral.model.quantize import QUANTIZATIONS
+
+        if q not in QUANTIZATIONS:
+            raise CorralError(f"unknown quantization {q!r} (choose from: {', '.join(QUANTIZATIONS)})")
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise CorralError(f"--quantize {q} needs --device cpu and --dtype float32 (got "
+                              f"{self.device.type}, {str(self.dtype).removeprefix('torch.')})")
+        if src.gguf:
+            # its weights are already quantized: re-quantizing would only add error
+            raise CorralError(f"--quantize {q}: {src.gguf.name} is already quantized and decodes "
+                              f"on its own blocks; drop --quantize")
+
+    def _attach_kernels(self, src) -> str:
+        """CPU fp32: decode steps read quantized blocks (3-5x fewer bytes than the dense fp32
+        copy, which prefill keeps using), from a .gguf file or quantized at load on request.
+        Returns the weight path."""
         dense = f"dense {str(self.dtype).removeprefix('torch.')}"
+        if self.config.quantization:  # checked by _check_quantization
+            from corral.model.quantize import attach_q8_0
+
+            return attach_q8_0(self.model)
         if not (self.config.gguf_kernels and src.gguf and self.device.type == "cpu"
                 and self.dtype == torch.float32):
             return dense

@@ -65,6 +65,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-gguf-kernels", action="store_true",
                    help="CPU: decode on the dense fp32 weights instead of the .gguf's "
                         "quantized blocks")
+    g.add_argument("--quantize", choices=["q8_0"], default=None,
+                   help="CPU fp32 HF model: decode on Q8_0 weights made at load (faster, "
+                        "numerics change; steps over 64 tokens stay fp32)")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
 
@@ -99,6 +102,8 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
         kw["cuda_graphs"] = False
     if args.no_gguf_kernels:
         kw["gguf_kernels"] = False
+    if args.quantize:
+        kw["quantization"] = args.quantize
     return kw
 
 

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     eng.add_argument("--no-gguf-kernels", action="store_true",
                      help="CPU: decode on the dense fp32 weights instead of the .gguf's "
                           "Q4_1/Q8_0 blocks")
+    eng.add_argument("--quantize", choices=["q8_0"], default=None,
+                     help="CPU fp32 HF model: decode on Q8_0 weights made at load (faster, "
+                          "numerics change; steps over 64 tokens stay fp32)")
     lim = p.add_argument_group("limits and safety")
     lim.add_argument("--max-input-tokens", type=int, default=None,
                      help="longest prompt accepted (default: context length - 1); longer: 413")
@@ -81,6 +84,8 @@ def serve(args: argparse.Namespace) -> int:
         engine_kw["cuda_graphs"] = False
     if args.no_gguf_kernels:
         engine_kw["gguf_kernels"] = False
+    if args.quantize:
+        engine_kw["quantization"] = args.quantize
     _setup_logging()
     engine = AsyncLLM(model=args.model, **engine_kw)
     try:

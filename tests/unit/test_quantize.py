@@ -1,0 +1,212 @@
+"""Opt-in Q8_0 at load (`quantization="q8_0"`): packing equal to gguf's quantizer, the kernel's
+weights equal to gguf's dequantize, decode on the kernel with logits close to the dense engine's,
+and the refused combinations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, dequantize, quantize
+from transformers import AutoTokenizer
+
+from corral import SamplingParams
+from corral.engine.config import EngineConfig
+from corral.engine.core import EngineCore
+from corral.errors import CorralError
+from corral.model import gguf_kernels as gk
+from corral.model.quantize import quantize_q8_0
+from tests.conftest import save_tiny_model, tiny_config
+
+Q8_0 = GGMLQuantizationType.Q8_0
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = gk.load_library()
+    if lib is None:
+        pytest.fail("the GGUF kernel library did not build (gcc is expected on this machine)")
+    return lib
+
+
+def weights(n: int, k: int, seed: int) -> torch.Tensor:
+    """Random fp32 weights with the edge cases: an all-zero block, a block whose max sits at
+    +/-127 * d exactly, ties at .5 after scaling, and a tiny block (subnormal fp16 scale)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[0, :32] = 0
+    if k >= 64:
+        w[0, 32:64] = torch.arange(-16, 16) * 0.5  # d = 8/127: q = +/-127 and ties at .5
+    w[-1, -32:] *= 1e-6
+    return w
+
+
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (33, 96), (64, 576)])
+def test_packing_equals_gguf_quantizer(lib, n, k):
+    w = weights(n, k, seed=n + k)
+    packed = quantize_q8_0(w)
+    ref = quantize(w.numpy(), Q8_0)  # [n, k/32 * 34] uint8
+    assert packed.kind == "q8_0" and (packed.n, packed.k) == (n, k)
+    assert packed.data.dtype == torch.uint8
+    assert np.array_equal(packed.data.numpy(), ref)  # byte for byte
+    # the kernel reads those bytes as gguf's dequantize does, bit for bit
+    deq = torch.from_numpy(dequantize(ref, Q8_0).reshape(n, k).astype(np.float32))
+    assert torch.equal(gk.gguf_dequantize(lib, packed), deq)
+    # Q8_0 error: d/2 from rounding q (d = block max / 127), plus |q| <= 127 times the fp16
+    # rounding of d (relative 2^-11, or absolute 2^-25 in fp16's subnormal range)
+    d = w.reshape(n, -1, 32).abs().amax(-1, keepdim=True) / 127
+    err = (w.reshape(n, -1, 32) - deq.reshape(n, -1, 32)).abs()
+    assert (err <= d * (0.5 + 127 * 2**-11) + 127 * 2**-25).all()
+
+
+def test_k_not_multiple_of_32_raises():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_q8_0(torch.randn(4, 48))
+
+
+@pytest.fixture(scope="module")
+def q_model_dir(tmp_path_factory, default_folder):
+    """A tiny random Llama with hidden/intermediate sizes multiple of 32 and a tied lm_head."""
+    path = tmp_path_factory.mktemp("tiny-q8")
+    cfg = tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    save_tiny_model(path, cfg, seed=3)
+    AutoTokenizer.from_pretrained(default_folder).save_pretrained(path)
+    return path
+
+
+def greedy_with_logits(core: EngineCore, prompt: list[int], n: int,
+                       ) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens for `prompt` and the logits [vocab] the engine sampled each one from."""
+    seen: list[torch.Tensor] = []
+    compute = core.model.compute_logits
+    core.model.compute_logits = lambda h: seen.append(compute(h)) or seen[-1]
+    try:
+        core.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=n,
+                                                     ignore_eos=True))
+        tokens: list[int] = []
+        while core.has_work():
+            for out in core.step():
+                if out.finished:
+                    tokens = out.outputs[0].token_ids
+    finally:
+        del core.model.compute_logits
+    return tokens, [lg[-1] for lg in seen]
+
+
+def test_engine_decodes_on_q8_0_kernel(lib, q_model_dir, monkeypatch):
+    """Decode runs on the kernel; logits stay close to the dense engine's; greedy tokens agree.
+
+    Why the tolerance: Q8_0 rounds each weight to within d/2, d = (block max)/127; for Gaussian
+    weights that is an error of ~d/sqrt(12) ~ 0.5% of the weights' std, so each matmul's output
+    moves by ~0.5% of its std (errors of independent weights add in quadrature). Through 2
+    layers and the lm_head the logits moved by ~1.0% of their std (rms over the vocabulary,
+    measured) and 4.2% at worst over 256 logits; the bounds (2% rms, 8% max) leave 2x room
+    without hiding a wrong kernel (a wrong layout or scale moves logits by ~100% of their std).
+    """
+    calls = []
+    matmul = gk.gguf_matmul
+    monkeypatch.setattr(gk, "gguf_matmul", lambda *a, **k: calls.append(a[2].n) or matmul(*a, **k))
+    dense = EngineCore(EngineConfig(model=str(q_model_dir), max_model_len=256))
+    quant = EngineCore(EngineConfig(model=str(q_model_dir), max_model_len=256,
+                                    quantization="q8_0"))
+    assert dense.info["weights"] == "dense float32"
+    assert quant.info["weights"].startswith("Q8_0 (quantized at load) kernels for 9/9 matmuls")
+    assert quant.model.packed_lm_head is not None  # tied: quantized from embed_tokens
+    assert not calls
+
+    n = 32
+    prompt = torch.randint(3, 256, (20,), generator=torch.Generator().manual_seed(0)).tolist()
+    want, want_logits = greedy_with_logits(dense, prompt, n)
+    assert not calls  # the dense engine never takes the kernel
+    got, got_logits = greedy_with_logits(quant, prompt, n)
+    # each step (a 20-token prefill, then 31 one-token decodes) runs all 9 matmuls on the kernel
+    assert len(calls) == 9 * n
+    assert calls.count(256) == 2 * n + n  # qkv_proj (2 layers) and the lm_head (vocab 256)
+    assert len(got) == len(want) == n
+    same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n)
+    # logits on identical inputs: the prefill and every decode step before the first difference
+    for i in range(same + 1 if same < n else n):
+        diff, scale = got_logits[i] - want_logits[i], want_logits[i].std()
+        assert diff.pow(2).mean().sqrt() < 0.02 * scale, i
+        assert diff.abs().max() < 0.08 * scale, i
+    agree = sum(a == b for a, b in zip(got, want)) / n
+    assert same >= 8 and agree >= 0.75, (same, agree, got, want)
+
+
+def test_long_prefill_keeps_dense_weights(lib, q_model_dir):
+    quant = EngineCore(EngineConfig(model=str(q_model_dir), max_model_len=256,
+                                    quantization="q8_0"))
+    layer = quant.model.model.layers[0].mlp.gate_up_proj
+    assert isinstance(layer, gk.GGUFLinear)
+    x = torch.randn(65, 128)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))  # 65 > 64 rows
+    assert torch.equal(layer(x[:3]), gk.gguf_matmul(lib, x[:3], layer.fast.packed))
+
+
+def test_k_not_multiple_of_32_stays_dense(lib):
+    """hidden 64 but intermediate 40: down_proj (K = 40) stays dense and the description says so."""
+    from corral.model.llama import LlamaForCausalLM
+    from corral.model.quantize import attach_q8_0
+
+    model = LlamaForCausalLM.random(tiny_config(intermediate_size=40), torch.float32,
+                                    torch.device("cpu"))
+    assert attach_q8_0(model) == ("Q8_0 (quantized at load) kernels for 7/9 matmuls (steps <= "
+                                    "64 tokens), dense fp32 above; 2 with K not a multiple of 32 "
+                                    "stay dense")
+    assert not isinstance(model.model.layers[0].mlp.down_proj, gk.GGUFLinear)
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj, gk.GGUFLinear)
+    assert model.packed_lm_head is not None  # untied lm_head, K = 64
+
+
+def test_falls_back_to_dense_without_a_compiler(monkeypatch, tmp_path, capsys):
+    from corral.model.llama import LlamaForCausalLM
+    from corral.model.quantize import attach_q8_0
+
+    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path))  # no cached library to find
+    monkeypatch.setattr(gk, "find_compiler", lambda: None)
+    monkeypatch.setattr(gk, "_lib", None)
+    monkeypatch.setattr(gk, "_lib_tried", False)
+    model = LlamaForCausalLM.random(tiny_config(), torch.float32, torch.device("cpu"))
+    assert attach_q8_0(model) == "dense fp32 (Q8_0 kernels unavailable)"
+    assert "GGUF kernels unavailable" in capsys.readouterr().err
+    assert model.packed_lm_head is None
+    assert not any(isinstance(mod, gk.GGUFLinear) for mod in model.modules())
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"quantization": "q4_0"}, "unknown quantization 'q4_0'"),
+    ({"quantization": "q8_0", "dtype": "bfloat16"}, "needs --device cpu and --dtype float32"),
+])
+def test_bad_combinations_are_refused(q_model_dir, kw, msg):
+    with pytest.raises(CorralError, match=msg) as e:
+        EngineCore(EngineConfig(model=str(q_model_dir), **kw))
+    assert "\n" not in str(e.value)
+
+
+def test_gguf_model_is_not_requantized():
+    from corral.models import smollm2_gguf_path
+
+    with pytest.raises(CorralError, match="already quantized") as e:
+        EngineCore(EngineConfig(model=str(smollm2_gguf_path()), quantization="q8_0"))
+    assert "\n" not in str(e.value)
+
+
+def test_cli_flag(q_model_dir):
+    import argparse
+
+    from corral.run.cli import add_model_args, engine_kwargs_from_args
+    from corral.server.cli import register
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    args = p.parse_args(["--model", str(q_model_dir), "--quantize", "q8_0"])
+    assert engine_kwargs_from_args(args)["quantization"] == "q8_0"
+    assert "quantization" not in engine_kwargs_from_args(p.parse_args([]))
+    with pytest.raises(SystemExit):
+        p.parse_args(["--quantize", "q4_0"])
+    serve = argparse.ArgumentParser().add_subparsers()
+    register(serve)
+    sp = serve.choices["serve"]
+    assert sp.parse_args(["--quantize", "q8_0"]).quantize == "q8_0"
