@@ -62,14 +62,31 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         '"factor": 2}\'')
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context length in tokens (default: the model's)")
-    g.add_argument("--no-gguf-kernels", action="store_true",
-                   help="CPU: decode on the dense fp32 weights instead of the .gguf's "
-                        "quantized blocks")
-    g.add_argument("--quantize", choices=["q8_0"], default=None,
-                   help="CPU fp32 HF model: decode on Q8_0 weights made at load (faster, "
-                        "numerics change; steps over 64 tokens stay fp32)")
-    g.add_argument("--no-cuda-graphs", action="store_true",
-                   help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    add_kernel_args(g)
+
+
+def add_kernel_args(group) -> None:
+    """Which weight/kernel paths the engine uses (shared by `corral serve`)."""
+    group.add_argument("--no-gguf-kernels", action="store_true",
+                       help="CPU: decode on the dense fp32 weights instead of the .gguf's "
+                            "quantized blocks")
+    group.add_argument("--quantize", choices=["q8_0"], default=None,
+                       help="CPU fp32 HF model: decode on Q8_0 weights made at load (faster, "
+                            "numerics change; steps over 64 tokens stay fp32)")
+    group.add_argument("--no-cuda-graphs", action="store_true",
+                       help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+
+
+def kernel_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """EngineConfig keyword arguments for the `add_kernel_args` flags that were given."""
+    kw = {}
+    if args.no_cuda_graphs:
+        kw["cuda_graphs"] = False
+    if args.no_gguf_kernels:
+        kw["gguf_kernels"] = False
+    if args.quantize:
+        kw["quantization"] = args.quantize
+    return kw
 
 
 def add_format_arg(parser) -> None:
@@ -96,15 +113,9 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
         from corral.loading import parse_rope_scaling
 
         rope = parse_rope_scaling(args.rope_scaling)
-    kw = {"model": args.model, "dtype": args.dtype, "device": args.device,
-          "chat_format": args.format, "max_model_len": args.max_model_len, "rope_scaling": rope}
-    if args.no_cuda_graphs:
-        kw["cuda_graphs"] = False
-    if args.no_gguf_kernels:
-        kw["gguf_kernels"] = False
-    if args.quantize:
-        kw["quantization"] = args.quantize
-    return kw
+    return {"model": args.model, "dtype": args.dtype, "device": args.device,
+            "chat_format": args.format, "max_model_len": args.max_model_len,
+            "rope_scaling": rope, **kernel_kwargs_from_args(args)}
 
 
 class AppendTurn(argparse.Action):

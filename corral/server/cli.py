@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from corral.run.cli import add_kernel_args, kernel_kwargs_from_args
 from corral.server.config import ServerConfig
 
 
@@ -29,14 +30,7 @@ def register(subparsers) -> None:
     eng.add_argument("--max-model-len", type=int, default=None)
     eng.add_argument("--kv-cache-memory-gb", type=float, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=None)
-    eng.add_argument("--no-cuda-graphs", action="store_true",
-                     help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
-    eng.add_argument("--no-gguf-kernels", action="store_true",
-                     help="CPU: decode on the dense fp32 weights instead of the .gguf's "
-                          "Q4_1/Q8_0 blocks")
-    eng.add_argument("--quantize", choices=["q8_0"], default=None,
-                     help="CPU fp32 HF model: decode on Q8_0 weights made at load (faster, "
-                          "numerics change; steps over 64 tokens stay fp32)")
+    add_kernel_args(eng)
     lim = p.add_argument_group("limits and safety")
     lim.add_argument("--max-input-tokens", type=int, default=None,
                      help="longest prompt accepted (default: context length - 1); longer: 413")
@@ -80,12 +74,7 @@ def serve(args: argparse.Namespace) -> int:
     engine_kw = {k: getattr(args, k) for k in ("dtype", "device", "chat_format", "max_model_len",
                                                "kv_cache_memory_gb", "max_num_seqs")
                  if getattr(args, k) is not None}
-    if args.no_cuda_graphs:
-        engine_kw["cuda_graphs"] = False
-    if args.no_gguf_kernels:
-        engine_kw["gguf_kernels"] = False
-    if args.quantize:
-        engine_kw["quantization"] = args.quantize
+    engine_kw.update(kernel_kwargs_from_args(args))
     _setup_logging()
     engine = AsyncLLM(model=args.model, **engine_kw)
     try:
