@@ -28,7 +28,7 @@ from corral.model.cbuild import find_compiler  # a module attribute: tests repla
 
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # per 32 weights
 # -ffp-contract=off: weights rebuilt as d*q + m with two roundings, like gguf's numpy
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
+CFLAGS = [*cbuild.BASE_CFLAGS, "-ffp-contract=off"]
 # Largest step (tokens) that takes the kernel: on a 2-core Zen4 the kernels still beat the dense
 # fp32 decode step at batch 64 (220 vs 291 ms); 64 is also the CPU default max_num_seqs.
 DEFAULT_MAX_ROWS = 64
@@ -250,11 +250,27 @@ def attach_gguf_kernels(model, gguf_path: Path, max_rows: int = DEFAULT_MAX_ROWS
     except (OSError, ValueError, KeyError, struct.error) as e:
         _warn(f"cannot read {gguf_path.name}: {e}")
         return "dense fp32 (GGUF kernels unavailable)"
-    kinds: set[str] = set()
-    n = 0
+    installed = install_packed(model, packed, lib, max_rows)
+    kinds = {packed[name].kind for name in installed}
+    n = len(installed)
+    total = 4 * model.config.num_hidden_layers + 1
+    return (f"GGUF {'/'.join(sorted(kinds))} kernels for {n}/{total} matmuls "
+            f"(steps <= {max_rows} tokens), dense fp32 above")
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The dense weight the logits matmul uses (the embedding when tied)."""
+    return model.model.embed_tokens.weight if model.tie else model.lm_head.weight
+
+
+def install_packed(model, packed: dict[str, PackedWeight], lib: ctypes.CDLL,
+                   max_rows: int) -> list[str]:
+    """Route the named Linear layers (and "lm_head") through their packed weights; a layer
+    whose shape differs stays dense. Returns the names installed."""
+    installed = []
     for name, w in packed.items():
         if name == "lm_head":
-            weight = model.model.embed_tokens.weight if model.tie else model.lm_head.weight
+            weight = lm_head_weight(model)
             if tuple(weight.shape) != (w.n, w.k):
                 continue
             # a plain attribute, not a module: the state_dict keeps its names
@@ -266,8 +282,5 @@ def attach_gguf_kernels(model, gguf_path: Path, max_rows: int = DEFAULT_MAX_ROWS
             if tuple(dense.weight.shape) != (w.n, w.k):
                 continue
             setattr(parent, attr, GGUFLinear(dense, w, lib, max_rows))
-        kinds.add(w.kind)
-        n += 1
-    total = 4 * model.config.num_hidden_layers + 1
-    return (f"GGUF {'/'.join(sorted(kinds))} kernels for {n}/{total} matmuls "
-            f"(steps <= {max_rows} tokens), dense fp32 above")
+        installed.append(name)
+    return installed

@@ -47,20 +47,13 @@ def attach_q8_0(model, max_rows: int = gk.DEFAULT_MAX_ROWS) -> str:
     lib = gk.load_library()
     if lib is None:
         return "dense fp32 (Q8_0 kernels unavailable)"
-    n = 0
-    for layer in model.model.layers:
-        for parent, attr in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
-                             (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
-            dense = getattr(parent, attr)
-            if dense.in_features % 32 == 0:
-                setattr(parent, attr, gk.GGUFLinear(dense, quantize_q8_0(dense.weight), lib,
-                                                    max_rows))
-                n += 1
-    weight = model.model.embed_tokens.weight if model.tie else model.lm_head.weight
-    if weight.shape[1] % 32 == 0:
-        # a plain attribute, not a module: the state_dict keeps its names
-        model.packed_lm_head = gk.PackedLinear(quantize_q8_0(weight), lib, max_rows, weight)
-        n += 1
+    names = [f"model.layers.{i}.{part}" for i in range(len(model.model.layers))
+             for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                          "mlp.down_proj")]
+    weights = {name: model.get_submodule(name).weight for name in names}
+    weights["lm_head"] = gk.lm_head_weight(model)
+    packed = {name: quantize_q8_0(w) for name, w in weights.items() if w.shape[1] % 32 == 0}
+    n = len(gk.install_packed(model, packed, lib, max_rows))
     total = 4 * len(model.model.layers) + 1
     dense_note = f"; {total - n} with K not a multiple of 32 stay dense" if n < total else ""
     return (f"Q8_0 (quantized at load) kernels for {n}/{total} matmuls "
