@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -20,15 +21,19 @@ from corral.engine.detokenizer import (
     streamable_text_end,
 )
 from corral.engine.kv_cache import BlockManager
-from corral.engine.runner import ModelRunner, kv_bytes_per_block
+from corral.engine.runner import ModelRunner, StepLogits, kv_bytes_per_block
 from corral.engine.sampler import apply_penalties, block_stop_tokens, sample, top_logprobs
-from corral.engine.scheduler import Scheduler, SchedulerConfig
+from corral.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from corral.engine.sequence import Sequence
 from corral.errors import CorralError
 from corral.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from corral.sampling_params import SamplingParams
 
 log = logging.getLogger("corral.engine")
+
+# Where a request's own tokens meet the Rust tokenizer, its panics (pyo3's PanicException
+# derives from BaseException, not Exception) are that request's fault too; these are not.
+_NOT_FAULTS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 @dataclass
@@ -111,6 +116,7 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
         self._chat_format = None
+        self._failed: dict[str, RequestOutput] = {}  # this step's failed requests
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -277,11 +283,22 @@ class EngineCore:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return a snapshot of every request that changed."""
+        """Run one batch; return a snapshot of every request that changed.
+
+        A fault that belongs to one request (its values, its tokens, a non-finite row of its
+        logits, a forward that fails only with it in the batch) fails that request alone: its
+        output carries `error` and its blocks are freed; everyone else keeps going.
+        """
+        self._failed = {}
         for req in self.requests.values():
             if req.pending and req.seqs[0].num_computed_tokens >= req.seqs[0].num_prompt_tokens:
                 self._release(req)
-        batch = self.scheduler.schedule()
+        try:
+            batch = self.scheduler.schedule()
+        except Exception as e:  # the culprit is unknown: fail every request
+            log.exception("scheduling failed; failing every open request")
+            return [self._fail(r, f"scheduling failed: {_describe(e)}")
+                    for r in list(self.requests.values())]
         if not batch.seqs:
             return []
         now = time.time()
@@ -291,47 +308,149 @@ class EngineCore:
             touched[req.request_id] = req
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
+        for sub, out in self._forward(batch):
+            self._after_forward(sub, out)
+        results = []
+        for rid, req in touched.items():
+            if rid in self._failed:
+                results.append(self._failed[rid])
+                continue
+            try:
+                results.append(self._snapshot(req))
+            except BaseException as e:  # see _NOT_FAULTS
+                if isinstance(e, _NOT_FAULTS):
+                    raise
+                self._fault(req, "building the output failed", e)
+                results.append(self._failed[rid])
+                continue
+            if req.finished:
+                self.requests.pop(rid, None)
+        return results
+
+    def _live(self, seq: Sequence) -> bool:
+        return seq.request_id not in self._failed and seq.request_id in self.requests
+
+    def _fault(self, req: Request, what: str, e: BaseException | str) -> None:
+        """Fail `req` alone (this step's output for it is the failed snapshot)."""
+        if req.request_id in self._failed:
+            return
+        message = f"{what}: {e if isinstance(e, str) else _describe(e)}"
+        log.warning("request %s failed: %s", req.request_id, message,
+                    exc_info=e if isinstance(e, BaseException) else None)
+        self._failed[req.request_id] = self._fail(req, message)
+
+    def _forward(self, batch: ScheduledBatch) -> list[tuple[ScheduledBatch, StepLogits]]:
+        """Run the model on `batch`. If that raises, run halves of it (split by request) until
+        the requests that make it fail run alone, and fail only those; a forward that fails
+        for everyone fails every request of this step (the engine keeps running)."""
         try:
-            out = self.runner.execute(batch)
-        except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the others
-            return [self._fail(req, f"{type(e).__name__}: {e}") for req in touched.values()]
+            return [(batch, self.runner.execute(batch))]
+        except Exception as e:  # noqa: BLE001 - isolated below
+            groups = _rows_by_request(batch.seqs)
+            if len(groups) == 1:
+                self._fault(self.requests[groups[0][0]], "the model forward failed", e)
+                return []
+            log.warning("the model forward failed for a batch of %d requests (%s); retrying "
+                        "it in parts to find the request that causes it", len(groups),
+                        _describe(e))
+        half = len(groups) // 2
+        done = []
+        for part in (groups[:half], groups[half:]):
+            rows = sorted(r for _, rs in part for r in rs)
+            done += self._forward(ScheduledBatch([batch.seqs[r] for r in rows],
+                                                 [batch.num_new_tokens[r] for r in rows],
+                                                 batch.num_preempted))
+        return done
+
+    def _after_forward(self, batch: ScheduledBatch, out: StepLogits) -> None:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.bm.commit_full_blocks(seq)
         for row, (logits, first) in out.prompt_logits.items():
             seq = batch.seqs[row]
-            lp = torch.log_softmax(logits, dim=-1)
-            for j in range(lp.shape[0]):
-                tok = seq.token_ids[first + j]
-                seq.prompt_logprobs.append(top_logprobs(lp[j], tok, seq.params.prompt_logprobs))
+            try:
+                lp = torch.log_softmax(logits, dim=-1)
+                for j in range(lp.shape[0]):
+                    tok = seq.token_ids[first + j]
+                    seq.prompt_logprobs.append(top_logprobs(lp[j], tok,
+                                                            seq.params.prompt_logprobs))
+            except Exception as e:  # noqa: BLE001 - this request's values
+                self._fault(self.requests[seq.request_id], "prompt logprobs failed", e)
         if out.sample_rows:
             self._sample(batch, out)
-        results = []
-        for req in touched.values():
-            results.append(self._snapshot(req))
-            if req.finished:
-                self.requests.pop(req.request_id, None)
-        return results
 
-    def _sample(self, batch, out) -> None:
-        seqs = [batch.seqs[r] for r in out.sample_rows]
-        logits = out.logits
+    def _sample(self, batch: ScheduledBatch, out: StepLogits) -> None:
+        keep = [j for j, r in enumerate(out.sample_rows) if self._live(batch.seqs[r])]
+        if not keep:
+            return
+        seqs = [batch.seqs[out.sample_rows[j]] for j in keep]
+        logits = out.logits if len(keep) == len(out.sample_rows) else out.logits[keep]
+        groups = _rows_by_request(seqs)
+        pristine, states = None, []
+        if len(groups) > 1:
+            # Penalties work in place and seeded rows advance their generators: keep what a
+            # retry without the failing request needs to give every other row the same token.
+            pristine = logits.clone()
+            states = [(s.generator, s.generator.get_state()) for s in seqs
+                      if s.params.seed is not None and s.generator is not None]
+        try:
+            tokens, lps, bad = self._pick(logits, seqs)
+        except Exception as e:  # noqa: BLE001 - isolated below
+            if pristine is None:
+                self._fault(self.requests[groups[0][0]], "sampling failed", e)
+                return
+            log.warning("sampling failed for a batch of %d requests (%s); sampling each "
+                        "request alone", len(groups), _describe(e))
+            for gen, state in states:
+                gen.set_state(state)
+            tokens, lps, bad = [0] * len(seqs), [None] * len(seqs), {}
+            for rid, js in groups:
+                try:
+                    t, lp, b = self._pick(pristine[js], [seqs[j] for j in js])
+                except Exception as e2:  # noqa: BLE001 - this request's values
+                    self._fault(self.requests[rid], "sampling failed", e2)
+                    continue
+                for k, j in enumerate(js):
+                    tokens[j], lps[j] = t[k], lp[k]
+                    if k in b:
+                        bad[j] = b[k]
+        for j, reason in bad.items():
+            self._fault(self.requests[seqs[j].request_id], "sampling failed", reason)
+        now = time.time()
+        for rid, js in groups:
+            if rid in self._failed:
+                continue
+            req = self.requests[rid]
+            try:
+                for j in js:
+                    seq, tok = seqs[j], tokens[j]
+                    seq.token_ids.append(tok)
+                    if seq.params.logprobs is not None:
+                        seq.logprobs.append(top_logprobs(lps[j], tok, seq.params.logprobs))
+                    m = req.metrics
+                    m.first_token_time = m.first_token_time or now
+                    m.last_token_time = now
+                    m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
+                    self._check_finish(seq, tok)
+            except BaseException as e:  # its detokenizer, logprobs, stop rules
+                if isinstance(e, _NOT_FAULTS):
+                    raise
+                self._fault(req, "processing the sampled token failed", e)
+
+    def _pick(self, logits: torch.Tensor, seqs: list[Sequence]
+              ) -> tuple[list[int], list[torch.Tensor | None], dict[int, str]]:
+        """Tokens for fp32 logits [N, V] (modified in place), each row's raw log-probs (when
+        it asked for logprobs) and {row: reason} for rows that cannot be sampled."""
         raw_lp = None
         if any(s.params.logprobs is not None for s in seqs):
             raw_lp = torch.log_softmax(logits, dim=-1)
         apply_penalties(logits, seqs)
         block_stop_tokens(logits, seqs, self.eos_token_ids)
+        bad = _unsampleable_rows(logits, seqs)
         tokens = sample(logits, seqs)
-        now = time.time()
-        for j, (seq, tok) in enumerate(zip(seqs, tokens)):
-            seq.token_ids.append(tok)
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(top_logprobs(raw_lp[j], tok, seq.params.logprobs))
-            m = self.requests[seq.request_id].metrics
-            m.first_token_time = m.first_token_time or now
-            m.last_token_time = now
-            m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
-            self._check_finish(seq, tok)
+        lps = [raw_lp[j] if raw_lp is not None and s.params.logprobs is not None else None
+               for j, s in enumerate(seqs)]
+        return tokens, lps, bad
 
     def _check_finish(self, seq: Sequence, tok: int) -> None:
         p = seq.params
@@ -389,6 +508,54 @@ class EngineCore:
             prompt_lp = [None] + list(first.prompt_logprobs)
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outputs, finished,
                              prompt_lp, req.metrics, req.error)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _rows_by_request(seqs: list[Sequence]) -> list[tuple[str, list[int]]]:
+    """[(request id, its rows)] in order of first appearance (n > 1 requests have several)."""
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(s.request_id, []).append(i)
+    return list(groups.items())
+
+
+def _unsampleable_rows(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, str]:
+    """Rows whose sampling distribution is not a distribution, found before sampling and
+    masked (in place) so they cannot break the other rows: a NaN anywhere, +inf, every token
+    forbidden, or a temperature that overflows fp32 (e.g. 1e-40) or is not a number.
+
+    One reduction over the logits and one small host transfer per step."""
+    temps = [s.params.temperature for s in seqs]
+    bad = {i: f"temperature must be a finite number >= 0, got {t}"
+           for i, t in enumerate(temps) if not (math.isfinite(t) and t >= 0)}
+    # the sampler divides fp32 logits by an fp32 temperature: 1e-300 is 0 there
+    scale = torch.tensor([t if t > 0 and i not in bad else 1.0 for i, t in enumerate(temps)],
+                         dtype=torch.float32, device=logits.device)
+    peak = logits.amax(dim=-1)  # NaN propagates: one NaN logit makes the row's peak NaN
+    broken = ~torch.isfinite(peak / scale)
+    if bad:
+        broken[list(bad)] = True
+    rows = broken.nonzero().flatten().tolist()
+    if not rows:
+        return bad
+    logits[rows] = 0.0  # any value the sampler accepts: these rows' tokens are dropped
+    peaks = peak[rows].tolist()
+    for i, v in zip(rows, peaks):
+        if i in bad:
+            continue
+        if math.isnan(v):
+            bad[i] = "the logits contain NaN (after penalties)"
+        elif v == float("-inf"):
+            bad[i] = "every token is forbidden (min_tokens / stop tokens / constraints)"
+        elif math.isinf(v):
+            bad[i] = "the logits overflowed to infinity (check repetition_penalty)"
+        else:
+            bad[i] = (f"temperature {temps[i]} turns the logits into infinities; "
+                      "use a larger temperature or 0 for greedy")
+    return bad
 
 
 def _eos_ids(src, config, tokenizer) -> list[int]:

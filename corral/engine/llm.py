@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
-import traceback
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -17,6 +17,16 @@ from corral.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 Message = dict[str, str]
+
+log = logging.getLogger("corral.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped after an error; nothing more will run in this process."""
+
+
+class EngineShutdownError(RuntimeError):
+    """The engine was shut down (or the server stopped draining) before the request ended."""
 
 
 class _Frontend:
@@ -86,10 +96,15 @@ class LLM(_Frontend):
     def _run(self, prompts: list[Prompt], params, use_tqdm: bool) -> list[RequestOutput]:
         plist = _per_prompt(params, len(prompts))
         order = []
-        for prompt, p in zip(prompts, plist):
-            rid = f"llm-{next(self._ids)}"
-            self.core.add_request(rid, prompt, p)
-            order.append(rid)
+        try:
+            for prompt, p in zip(prompts, plist):
+                rid = f"llm-{next(self._ids)}"
+                self.core.add_request(rid, prompt, p)
+                order.append(rid)
+        except BaseException:
+            for rid in order:  # nothing of a refused batch stays queued for the next call
+                self.core.abort(rid)
+            raise
         done: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -119,7 +134,10 @@ class AsyncLLM(_Frontend):
     """The engine in a background thread; `async for out in engine.stream(prompt, params)`.
 
     The thread owns the EngineCore. Callers send add/abort commands through a queue; outputs
-    come back to each caller's asyncio queue on the caller's event loop.
+    come back to each caller's asyncio queue on the caller's event loop. A request that fails
+    (bad values, a non-finite row of logits, ...) ends with `error` set while the others run
+    on; if the thread itself ever dies, `error` says why, every open stream gets
+    EngineDeadError and new ones are refused with it.
     """
 
     def __init__(self, model: str = "default", **kwargs):
@@ -145,16 +163,15 @@ class AsyncLLM(_Frontend):
                      request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's state after every step that changed it; the last has
         finished=True. Leaving early (break, cancellation, client gone) aborts the request."""
-        if self._dead is not None:
-            raise RuntimeError(f"the engine stopped after an error: {self._dead!r}")
-        if self._stop.is_set():
-            raise RuntimeError("the engine is shut down")
+        self._check_running()
         rid = request_id or uuid.uuid4().hex
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
-        self._commands.put(("add", rid, prompt, params or SamplingParams()))
         finished = False
         try:
+            # again: the thread may have died (and told every stream it knew) meanwhile
+            self._check_running()
+            self._commands.put(("add", rid, prompt, params or SamplingParams()))
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -179,14 +196,43 @@ class AsyncLLM(_Frontend):
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def abort_all(self, reason: str) -> int:
+        """End every open stream now with EngineShutdownError(reason) (callable from any
+        thread); the engine frees their blocks at its next step boundary. Returns how many."""
+        streams = list(self._streams.items())
+        for rid, _ in streams:
+            self._deliver(rid, EngineShutdownError(reason))
+        return len(streams)
+
+    @property
+    def error(self) -> str | None:
+        """None while the engine thread runs; else why it stopped (for /health)."""
+        if self._dead is not None:
+            return f"the engine stopped after an error: {self._dead!r}"
+        if not self._thread.is_alive() and not self._stop.is_set():
+            return "the engine thread is gone"
+        return None
+
     def stats(self) -> EngineStats:
         """A snapshot taken by the engine thread after its latest step."""
         return self._stats
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float | None = 120.0) -> bool:
+        """Stop the engine thread between two steps and wait for it (a step is bounded by the
+        scheduler's token budget). True once the thread has ended.
+
+        The wait matters: an interpreter that exits while the thread is still inside a torch
+        kernel aborts the process ("terminate called without an active exception")."""
         self._stop.set()
         self._commands.put(("wake",))
         self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _check_running(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._dead!r}")
+        if self._stop.is_set():
+            raise EngineShutdownError("the engine is shut down")
 
     # ---- engine thread ------------------------------------------------------------------
 
@@ -204,8 +250,10 @@ class AsyncLLM(_Frontend):
             _, rid, prompt, params = cmd
             try:
                 self.core.add_request(rid, prompt, params)
-            except Exception as e:  # noqa: BLE001 - CorralError / ValueError go back to that caller
-                self._deliver(rid, e)
+            except BaseException as e:  # a tokenizer panic is a BaseException
+                if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                    raise
+                self._deliver(rid, e)  # CorralError / ValueError: that caller's 400
         elif cmd[0] == "abort":
             out = self.core.abort(cmd[1])
             if out is not None:
@@ -222,13 +270,13 @@ class AsyncLLM(_Frontend):
             self._loaded.set()
         try:
             self._loop()
-        except BaseException as e:  # noqa: BLE001 - a bug, not a bad request: fail every open stream loudly
-            self._dead = e
-            self._stop.set()
-            err = RuntimeError(f"the engine stopped after an error: {e!r}")
+        except BaseException as e:  # a bug, not a bad request: fail every open stream loudly
+            self._dead = e  # first, so a stream opened from now on refuses itself
+            log.critical("the engine thread died; every request fails from now on and "
+                         "/health answers 503: %r", e, exc_info=e)
+            err = EngineDeadError(f"the engine stopped after an error: {e!r}")
             for rid in list(self._streams):
                 self._deliver(rid, err)
-            traceback.print_exc()
 
     def _loop(self) -> None:
         while not self._stop.is_set():

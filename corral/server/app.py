@@ -26,6 +26,8 @@ from corral.server.serving import RequestRecord, Serving, new_id
 
 log = logging.getLogger("corral.server")
 
+RETRY_AFTER = "1"  # seconds, on 429 (queue full) and 503 (draining, engine dead)
+
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/generate",
                     "/generate_stream", "/", "/info", "/health", "/metrics"})
 
@@ -121,13 +123,19 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        st = engine.stats()
-        body = {"status": "draining" if serving.admission.draining else "ok",
-                "running_requests": serving.admission.running,
-                "queued_requests": serving.admission.queued,
+        """200 while serving; 503 while draining for shutdown or once the engine thread has
+        died (so an orchestrator stops routing here, or restarts the process)."""
+        st, adm = engine.stats(), serving.admission
+        dead = getattr(engine, "error", None)
+        status = "error" if dead else "draining" if adm.draining else "ok"
+        body = {"status": status, "running_requests": adm.running,
+                "queued_requests": adm.queued,
                 "num_running": st.num_running, "num_waiting": st.num_waiting,
                 "num_free_blocks": st.num_free_blocks, "num_total_blocks": st.num_total_blocks}
-        return JSONResponse(body, status_code=503 if serving.admission.draining else 200)
+        if dead:
+            body["error"] = dead
+        return JSONResponse(body, status_code=200 if status == "ok" else 503,
+                            headers=None if status == "ok" else {"Retry-After": RETRY_AFTER})
 
     @app.get("/metrics")
     async def metrics():
@@ -136,7 +144,8 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return error_response(request.url.path, exc)
+        retry = {"Retry-After": RETRY_AFTER} if exc.status in (429, 503) else None
+        return error_response(request.url.path, exc, retry)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -46,7 +45,9 @@ def register(subparsers) -> None:
     lim.add_argument("--cors-origin", action="append", default=[], dest="cors_origins",
                      metavar="ORIGIN", help="allow browser calls from ORIGIN (repeatable)")
     lim.add_argument("--drain-timeout", type=float, default=30.0,
-                     help="seconds SIGTERM waits for in-flight requests before exiting")
+                     help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (the "
+                          "listener stays open: /health and new requests get 503) before the "
+                          "rest end with an error; a second signal stops waiting")
     lim.add_argument("--log-prompts", action="store_true",
                      help="include prompt text in the per-request JSON log lines")
     p.set_defaults(func=serve)
@@ -69,6 +70,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from corral import AsyncLLM
     from corral.server.app import create_app
+    from corral.server.drain import FLUSH_SECONDS, DrainingServer
 
     config = config_from_args(args)
     engine_kw = {k: getattr(args, k) for k in ("dtype", "device", "chat_format", "max_model_len",
@@ -79,27 +81,19 @@ def serve(args: argparse.Namespace) -> int:
     engine = AsyncLLM(model=args.model, **engine_kw)
     try:
         app = create_app(engine, config)
-        admission = app.state.serving.admission
-
-        class DrainingServer(uvicorn.Server):
-            def handle_exit(self, sig, frame):  # refuse new work (503), finish what runs
-                admission.draining = True
-                super().handle_exit(sig, frame)
-
-            @contextlib.contextmanager
-            def capture_signals(self):
-                with super().capture_signals():
-                    yield
-                    # uvicorn re-raises the signal after shutdown; a finished drain is a
-                    # clean exit (0), and the engine still gets shut down below.
-                    getattr(self, "_captured_signals", []).clear()
-
         server = DrainingServer(uvicorn.Config(
             app, host=config.host, port=config.port, access_log=False, log_level="info",
-            timeout_graceful_shutdown=config.drain_timeout, timeout_keep_alive=5))
+            timeout_graceful_shutdown=FLUSH_SECONDS, timeout_keep_alive=5),
+            app.state.serving, config.drain_timeout)
         server.run()
     finally:
-        engine.shutdown()
+        # Join the engine thread between two steps before the interpreter exits: exiting
+        # while it is inside a torch kernel aborts the process (SIGABRT).
+        if not engine.shutdown():
+            logging.getLogger("corral.server").error(
+                "the engine thread did not stop; exiting without interpreter cleanup")
+            sys.stderr.flush()
+            os._exit(1)
     return 0
 
 
@@ -111,3 +105,8 @@ def _setup_logging() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    # the engine's warnings: a request that failed alone, or the engine thread dying
+    engine_log = logging.getLogger("corral.engine")
+    engine_log.addHandler(handler)
+    engine_log.setLevel(logging.WARNING)
+    engine_log.propagate = False

@@ -40,11 +40,21 @@ class Admission:
         try:
             await fut  # release() hands its slot over by resolving this future
         except BaseException:
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release()  # we were handed a slot but will not use it
             elif fut in self._waiters:
                 self._waiters.remove(fut)
             raise
+
+    def fail_waiters(self, err: Exception) -> int:
+        """Refuse every queued request with `err` (the drain timed out); returns how many."""
+        failed = 0
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+                failed += 1
+        return failed
 
     def release(self) -> None:
         """Give the slot to the oldest waiter, or free it."""

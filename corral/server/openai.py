@@ -79,7 +79,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                              "model": body.model, "choices": choices,
                              "usage": _usage(rec.prompt_tokens, rec.completion_tokens)})
 
-    updates = await primed(updates)
+    updates = await primed(updates, request)
     extra = {"usage": None} if body.include_usage else {}
 
     def chunk(choices: list[dict], **more) -> str:
@@ -202,7 +202,7 @@ async def completions(body: CompletionRequest, request: Request):
                              "model": body.model, "choices": choices,
                              "usage": _usage(rec.prompt_tokens, completion_tokens)})
 
-    updates = await primed(updates)
+    updates = await primed(updates, request)
     extra = {"usage": None} if body.include_usage else {}
 
     def chunk(choices: list[dict], **more) -> str:

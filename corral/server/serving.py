@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from corral.engine.llm import EngineDeadError, EngineShutdownError
 from corral.errors import CorralError
 from corral.outputs import RequestOutput
 from corral.sampling_params import SamplingParams
@@ -145,8 +146,11 @@ class Serving:
                             m.itl.observe((now - last) / new)
                     last = now
                 finished = out.finished
-                if out.error and finished and not any(c.token_ids for c in out.outputs):
-                    raise ApiError(500, f"generation failed: {out.error}")
+                if out.error and finished:
+                    # the engine failed this request alone (its values, a NaN row, ...): an
+                    # error response, or an error event if the stream has begun
+                    raise ApiError(500, f"generation failed: {out.error}",
+                                   code="generation_failed")
                 yield out
         finally:
             if not finished:
@@ -162,7 +166,8 @@ class Serving:
 
 
 async def _user_errors(source: AsyncIterator) -> AsyncIterator:
-    """The engine refuses impossible requests with ValueError/CorralError: a 400."""
+    """The engine refuses impossible requests with ValueError/CorralError: a 400. A stopped
+    or dead engine is a 503 (the server is going away or must be restarted)."""
     while True:
         try:
             item = await source.__anext__()
@@ -170,6 +175,10 @@ async def _user_errors(source: AsyncIterator) -> AsyncIterator:
             return
         except (ValueError, CorralError) as e:
             raise ApiError(400, str(e)) from None
+        except EngineShutdownError as e:
+            raise ApiError(503, str(e), code="shutting_down") from None
+        except EngineDeadError as e:
+            raise ApiError(503, str(e), code="engine_dead") from None
         yield item
 
 
@@ -203,10 +212,17 @@ async def merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
         await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
 
 
-async def primed(gen: AsyncIterator) -> AsyncIterator:
+async def primed(gen: AsyncIterator, request: Request | None = None) -> AsyncIterator:
     """Run `gen` to its first item now (so refusals and errors become HTTP statuses) and
-    return an iterator over all its items that closes `gen` when closed."""
-    first = await gen.__anext__()
+    return an iterator over all its items that closes `gen` when closed.
+
+    With `request`, a client that disconnects meanwhile (still queued for a slot, or waiting
+    for the engine's first step) cancels the wait, which frees its slot and engine request at
+    once (ApiError 499)."""
+    if request is None:
+        first = await gen.__anext__()
+    else:
+        first = await until_disconnect(request, gen.__anext__())
 
     async def chain():
         try:

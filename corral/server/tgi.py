@@ -86,7 +86,7 @@ async def generate(body: TGIRequest, request: Request):
 @router.post("/generate_stream")
 async def generate_stream(body: TGIRequest, request: Request):
     job = _Job(request.app.state.serving, body, request)
-    updates = await primed(job.updates())
+    updates = await primed(job.updates(), request)
 
     def event(tok: dict, top: list | None, text: str | None = None,
               details: dict | None = None) -> str:
