@@ -53,6 +53,11 @@ def _chat_logprobs(s: Serving, token_ids: list[int], logprobs: list[dict] | None
     return {"content": content, "refusal": None}
 
 
+def _delta(content: str | None) -> dict:
+    # role and tool_calls on every delta: TGI's `text_generation` client requires both
+    return {"role": "assistant", "content": content, "tool_calls": None}
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s, rec = _serving(request), request.state.record
@@ -102,19 +107,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     async def events():
         done: set[int] = set()
         for i in range(params.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+            yield chunk([{"index": i, "delta": _delta(""),
                           "logprobs": None, "finish_reason": None}])
         async for _, out in updates:
             for c in out.outputs:
                 if c.delta_text or (c.delta_token_ids and body.logprobs):
                     lp = _chat_logprobs(s, c.delta_token_ids, c.delta_logprobs, top)
-                    yield chunk([{"index": c.index, "delta": {"role": "assistant",
-                                                              "content": c.delta_text},
+                    yield chunk([{"index": c.index, "delta": _delta(c.delta_text),
                                   "logprobs": lp, "finish_reason": None}])
                 if c.finish_reason and c.index not in done:
                     done.add(c.index)
-                    yield chunk([{"index": c.index, "delta": {"role": "assistant"},
-                                  "logprobs": None,
+                    yield chunk([{"index": c.index, "delta": _delta(None), "logprobs": None,
                                   "finish_reason": c.finish_reason}])
         if body.include_usage:
             yield chunk([], usage=_usage(rec.prompt_tokens, rec.completion_tokens))
