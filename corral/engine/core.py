@@ -206,6 +206,7 @@ class EngineCore:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "max_model_len": self.max_model_len,
+            "vocab_size": self.model_config.vocab_size,  # the server checks token ids with it
             "chat_format": getattr(self.chat_format, "name", None),
             "kv_blocks": self.bm.num_blocks,
             "block_size": self.bm.block_size,
@@ -237,7 +238,7 @@ class EngineCore:
         req = Request(request_id, text, ids, params, [])
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids), params)
-            seed = params.seed + i if params.seed is not None else int(
+            seed = (params.seed + i) % 2**64 if params.seed is not None else int(
                 torch.randint(0, 2**62, (1,), generator=self._rng))
             seq.generator = torch.Generator(device=self.device).manual_seed(seed)
             if self.tokenizer is not None and params.detokenize:

@@ -104,11 +104,15 @@ class Gate:
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first error's message and the field it names (`param`), e.g. "temperature"."""
     err = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    where = ".".join(loc)
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    where = ".".join(str(p) for p in loc)
+    if loc and loc[0] == "parameters" and len(loc) > 1:  # TGI's nested sampling fields
+        loc = loc[1:]
+    param = loc[0] if loc and isinstance(loc[0], str) else None
     return (f"{where}: {err.get('msg', 'invalid request')}" if where
-            else err.get("msg", "invalid request body")), (loc[0] if loc else None)
+            else err.get("msg", "invalid request body")), param
 
 
 def create_app(engine, config: ServerConfig) -> FastAPI:
@@ -154,12 +158,20 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             msg = f"no route for {request.method} {request.url.path}"
         elif exc.status_code == 405:
             msg = f"{request.method} is not allowed on {request.url.path}"
-        return error_response(request.url.path, ApiError(exc.status_code, str(msg)))
+        # starlette puts the route's methods in `Allow` on a 405; keep them
+        return error_response(request.url.path, ApiError(exc.status_code, str(msg)),
+                              dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError):
         msg, param = _validation_message(exc)
         return error_response(request.url.path, ApiError(400, msg, param=param))
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError):
+        # json.loads of a body nested thousands of levels deep
+        return error_response(request.url.path, ApiError(400, "the JSON body is nested too "
+                                                              "deeply"))
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception):

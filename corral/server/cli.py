@@ -50,6 +50,18 @@ def register(subparsers) -> None:
                           "rest end with an error; a second signal stops waiting")
     lim.add_argument("--log-prompts", action="store_true",
                      help="include prompt text in the per-request JSON log lines")
+    lim.add_argument("--max-n", type=int, default=16, help="most choices (`n`) per request")
+    lim.add_argument("--max-prompts", type=int, default=64,
+                     help="most prompts in one /v1/completions request")
+    lim.add_argument("--max-stop-sequences", type=int, default=16,
+                     help="most stop strings (and stop_token_ids) per request")
+    lim.add_argument("--strict-model-names", action="store_true",
+                     help="404 for any `model` but the served names (default: like TGI, also "
+                          "accept the placeholders its clients send: tgi, dummy, empty)")
+    lim.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a connection may take to send its request headers")
+    lim.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                     help="seconds an idle keep-alive connection stays open")
     p.set_defaults(func=serve)
 
 
@@ -61,7 +73,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or os.environ.get("CORRAL_API_KEY") or None,
         cors_origins=args.cors_origins, drain_timeout=args.drain_timeout,
-        log_prompts=args.log_prompts)
+        log_prompts=args.log_prompts, max_n=args.max_n, max_prompts=args.max_prompts,
+        max_stop_sequences=args.max_stop_sequences, strict_model_names=args.strict_model_names,
+        header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -71,6 +85,7 @@ def serve(args: argparse.Namespace) -> int:
     from corral import AsyncLLM
     from corral.server.app import create_app
     from corral.server.drain import FLUSH_SECONDS, DrainingServer
+    from corral.server.timeouts import h11_with_header_timeout
 
     config = config_from_args(args)
     engine_kw = {k: getattr(args, k) for k in ("dtype", "device", "chat_format", "max_model_len",
@@ -83,7 +98,9 @@ def serve(args: argparse.Namespace) -> int:
         app = create_app(engine, config)
         server = DrainingServer(uvicorn.Config(
             app, host=config.host, port=config.port, access_log=False, log_level="info",
-            timeout_graceful_shutdown=FLUSH_SECONDS, timeout_keep_alive=5),
+            timeout_graceful_shutdown=FLUSH_SECONDS,
+            timeout_keep_alive=config.keep_alive_timeout,
+            http=h11_with_header_timeout(config.header_timeout)),
             app.state.serving, config.drain_timeout)
         server.run()
     finally:

@@ -28,6 +28,15 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)
     drain_timeout: float = 30.0
     log_prompts: bool = False
+    # Per-request caps (reported by /info; a request over one gets a 400 naming the field).
+    max_n: int = 16
+    max_prompts: int = 64  # prompts in one /v1/completions request
+    max_stop_sequences: int = 16  # stop strings, and separately stop_token_ids
+    max_stop_length: int = 256  # characters per stop string
+    # False: like TGI, any `model` is served when only one model is (see Serving.check_model).
+    strict_model_names: bool = False
+    header_timeout: float = 10.0  # seconds for a connection to send its request headers
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
 
     def resolve(self, max_model_len: int) -> ServerConfig:
         """Fill unset token limits from the model's context length and check them."""
@@ -42,5 +51,10 @@ class ServerConfig:
             raise CorralError("--max-concurrent-requests must be at least 1")
         if self.max_queue < 0:
             raise CorralError("--max-queue must be >= 0")
+        for name in ("max_n", "max_prompts", "max_stop_sequences", "max_stop_length"):
+            if getattr(self, name) < 1:
+                raise CorralError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.header_timeout <= 0 or self.keep_alive_timeout <= 0:
+            raise CorralError("--header-timeout and --keep-alive-timeout must be > 0")
         self.max_total_tokens, self.max_input_tokens = total, inp
         return self

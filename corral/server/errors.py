@@ -26,11 +26,15 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+# seconds a client should wait: a queue slot frees within a request; a restart takes longer
+RETRY_AFTER = {429: "1", 503: "5"}
 TGI_PATHS = frozenset({"/", "/generate", "/generate_stream", "/info"})
 
 
 def error_response(path: str, err: ApiError, headers: dict | None = None) -> JSONResponse:
-    """Render `err` for the client family that owns `path`."""
+    """Render `err` for the client family that owns `path`. 429 and 503 say when to retry."""
+    if err.status in RETRY_AFTER:
+        headers = {"Retry-After": RETRY_AFTER[err.status], **(headers or {})}
     if path in TGI_PATHS:
         status = 422 if err.status == 400 else err.status
         body = {"error": err.message, "error_type": TGI_TYPES.get(status, "generation")}

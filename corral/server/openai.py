@@ -9,16 +9,26 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from corral.errors import CorralError
+from corral.sampling_params import ParamError, SamplingParams
 from corral.server.errors import ApiError
 from corral.server.protocol import ChatCompletionRequest, CompletionRequest
 from corral.server.serving import Serving, primed, until_disconnect
 from corral.server.sse import SSEResponse, sse
 
 router = APIRouter()
+FINGERPRINT = "corral"  # OpenAI's system_fingerprint (TGI's client requires one)
 
 
 def _serving(request: Request) -> Serving:
     return request.app.state.serving
+
+
+def check_vocab(s: Serving, params: SamplingParams) -> None:
+    """stop_token_ids must be ids of this model's vocabulary (the sampler indexes with them)."""
+    try:
+        params.validate(vocab_size=s.vocab_size)
+    except ParamError as e:
+        raise ApiError(400, str(e), param=e.param) from None
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -34,8 +44,7 @@ def _chat_logprobs(s: Serving, token_ids: list[int], logprobs: list[dict] | None
         return None
 
     def entry(tid: int, lp: float) -> dict:
-        text = s.token_text(tid)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        return {"token": s.token_text(tid), "logprob": lp, "bytes": s.token_bytes(tid)}
 
     content = []
     for tid, lps in zip(token_ids, logprobs):
@@ -44,10 +53,16 @@ def _chat_logprobs(s: Serving, token_ids: list[int], logprobs: list[dict] | None
     return {"content": content, "refusal": None}
 
 
+def _delta(content: str | None) -> dict:
+    # role and tool_calls on every delta: TGI's `text_generation` client requires both
+    return {"role": "assistant", "content": content, "tool_calls": None}
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s, rec = _serving(request), request.state.record
-    s.check_model(body.model)
+    model = s.check_model(body.model)
+    body.check_caps(s.config)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
     try:
@@ -56,8 +71,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise ApiError(400, f"cannot render these messages: {e}", param="messages") from None
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    max_tokens = s.budget(len(ids), body.max_completion_tokens or body.max_tokens)
+    max_tokens = s.budget(len(ids), body.requested_max_tokens, body.max_tokens_param)
     params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    check_vocab(s, params)
     params = s.engine.chat_params(params)  # the chat format's end-of-turn tokens stop it
     if s.config.log_prompts:
         rec.prompt = json.dumps(messages)
@@ -76,7 +92,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                     "logprobs": _chat_logprobs(s, c.token_ids, c.logprobs, top),
                     "finish_reason": c.finish_reason} for c in out.outputs]
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
-                             "model": body.model, "choices": choices,
+                             "model": model, "system_fingerprint": FINGERPRINT,
+                             "choices": choices,
                              "usage": _usage(rec.prompt_tokens, rec.completion_tokens)})
 
     updates = await primed(updates, request)
@@ -84,22 +101,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     def chunk(choices: list[dict], **more) -> str:
         return sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": body.model, "choices": choices, **extra, **more})
+                    "model": model, "system_fingerprint": FINGERPRINT, "choices": choices,
+                    **extra, **more})
 
     async def events():
         done: set[int] = set()
         for i in range(params.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+            yield chunk([{"index": i, "delta": _delta(""),
                           "logprobs": None, "finish_reason": None}])
         async for _, out in updates:
             for c in out.outputs:
                 if c.delta_text or (c.delta_token_ids and body.logprobs):
                     lp = _chat_logprobs(s, c.delta_token_ids, c.delta_logprobs, top)
-                    yield chunk([{"index": c.index, "delta": {"content": c.delta_text},
+                    yield chunk([{"index": c.index, "delta": _delta(c.delta_text),
                                   "logprobs": lp, "finish_reason": None}])
                 if c.finish_reason and c.index not in done:
                     done.add(c.index)
-                    yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
+                    yield chunk([{"index": c.index, "delta": _delta(None), "logprobs": None,
                                   "finish_reason": c.finish_reason}])
         if body.include_usage:
             yield chunk([], usage=_usage(rec.prompt_tokens, rec.completion_tokens))
@@ -118,7 +136,10 @@ def _prompts(s: Serving, prompt) -> list[tuple[str, list[int]]]:
         raise ApiError(400, "prompt must not be empty", param="prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
-    vocab = len(s.tokenizer)
+    if len(prompt) > s.config.max_prompts:
+        raise ApiError(400, f"at most {s.config.max_prompts} prompts per request, got "
+                            f"{len(prompt)}", param="prompt")
+    vocab = s.vocab_size
     out = []
     for p in prompt:
         if isinstance(p, str):
@@ -151,7 +172,8 @@ def _completion_logprobs(s: Serving, ids: list[int], lps: list[dict | None],
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     s, rec = _serving(request), request.state.record
-    s.check_model(body.model)
+    model = s.check_model(body.model)
+    body.check_caps(s.config)
     if body.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix")
     if body.best_of not in (None, body.n):
@@ -167,6 +189,7 @@ async def completions(body: CompletionRequest, request: Request):
     for i, (_, ids) in enumerate(prompts):
         params = body.sampling(s.budget(len(ids), want), body.logprobs,
                                body.logprobs if body.echo and body.logprobs is not None else None)
+        check_vocab(s, params)
         jobs.append((ids, params, f"{rid}-{i}"))
     if s.config.log_prompts:
         rec.prompt = json.dumps([t for t, _ in prompts])
@@ -199,7 +222,7 @@ async def completions(body: CompletionRequest, request: Request):
                                 "finish_reason": "length" if score_only else c.finish_reason})
         completion_tokens = 0 if score_only else rec.completion_tokens
         return JSONResponse({"id": rid, "object": "text_completion", "created": created,
-                             "model": body.model, "choices": choices,
+                             "model": model, "choices": choices,
                              "usage": _usage(rec.prompt_tokens, completion_tokens)})
 
     updates = await primed(updates, request)
@@ -207,7 +230,7 @@ async def completions(body: CompletionRequest, request: Request):
 
     def chunk(choices: list[dict], **more) -> str:
         return sse({"id": rid, "object": "text_completion", "created": created,
-                    "model": body.model, "choices": choices, **extra, **more})
+                    "model": model, "choices": choices, **extra, **more})
 
     async def events():
         echoed: set[int] = set()
@@ -253,5 +276,4 @@ async def list_models(request: Request):
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request):
     s = _serving(request)
-    s.check_model(model)
-    return _model_card(s, model)
+    return _model_card(s, s.check_model(model))

@@ -22,6 +22,10 @@ from corral.server.config import ServerConfig
 from corral.server.errors import ApiError
 from corral.server.limits import Admission
 from corral.server.metrics import ServerMetrics
+from corral.server.tokens import is_byte_level, token_bytes
+
+# `model` values TGI's clients send when they talk to one server by URL
+PLACEHOLDER_MODELS = frozenset({"", "tgi", "dummy"})
 
 
 @dataclass
@@ -52,6 +56,8 @@ class Serving:
     admission: Admission
     started: float = field(default_factory=time.time)
     _token_texts: dict[int, str] = field(default_factory=dict)
+    _vocab: int | None = None
+    _byte_level: bool | None = None
 
     @property
     def tokenizer(self):
@@ -62,11 +68,36 @@ class Serving:
         names = [self.config.model_name, str(self.engine.info.get("name", ""))]
         return list(dict.fromkeys(n for n in names if n))
 
-    def check_model(self, model: str) -> None:
-        if model not in self.model_names:
-            raise ApiError(404, f"the model `{model}` does not exist; this server serves "
-                                f"{', '.join(self.model_names)}", param="model",
-                           code="model_not_found")
+    def check_model(self, model: str | None) -> str:
+        """The served name to report for a request's `model`, or a 404.
+
+        Like TGI (which serves whatever model it has), a placeholder that TGI's clients send
+        ("tgi", "dummy", empty) is accepted as the one served model; `--strict-model-names`
+        accepts only the served names (vLLM-style).
+        """
+        names = self.model_names
+        if model in names:
+            return model
+        if not self.config.strict_model_names and \
+                (model or "").strip().lower() in PLACEHOLDER_MODELS:
+            return names[0]
+        raise ApiError(404, f"the model `{model}` does not exist; this server serves "
+                            f"{', '.join(names)}", param="model", code="model_not_found")
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may name: in the model's embedding and the tokenizer."""
+        if self._vocab is None:
+            sizes = [len(self.tokenizer), self.engine.info.get("vocab_size")]
+            self._vocab = min(int(v) for v in sizes if v)
+        return self._vocab
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """One token's real bytes (logprobs' `bytes`; see corral.server.tokens)."""
+        if self._byte_level is None:
+            self._byte_level = is_byte_level(self.tokenizer)
+        return token_bytes(self.tokenizer, token_id, self.token_text(token_id),
+                           self._byte_level)
 
     def token_text(self, token_id: int) -> str:
         """One token's text (cached; used for logprobs)."""
@@ -79,8 +110,9 @@ class Serving:
         """Token ids for a plain-text prompt (the tokenizer's own special tokens, like HF)."""
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def budget(self, n_prompt: int, max_tokens: int | None) -> int:
-        """Check the prompt length and return the max_tokens to use (None: all that fits)."""
+    def budget(self, n_prompt: int, max_tokens: int | None, param: str = "max_tokens") -> int:
+        """Check the prompt length and return the max_tokens to use (None: all that fits,
+        never more than --max-total-tokens). `param` names the field in a 400."""
         cfg = self.config
         if n_prompt == 0:
             raise ApiError(400, "the prompt is empty", param="prompt")
@@ -92,12 +124,11 @@ class Serving:
         if max_tokens is None:
             return room
         if max_tokens < 1:
-            raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}",
-                           param="max_tokens")
+            raise ApiError(400, f"{param} must be at least 1, got {max_tokens}", param=param)
         if max_tokens > room:
-            raise ApiError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) "
+            raise ApiError(400, f"prompt ({n_prompt} tokens) + {param} ({max_tokens}) "
                                 f"exceeds the limit of {cfg.max_total_tokens} tokens",
-                           param="max_tokens", code="context_length_exceeded")
+                           param=param, code="context_length_exceeded")
         return max_tokens
 
     async def run(self, record: RequestRecord,

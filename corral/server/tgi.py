@@ -25,12 +25,13 @@ class _Job:
 
     def __init__(self, s: Serving, body: TGIRequest, request: Request):
         self.s, self.body, self.rec = s, body, request.state.record
+        body.check_caps(s.config)
         ids = s.encode(body.inputs)
         p = body.parameters
         if p.truncate:
             ids = ids[-p.truncate:]
         self.ids = ids
-        self.params = body.sampling(s.budget(len(ids), p.max_new_tokens))
+        self.params = body.sampling(s.budget(len(ids), p.max_new_tokens, "max_new_tokens"))
         self.special = set(getattr(s.tokenizer, "all_special_ids", []))
         if s.config.log_prompts:
             self.rec.prompt = body.inputs
@@ -133,11 +134,15 @@ async def info(request: Request):
             "model_dtype": str(einfo.get("dtype")), "model_device_type": str(einfo.get("device")),
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": cfg.max_concurrent_requests, "max_best_of": 1,
-            "max_stop_sequences": 16, "max_input_tokens": cfg.max_input_tokens,
+            "max_stop_sequences": cfg.max_stop_sequences, "max_input_tokens": cfg.max_input_tokens,
             "max_input_length": cfg.max_input_tokens, "max_total_tokens": cfg.max_total_tokens,
             "validation_workers": 1, "max_client_batch_size": 1,
             "router": "corral", "version": _version(), "sha": None, "docker_label": None,
-            "corral_weights": einfo.get("weights")}  # e.g. which CPU weight path decodes
+            "corral_weights": einfo.get("weights"),  # e.g. which CPU weight path decodes
+            # the OpenAI routes' caps (docs/serve.md, "Limits and validation")
+            "corral_max_n": cfg.max_n, "corral_max_prompts": cfg.max_prompts,
+            "corral_max_stop_length": cfg.max_stop_length,
+            "corral_strict_model_names": cfg.strict_model_names}
 
 
 def _version() -> str:
