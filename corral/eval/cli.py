@@ -19,7 +19,7 @@ Compare two runs (before/after tuning): corral eval compare RUN_A RUN_B [--outpu
 
 def register(subparsers) -> None:
     """Add `eval` (with its `compare` form) to the `corral` parser."""
-    from corral.run.cli import add_model_args, add_sampling_args
+    from corral.cli_args import add_model_args, add_sampling_args
 
     p = subparsers.add_parser("eval", help="evaluate a model or endpoint on a question set",
                               description=DESCRIPTION,
@@ -56,10 +56,10 @@ def register(subparsers) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.compare:
         return cmd_compare(args)
+    from corral.cli_args import engine_kwargs_from_args, sampling_params_from_args
     from corral.eval.backends import open_backend
     from corral.eval.data import load_questions
     from corral.eval.run import run_eval
-    from corral.run.cli import engine_kwargs_from_args, sampling_params_from_args
 
     if args.output is None:
         raise CorralError("--output DIR is required")
