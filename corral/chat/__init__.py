@@ -11,6 +11,7 @@ and `render_for_training` hands them to tuning, so prompts and loss masks cannot
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -289,10 +290,43 @@ def encode_chat(tokenizer, fmt: ChatFormat, messages: Sequence[Mapping],
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
-    """Tokenize rendered prompt text, adding special tokens only when BOS is not there yet."""
+    """Tokenize rendered prompt text, adding BOS only when it is not there yet.
+
+    The text is cut at the tokenizer's BOS/EOS tokens and each piece between them encoded on
+    its own, as Meta's reference code encodes Llama 2 exchanges: a SentencePiece tokenizer then
+    gives the piece after `<s>` its dummy-prefix space ("<s>▁[INST]") in either `legacy` mode.
+    For byte-level BPE tokenizers (Llama 3, SmolLM2) this equals encoding the whole text.
+    """
+    parts = split_specials(tokenizer, text)
     bos = getattr(tokenizer, "bos_token", None)
-    add_special = not (bos and text.startswith(bos))
-    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+    bos_id = token_id(tokenizer, bos) if bos else None
+    ids: list[int] = []
+    if bos_id is None or not parts or parts[0] != (None, bos_id):
+        ids += _added_prefix(tokenizer)
+    for piece, tid in parts:
+        ids += [tid] if tid is not None else list(
+            tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def split_specials(tokenizer, text: str) -> list[tuple[str | None, int | None]]:
+    """`text` cut at the tokenizer's BOS and EOS tokens: [(text, None) | (None, token id)]."""
+    specials = {t: tid for t in (getattr(tokenizer, "bos_token", None),
+                                 getattr(tokenizer, "eos_token", None))
+                if t and (tid := token_id(tokenizer, t)) is not None}
+    if not specials:
+        return [(text, None)] if text else []
+    pattern = "(" + "|".join(map(re.escape, specials)) + ")"
+    return [(None, specials[p]) if p in specials else (p, None)
+            for p in re.split(pattern, text) if p]
+
+
+def _added_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts in front of a text by itself (its BOS, or nothing)."""
+    with_special = list(tokenizer("a")["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    n = len(with_special) - len(plain)
+    return with_special[:n] if n > 0 and with_special[n:] == plain else []
 
 
 def render_for_training(fmt: ChatFormat, messages: Sequence[Mapping]) -> list[Segment]:

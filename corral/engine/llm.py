@@ -47,9 +47,9 @@ class _Frontend:
         return encode_chat(self.tokenizer, self.chat_format, messages, add_generation_prompt)
 
     def chat_params(self, params: SamplingParams) -> SamplingParams:
-        """Add the chat format's stops to `params`: its end-of-turn tokens (e.g. Llama 3's
-        <|eot_id|>) and its multi-token markers of another turn (e.g. a literal `</s>` or
-        "\\nHuman:"), which then end the answer and are cut from it."""
+        """Add the chat format's stops to `params`: its end-of-turn tokens and the multi-token
+        markers of another turn it lists as stop strings (corral.chat.formats), which then
+        end the answer and are cut from it."""
         fmt = self.chat_format
         extra = [t for t in fmt.stop_token_ids(self.tokenizer)
                  if t not in params.stop_token_ids and t not in self.core.eos_token_ids]

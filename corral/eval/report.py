@@ -84,7 +84,7 @@ def warnings(overall: dict) -> list[str]:
                    "stop (a tuned model that never learned its end token?)")
     if overall.get("turn_marker_answers"):
         out.append(f"warning: {overall['turn_marker_answers']} of {answered} answers contain "
-                   "another turn's marker (</s>, Human:, <|im_start|>...)")
+                   "another chat turn's marker (the model wrote the next turn itself)")
     return out
 
 

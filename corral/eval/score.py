@@ -100,7 +100,7 @@ def is_stopped(finish_reason: str | None) -> bool | None:
 
 
 def turn_marker(answer: str) -> str | None:
-    """A marker of another chat turn inside the answer (`</s>`, `<s>Human:`, `<|im_start|>`...):
+    """A marker of another chat turn inside the answer (corral.chat.formats.TURN_MARKERS):
     the model ran on into a turn it should not write."""
     from corral.chat import turn_marker as find
 

@@ -389,6 +389,21 @@ class SegmentTokenizer:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def piece(self, text: str, first: bool) -> list[int]:
+        """Ids of one segment. BOS/EOS tokens in it are cut out (see corral.chat.encode_text):
+        the text right after one is encoded fresh, like at the start of a text."""
+        from corral.chat import split_specials
+
+        ids: list[int] = []
+        fresh = first
+        for chunk, tid in split_specials(self.tok, text):
+            if tid is not None:
+                ids.append(tid)
+            else:
+                ids += self._chunk(chunk, fresh)
+            fresh = True
+        return ids
+
+    def _chunk(self, text: str, first: bool) -> list[int]:
         if first or not self.prefix_space:
             return self._ids(text)
         ids = self._ids("\n" + text)

@@ -108,8 +108,13 @@ def test_merged_model_stops(merged):
                     SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
     finishes = [o.outputs[0].finish_reason for o in outs]
     texts = [o.outputs[0].text for o in outs]
+    print(*zip(QUESTIONS, finishes, texts, [o.outputs[0].stop_reason for o in outs]), sep="\n")
     assert well_ended(finishes, texts) >= 8, list(zip(QUESTIONS, finishes, texts))
     assert all(t.strip() for t in texts)
+    # the model learned the real end token: answers end on it, not on a literal-marker cut
+    on_token = sum(f == "stop" and not isinstance(o.outputs[0].stop_reason, str)
+                   for f, o in zip(finishes, outs))
+    assert on_token >= 8, [o.outputs[0].stop_reason for o in outs]
     # `corral generate`, as a user first tries it, stops too
     done = corral("generate", "--model", str(merged), "--temperature", "0", "--max-tokens",
                   str(MAX_TOKENS), "--chat-format", "auto", QUESTIONS[0])
@@ -130,21 +135,25 @@ def test_unmerged_adapter_stops(tuned, default_folder):
     assert fmt.name == "human-assistant"
     base = AutoModelForCausalLM.from_pretrained(default_folder, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    stops, texts_stops = fmt.stop_token_ids(tok), fmt.text_stops(tok)
-    finishes, texts = [], []
+    stops, text_stops = fmt.stop_token_ids(tok), fmt.text_stops(tok)
+    tok.padding_side = "left"  # one batch: every prompt ends where its answer starts
+    batch = [encode_chat(tok, fmt, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    width = max(map(len, batch))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])
+    mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
     with torch.no_grad():
-        for q in QUESTIONS:
-            ids = torch.tensor([encode_chat(tok, fmt, [{"role": "user", "content": q}])])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tok.pad_token_id or stops[0],
-                                 stop_strings=texts_stops, tokenizer=tok)
-            new = out[0, ids.shape[1]:].tolist()
-            text = tok.decode(new, skip_special_tokens=True)
-            cut = min([text.find(s) for s in texts_stops if s in text] or [len(text)])
-            ended = (new and new[-1] in stops) or cut < len(text)
-            finishes.append("stop" if ended else "length")
-            texts.append(text[:cut])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_TOKENS,
+                             do_sample=False, eos_token_id=stops, pad_token_id=pad)
+    finishes, texts = [], []
+    for row in out[:, width:].tolist():
+        ended = next((i for i, t in enumerate(row) if t in stops), None)
+        new = row if ended is None else row[:ended]
+        text = tok.decode(new, skip_special_tokens=True)
+        cut = min([text.find(s) for s in text_stops if s in text] or [len(text)])
+        finishes.append("stop" if ended is not None or cut < len(text) else "length")
+        texts.append(text[:cut])
+    print(*zip(QUESTIONS, finishes, texts), sep="\n")
     assert well_ended(finishes, texts) >= 8, list(zip(QUESTIONS, finishes, texts))
 
 
