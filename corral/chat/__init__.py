@@ -46,6 +46,7 @@ __all__ = [
     "template_format",
     "token_id",
     "turn_marker",
+    "uses_specials",
     "validate_messages",
 ]
 
@@ -119,6 +120,13 @@ def specials_for(tokenizer) -> Specials:
     eos = "</s>" if token_id(tokenizer, "</s>") is not None else (
         getattr(tokenizer, "eos_token", None) or "</s>")
     return Specials(bos, eos)
+
+
+def uses_specials(name: str | None) -> bool:
+    """Whether the built-in format `name` is written with `<s>`/`</s>` (see specials_for)."""
+    key = (name or "").strip().lower()
+    spec = SPECS.get(ALIASES.get(key, key))
+    return bool(spec and spec.uses_specials)
 
 
 def turn_marker(text: str) -> str | None:

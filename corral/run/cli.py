@@ -167,9 +167,13 @@ def cmd_prompt(args: argparse.Namespace) -> int:
                           "or --messages FILE.json")
     validate_messages(messages)
     check_chat_format(args.chat_format)
+    from corral.chat import uses_specials
+
     builtin = args.chat_format and args.chat_format.strip().lower() not in ("auto", "template")
     tokenizer = None
-    if args.ids or not builtin:  # a built-in format renders without any model files
+    # chatml/llama3 render without any model files; llama2/human-assistant need the tokenizer
+    # (their <s>/</s> become its own BOS/EOS when it has none)
+    if args.ids or not builtin or uses_specials(args.chat_format):
         from corral.loading import load_tokenizer, resolve_source
 
         tokenizer = load_tokenizer(resolve_source(args.model))
