@@ -345,16 +345,21 @@ def _prompt_completion_example(row: dict, where: str) -> Example:
 
 # --- examples -> token ids and labels ---------------------------------------------------------
 
-def example_segments(example: Example, chat_format, eos_text: str | None) -> list[Segment]:
-    """The example's (text, is_answer) segments; every answer ends with a stop/EOS token."""
-    from corral.chat import render_for_training
+def example_segments(example: Example, chat_format, eos_text: str | None,
+                     tokenizer=None) -> list[Segment]:
+    """The example's (text, is_answer) segments; every answer ends with a stop/EOS token.
+
+    With `tokenizer`, only stop strings that are single tokens of it count as an end: an answer
+    ending with, say, a literal `<|im_end|>` the vocab lacks still gets the real EOS."""
+    from corral.chat import render_for_training, token_id
 
     if example.segments is not None:
         segs = list(example.segments)
         stops: tuple[str, ...] = ()
     else:
         segs = render_for_training(chat_format, example.messages)
-        stops = tuple(chat_format.stop_strings)
+        stops = tuple(s for s in chat_format.stop_strings
+                      if tokenizer is None or token_id(tokenizer, s) is not None)
     if eos_text:
         stops += (eos_text,)
     out = []
@@ -432,7 +437,8 @@ def encode_examples(examples: list[Example], tokenizer, chat_format, max_seq_len
     eos_text = getattr(tokenizer, "eos_token", None)
     kept, dropped = [], 0
     for ex in examples:
-        ids, labels = seg_tok.encode(example_segments(ex, chat_format, eos_text), train_on_prompt)
+        segs = example_segments(ex, chat_format, eos_text, tokenizer)
+        ids, labels = seg_tok.encode(segs, train_on_prompt)
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
         if all(x == -100 for x in labels[1:]):
             dropped += 1

@@ -118,3 +118,16 @@ def test_engine_adds_the_formats_text_stops(tiny_model_dir):
     p = llm.chat_params(SamplingParams(stop=["END"]))
     assert p.stop[0] == "END" and {"</s>", "\nHuman:", "<s>Human:"} <= set(p.stop)
     assert llm.tokenizer.eos_token_id in p.stop_token_ids + llm.core.eos_token_ids
+
+
+def test_every_trained_answer_ends_with_a_token_inference_stops_on(llama2_tok):
+    """chatml on a vocab without <|im_end|>: the literal marker is text, so the real EOS follows
+    (and the marker is a text stop at inference)."""
+    from corral.tune.data import Example, encode_examples
+
+    fmt = get_chat_format("chatml", llama2_tok)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    (enc,), _ = encode_examples([Example("row 1", messages=conv)], llama2_tok, fmt, 512)
+    trained = [i for i, lab in zip(enc.input_ids, enc.labels) if lab != -100]
+    assert trained[-1] == llama2_tok.eos_token_id in fmt.stop_token_ids(llama2_tok)
+    assert "<|im_end|>" in fmt.text_stops(llama2_tok)
