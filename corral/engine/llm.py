@@ -57,14 +57,20 @@ class _Frontend:
         return encode_chat(self.tokenizer, self.chat_format, messages, add_generation_prompt)
 
     def chat_params(self, params: SamplingParams) -> SamplingParams:
-        """Add the chat format's stop tokens (e.g. Llama 3's <|eot_id|>) to `params`."""
-        extra = [t for t in self.chat_format.stop_token_ids(self.tokenizer)
+        """Add the chat format's stops to `params`: its end-of-turn tokens and the multi-token
+        markers of another turn it lists as stop strings (corral.chat.formats), which then
+        end the answer and are cut from it."""
+        fmt = self.chat_format
+        extra = [t for t in fmt.stop_token_ids(self.tokenizer)
                  if t not in params.stop_token_ids and t not in self.core.eos_token_ids]
-        if not extra:
+        strings = ([s for s in fmt.text_stops(self.tokenizer) if s not in params.stop]
+                   if params.detokenize else [])
+        if not extra and not strings:
             return params
         from dataclasses import replace
 
-        return replace(params, stop_token_ids=params.stop_token_ids + extra)
+        return replace(params, stop_token_ids=params.stop_token_ids + extra,
+                       stop=params.stop + strings)
 
 
 class LLM(_Frontend):

@@ -19,7 +19,7 @@ Compare two runs (before/after tuning): corral eval compare RUN_A RUN_B [--outpu
 
 def register(subparsers) -> None:
     """Add `eval` (with its `compare` form) to the `corral` parser."""
-    from corral.run.cli import add_model_args, add_sampling_args
+    from corral.cli_args import add_model_args, add_sampling_args
 
     p = subparsers.add_parser("eval", help="evaluate a model or endpoint on a question set",
                               description=DESCRIPTION,
@@ -56,10 +56,10 @@ def register(subparsers) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.compare:
         return cmd_compare(args)
+    from corral.cli_args import engine_kwargs_from_args, sampling_params_from_args
     from corral.eval.backends import open_backend
     from corral.eval.data import load_questions
     from corral.eval.run import run_eval
-    from corral.run.cli import engine_kwargs_from_args, sampling_params_from_args
 
     if args.output is None:
         raise CorralError("--output DIR is required")
@@ -97,12 +97,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def print_summary(summary: dict) -> None:
     from corral.eval.report import fmt
 
-    keys = ["language_adherence", "accuracy", "judge_score", "refusal_rate", "truncated_rate"]
+    keys = ["language_adherence", "stop_rate", "accuracy", "judge_score", "refusal_rate",
+            "truncated_rate"]
     groups = {"overall": summary["overall"]} | summary["categories"]
     keys = [k for k in keys if any(g.get(k) is not None for g in groups.values())]
     print(f"{'category':<24}{'n':>4}" + "".join(f"{k:>20}" for k in keys))
     for name, g in groups.items():
         print(f"{name:<24}{g['n']:>4}" + "".join(f"{fmt(g.get(k), k):>20}" for k in keys))
+    for line in summary.get("warnings", []):
+        print(line)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -116,12 +119,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cmp = compare_runs(run_a, run_b, out)
     from corral.eval.report import fmt
 
-    print(f"{'category':<24}{'adherence A':>14}{'adherence B':>14}{'delta':>10}")
+    keys = [("language_adherence", "adherence"), ("stop_rate", "stop rate")]
+    print(f"{'category':<24}" + "".join(f"{f'{label} A':>14}{f'{label} B':>14}{'delta':>10}"
+                                        for _, label in keys))
     for name, g in cmp["groups"].items():
-        a = g.get("language_adherence", {})
-        d = a.get("delta")
-        print(f"{name:<24}{fmt(a.get('a'), 'language_adherence'):>14}"
-              f"{fmt(a.get('b'), 'language_adherence'):>14}"
-              f"{'' if d is None else f'{d:+.2f}':>10}")
+        cells = []
+        for key, _ in keys:
+            m = g.get(key, {})
+            d = m.get("delta")
+            cells.append(f"{fmt(m.get('a'), key):>14}{fmt(m.get('b'), key):>14}"
+                         f"{'' if d is None else f'{d:+.2f}':>10}")
+        print(f"{name:<24}" + "".join(cells))
     print(f"wrote {out}/compare.json, compare.md, compare.html")
     return 0

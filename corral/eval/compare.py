@@ -48,7 +48,8 @@ def _delta_cell(d, key: str, html_mode: bool) -> str:
     if not html_mode or d == 0:
         return text
     # Up is good except for the failure rates.
-    good = (d > 0) != key.endswith(("refusal_rate", "empty_rate", "truncated_rate", "error_rate"))
+    good = (d > 0) != key.endswith(("refusal_rate", "empty_rate", "truncated_rate", "error_rate",
+                                          "turn_marker_answers"))
     return f"<span class='{'pos' if good else 'neg'}'>{html.escape(text)}</span>"
 
 

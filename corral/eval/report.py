@@ -19,7 +19,9 @@ METRICS: list[tuple[str, str, float | None]] = [
     ("judge_score", "Judge score (1-10)", 10.0),
     ("refusal_rate", "Refusal rate", 1.0),
     ("empty_rate", "Empty rate", None),
+    ("stop_rate", "Stop rate", 1.0),
     ("truncated_rate", "Truncated rate", 1.0),
+    ("turn_marker_answers", "Answers with another turn's marker", None),
     ("error_rate", "Error rate", None),
     ("mean_answer_chars", "Answer length (chars)", None),
     ("mean_answer_tokens", "Answer length (tokens)", None),
@@ -33,6 +35,7 @@ CHARTS: list[tuple[str, str, list[str], float]] = [
     ("judge_score", "Judge score (1-10)", ["judge_score"], 10.0),
     ("failure_rates", "Refusal / empty / truncated rates",
      ["refusal_rate", "empty_rate", "truncated_rate"], 1.0),
+    ("stop_rate", "Stop rate (answers the model ended itself)", ["stop_rate"], 1.0),
 ]
 LABELS = {k: label for k, label, _ in METRICS}
 
@@ -58,6 +61,8 @@ def metrics(records: list[dict]) -> dict:
     m["answer_languages"] = langs
     for flag in ("empty", "truncated", "refusal"):
         m[f"{flag}_rate"] = _mean([r.get(flag) for r in open_ok])
+    m["stop_rate"] = _mean([r.get("stopped") for r in open_ok])
+    m["turn_marker_answers"] = sum(bool(r.get("turn_marker")) for r in open_ok)
     m["mean_answer_chars"] = _mean([r.get("answer_chars") for r in open_ok])
     m["mean_answer_tokens"] = _mean([r.get("completion_tokens") for r in open_ok])
     m["accuracy"] = _mean([r.get("correct") for r in ok])
@@ -69,11 +74,26 @@ def metrics(records: list[dict]) -> dict:
     return m
 
 
+def warnings(overall: dict) -> list[str]:
+    """Lines that say the run's answers are not to be trusted as they are."""
+    out = []
+    answered = overall.get("answered") or 0
+    truncated = overall.get("truncated_rate")
+    if truncated is not None and truncated > 0.5:
+        out.append(f"warning: {truncated:.0%} of the answers hit max_tokens: the model does not "
+                   "stop (a tuned model that never learned its end token?)")
+    if overall.get("turn_marker_answers"):
+        out.append(f"warning: {overall['turn_marker_answers']} of {answered} answers contain "
+                   "another chat turn's marker (the model wrote the next turn itself)")
+    return out
+
+
 def summarize(records: list[dict], info: dict) -> dict:
     """The content of summary.json."""
     cats = list(dict.fromkeys(r["category"] for r in records))
     langs = list(dict.fromkeys(r["language"] for r in records))
-    return {"info": info, "overall": metrics(records),
+    overall = metrics(records)
+    return {"info": info, "overall": overall, "warnings": warnings(overall),
             "categories": {c: metrics([r for r in records if r["category"] == c]) for c in cats},
             "languages": {lg: metrics([r for r in records if r["language"] == lg])
                           for lg in langs}}
@@ -117,6 +137,7 @@ def markdown(summary: dict, pngs: dict[str, bytes]) -> str:
     lines = [f"# Eval report: {info.get('model')}", "",
              (f"Questions: `{info.get('questions')}` · judge: {info.get('judge') or 'none'} · "
               f"system prompt: {info.get('system')!r}"), "",
+             *[f"**{w}**\n" for w in summary.get("warnings", [])],
              "| category | " + " | ".join(LABELS.get(k, k) for k in keys) + " |",
              "|---" * (len(keys) + 1) + "|"]
     for name, g in groups.items():
@@ -154,7 +175,7 @@ def answer_rows(records: list[dict]) -> list[list[str]]:
     rows = []
     for r in records:
         marks = [f"lang={r.get('answer_language', '–')}"]
-        for key in ("correct", "judge_score", "refusal", "truncated"):
+        for key in ("correct", "judge_score", "refusal", "truncated", "turn_marker"):
             if r.get(key) is not None:
                 marks.append(f"{key}={r[key]}")
         if r.get("error"):
@@ -172,7 +193,9 @@ def html_report(summary: dict, records: list[dict], pngs: dict[str, bytes]) -> s
     keys = ["n"] + shown_metrics(list(groups.values()))
     body = [(f"<p>Questions <code>{html.escape(str(info.get('questions')))}</code>, judge "
              f"{html.escape(str(info.get('judge') or 'none'))}, system prompt "
-             f"{html.escape(repr(info.get('system')))}.</p>"), "<h2>Scores by category</h2>",
+             f"{html.escape(repr(info.get('system')))}.</p>"),
+            *[f"<p class='neg'><b>{html.escape(w)}</b></p>" for w in summary.get("warnings", [])],
+            "<h2>Scores by category</h2>",
             html_table(["category"] + [LABELS.get(k, k) for k in keys],
                        [[html.escape(n)] + [fmt(g.get(k), k) for k in keys]
                         for n, g in groups.items()])]

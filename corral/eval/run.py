@@ -86,6 +86,8 @@ def score_reply(q: Question, reply: Reply) -> dict:
             "language_adherent": score.language_adherent(reply.text, q.language),
             "empty": score.is_empty(reply.text),
             "truncated": score.is_truncated(reply.finish_reason),
+            "stopped": score.is_stopped(reply.finish_reason),
+            "turn_marker": score.turn_marker(reply.text),
             "refusal": score.is_refusal(reply.text),
             "answer_chars": len(reply.text.strip())}
     if q.reference:

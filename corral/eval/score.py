@@ -1,4 +1,5 @@
-"""Per-answer scores: main language, empty / truncated / refusal flags, reference accuracy.
+"""Per-answer scores: main language, empty / truncated / stopped / refusal flags, turn markers,
+reference accuracy.
 
 All functions are pure (text in, values out) so they are unit-tested without a model.
 """
@@ -90,6 +91,20 @@ def is_empty(answer: str) -> bool:
 def is_truncated(finish_reason: str | None) -> bool:
     """The answer hit max_tokens (or the context) before the model ended it."""
     return finish_reason == "length"
+
+
+def is_stopped(finish_reason: str | None) -> bool | None:
+    """The model ended the answer itself (a stop token or stop string); None when the backend
+    gave no finish reason."""
+    return None if finish_reason is None else finish_reason == "stop"
+
+
+def turn_marker(answer: str) -> str | None:
+    """A marker of another chat turn inside the answer (corral.chat.formats.TURN_MARKERS):
+    the model ran on into a turn it should not write."""
+    from corral.chat import turn_marker as find
+
+    return find(answer)
 
 
 def _norm(text: str) -> str:

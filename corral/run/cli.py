@@ -1,5 +1,5 @@
-"""`corral generate | chat | prompt | models`, plus the model and sampling flags other
-subcommands share. Handlers only parse and delegate; heavy imports happen inside them."""
+"""`corral generate | chat | prompt | models`. Their shared model and sampling flags are in
+corral.cli_args. Handlers only parse and delegate; heavy imports happen inside them."""
 
 from __future__ import annotations
 
@@ -10,112 +10,19 @@ import sys
 import time
 from pathlib import Path
 
+# The shared flags live in corral.cli_args; imported here too for older callers.
+from corral.cli_args import (  # noqa: F401
+    DTYPES,
+    add_chat_format_arg,
+    add_kernel_args,
+    add_model_args,
+    add_sampling_args,
+    check_chat_format,
+    engine_kwargs_from_args,
+    kernel_kwargs_from_args,
+    sampling_params_from_args,
+)
 from corral.errors import CorralError
-from corral.sampling_params import SamplingParams
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-# --- shared flags ---------------------------------------------------------------------------
-
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """Sampling flags; `sampling_params_from_args` turns them into SamplingParams."""
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
-                   help="most tokens to generate (default 256)")
-    g.add_argument("--temperature", type=float, default=0.7,
-                   help="randomness; 0 = greedy (default 0.7)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the K likeliest tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=0.9,
-                   help="nucleus sampling mass (default 0.9; 1 = off)")
-    g.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens below this fraction of the top probability (0 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages repeating tokens (default 1 = off)")
-    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when this text appears (repeatable)")
-
-
-def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
-    """SamplingParams from `add_sampling_args` flags; bad values raise CorralError."""
-    try:
-        return SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repetition_penalty=args.repetition_penalty, seed=args.seed,
-                              stop=list(args.stop))
-    except ValueError as e:
-        raise CorralError(str(e)) from None
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Which model to load and how; `engine_kwargs_from_args` turns them into LLM kwargs."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default="default",
-                   help="alias, HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add_format_arg(g)
-    g.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR|JSON",
-                   help='stretch the context, e.g. yarn:4 or \'{"rope_type": "linear", '
-                        '"factor": 2}\'')
-    g.add_argument("--max-model-len", type=int, default=None, metavar="N",
-                   help="context length in tokens (default: the model's)")
-    add_kernel_args(g)
-
-
-def add_kernel_args(group) -> None:
-    """Which weight/kernel paths the engine uses (shared by `corral serve`)."""
-    group.add_argument("--no-gguf-kernels", action="store_true",
-                       help="CPU: decode on the dense fp32 weights instead of the .gguf's "
-                            "quantized blocks")
-    group.add_argument("--quantize", choices=["q8_0"], default=None,
-                       help="CPU fp32 HF model: decode on Q8_0 weights made at load (faster, "
-                            "numerics change; steps over 64 tokens stay fp32)")
-    group.add_argument("--no-cuda-graphs", action="store_true",
-                       help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
-
-
-def kernel_kwargs_from_args(args: argparse.Namespace) -> dict:
-    """EngineConfig keyword arguments for the `add_kernel_args` flags that were given."""
-    kw = {}
-    if args.no_cuda_graphs:
-        kw["cuda_graphs"] = False
-    if args.no_gguf_kernels:
-        kw["gguf_kernels"] = False
-    if args.quantize:
-        kw["quantization"] = args.quantize
-    return kw
-
-
-def add_format_arg(parser) -> None:
-    parser.add_argument("--format", default=None, metavar="NAME",
-                        help="chat format: auto (the tokenizer's template), template, llama2, "
-                             "llama3, chatml, human-assistant (alias llama2-chinese)")
-
-
-def check_format_name(name: str | None) -> None:
-    """Reject an unknown --format before any model is loaded."""
-    if name and name.strip().lower() not in ("auto", "template"):
-        from corral.chat import get_chat_format
-
-        get_chat_format(name, None)
-
-
-def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
-    """Keyword arguments for `LLM(...)` / `AsyncLLM(...)` from `add_model_args` flags."""
-    check_format_name(args.format)
-    if args.max_model_len is not None and args.max_model_len < 1:
-        raise CorralError(f"--max-model-len must be positive, got {args.max_model_len}")
-    rope = None
-    if args.rope_scaling:
-        from corral.loading import parse_rope_scaling
-
-        rope = parse_rope_scaling(args.rope_scaling)
-    return {"model": args.model, "dtype": args.dtype, "device": args.device,
-            "chat_format": args.format, "max_model_len": args.max_model_len,
-            "rope_scaling": rope, **kernel_kwargs_from_args(args)}
 
 
 class AppendTurn(argparse.Action):
@@ -168,7 +75,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-generation-prompt", action="store_true",
                    help="leave out the assistant header at the end (how tuning renders)")
     p.add_argument("--model", default="default", help="whose tokenizer/template to use")
-    add_format_arg(p)
+    add_chat_format_arg(p)
     p.set_defaults(func=cmd_prompt, turns=[])
 
     p = subparsers.add_parser("models", help="list aliases and known Llama families",
@@ -259,14 +166,18 @@ def cmd_prompt(args: argparse.Namespace) -> int:
         raise CorralError("no conversation: give --user TEXT (and --system/--assistant) "
                           "or --messages FILE.json")
     validate_messages(messages)
-    check_format_name(args.format)
-    builtin = args.format and args.format.strip().lower() not in ("auto", "template")
+    check_chat_format(args.chat_format)
+    from corral.chat import uses_specials
+
+    builtin = args.chat_format and args.chat_format.strip().lower() not in ("auto", "template")
     tokenizer = None
-    if args.ids or not builtin:  # a built-in format renders without any model files
+    # chatml/llama3 render without any model files; llama2/human-assistant need the tokenizer
+    # (their <s>/</s> become its own BOS/EOS when it has none)
+    if args.ids or not builtin or uses_specials(args.chat_format):
         from corral.loading import load_tokenizer, resolve_source
 
         tokenizer = load_tokenizer(resolve_source(args.model))
-    fmt = get_chat_format(args.format, tokenizer)
+    fmt = get_chat_format(args.chat_format, tokenizer)
     text = fmt.render(messages, add_generation_prompt=not args.no_generation_prompt)
     sys.stdout.write(text + "\n")
     if args.ids:

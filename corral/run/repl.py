@@ -128,7 +128,7 @@ def run_repl(engine, params: SamplingParams, system: str | None = None,
     def note(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    params = engine.chat_params(params)  # the format's stop tokens (e.g. <|eot_id|>)
+    params = engine.chat_params(params)  # the format's stop tokens and strings
     session = ChatSession(system=system)
     if interactive:
         note(f"chatting with {engine.info.get('name', 'the model')}; {HELP}; Ctrl-D exits")

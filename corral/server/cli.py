@@ -7,7 +7,14 @@ import logging
 import os
 import sys
 
-from corral.run.cli import add_kernel_args, kernel_kwargs_from_args
+from corral.cli_args import (
+    add_chat_format_arg,
+    add_device_arg,
+    add_dtype_arg,
+    add_kernel_args,
+    check_chat_format,
+    kernel_kwargs_from_args,
+)
 from corral.server.config import ServerConfig
 
 
@@ -23,9 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     eng = p.add_argument_group("engine")
-    eng.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
-    eng.add_argument("--device", default=None, help="auto, cpu, cuda")
-    eng.add_argument("--chat-format", default=None, help="chat format (default: the model's)")
+    add_dtype_arg(eng, default=None)
+    add_device_arg(eng, default=None)
+    add_chat_format_arg(eng)
     eng.add_argument("--max-model-len", type=int, default=None)
     eng.add_argument("--kv-cache-memory-gb", type=float, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=None)
@@ -88,6 +95,7 @@ def serve(args: argparse.Namespace) -> int:
     from corral.server.timeouts import h11_with_header_timeout
 
     config = config_from_args(args)
+    check_chat_format(args.chat_format)
     engine_kw = {k: getattr(args, k) for k in ("dtype", "device", "chat_format", "max_model_len",
                                                "kv_cache_memory_gb", "max_num_seqs")
                  if getattr(args, k) is not None}

@@ -7,6 +7,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from corral.cli_args import CHAT_FORMAT_HELP, add_chat_format_arg, add_device_arg, add_dtype_arg
 from corral.errors import CorralError
 
 S = argparse.SUPPRESS  # flags not given stay absent, so yaml values are not overridden
@@ -28,8 +29,8 @@ def register(subparsers) -> None:
     g.add_argument("--data-format", default=S,
                    help="auto (default), text, messages (also ShareGPT), alpaca, "
                         "prompt-completion")
-    g.add_argument("--chat-format", default=S, help="chat format (default: the tokenizer's "
-                   "template; human-assistant for <s>Human:/<s>Assistant: text)")
+    add_chat_format_arg(g, default=S, help=CHAT_FORMAT_HELP + "; data already rendered as "
+                        "Llama2-Chinese Human/Assistant text always uses human-assistant")
     g.add_argument("--val-data", default=S, help="separate validation data")
     g.add_argument("--val-split", type=float, default=S,
                    help="held-out fraction (<1) or count (>=1) for eval loss (default 0.05)")
@@ -49,8 +50,8 @@ def register(subparsers) -> None:
                    help="QLoRA: NF4 4-bit base via bitsandbytes (CUDA only)")
     m.add_argument("--gradient-checkpointing", action="store_true", default=S,
                    help="trade compute for activation memory")
-    m.add_argument("--dtype", default=S, help="auto (fp32 CPU, bf16 CUDA), float32, bfloat16")
-    m.add_argument("--device", default=S, help="auto, cpu, cuda")
+    add_dtype_arg(m, default=S)
+    add_device_arg(m, default=S)
     t = p.add_argument_group("schedule")
     t.add_argument("--learning-rate", "--lr", type=float, default=S,
                    help="default 2e-4 (LoRA) / 2e-5 (full)")
@@ -83,7 +84,7 @@ def register(subparsers) -> None:
                     "corral_tune.json names)")
     mp.add_argument("--adapter", required=True, help="adapter folder from corral tune")
     mp.add_argument("--output", required=True, help="folder for the merged model")
-    mp.add_argument("--dtype", default="auto", help="auto (the base's dtype), float32, bfloat16")
+    add_dtype_arg(mp, help="dtype of the merged weights (auto: the base's)")
     mp.set_defaults(func=run_merge)
 
 

@@ -6,8 +6,8 @@
       -> input_ids + labels (-100 outside answers unless train_on_prompt)
 
 Formats (detected from the columns, or `data_format`):
-  text               `text`: plain text (all trained), or Llama2-Chinese
-                     `<s>Human: q\\n</s><s>Assistant: a\\n</s>` turns (answers trained)
+  text               `text`: plain text (all trained), or Llama2-Chinese Human/Assistant
+                     turns, parsed back into messages by corral.chat (answers trained)
   messages           `messages` / `conversations`: [{role, content}] or ShareGPT [{from, value}]
   alpaca             `instruction`, optional `input` and `system`, `output`
   prompt-completion  `prompt`, `completion` (strings, or message lists)
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +31,6 @@ FORMAT_ALIASES = {"sharegpt": "messages", "conversations": "messages", "chat": "
 ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
               "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
               "system": "system"}
-HUMAN_ASSISTANT = re.compile(r"(<s>(?:Human|Assistant|System): ?)")
-HA_END = "\n</s>"
 
 Segment = tuple[str, bool]
 
@@ -45,6 +42,7 @@ class Example:
     where: str  # "data.csv row 7", for error messages
     messages: list[dict] | None = None
     segments: list[Segment] | None = None
+    chat_format: str | None = None  # the format the row was written in, if it was pre-rendered
 
 
 @dataclass
@@ -222,7 +220,9 @@ def rows_to_examples(rows: list[dict], name: str, data_format: str | None = None
                           f"{', '.join(FORMATS)}, sharegpt")
     convert = {"text": _text_example, "messages": _messages_example,
                "alpaca": _alpaca_example, "prompt-completion": _prompt_completion_example}[fmt]
-    ha = fmt == "text" and HUMAN_ASSISTANT.search(str(rows[0].get("text") or "")) is not None
+    from corral.chat import looks_like_human_assistant
+
+    ha = fmt == "text" and looks_like_human_assistant(str(rows[0].get("text") or ""))
     out = []
     for i, row in enumerate(rows, 1):
         where = f"{name} row {i}"
@@ -258,28 +258,12 @@ def _text_example(row: dict, where: str, human_assistant: bool) -> Example:
         raise CorralError("empty text in column 'text'")
     if not human_assistant:
         return Example(where, segments=[(text, True)])  # plain text: trained as a whole
-    return Example(where, segments=split_human_assistant(text))
+    from corral.chat import parse_human_assistant
 
-
-def split_human_assistant(text: str) -> list[Segment]:
-    """Pre-rendered Llama2-Chinese text -> segments; each answer keeps (or gets) its `\\n</s>`."""
-    parts = HUMAN_ASSISTANT.split(text)
-    if len(parts) == 1 or not any(p.startswith("<s>Assistant:") for p in parts[1::2]):
-        raise CorralError("no '<s>Assistant: ' answer in column 'text' (the other rows use the "
-                          "'<s>Human: ...\\n</s><s>Assistant: ...\\n</s>' format)")
-    segs: list[Segment] = [(parts[0], False)]
-    for marker, body in zip(parts[1::2], parts[2::2]):
-        if not marker.startswith("<s>Assistant:"):
-            segs.append((marker + body, False))
-            continue
-        body, tail = body.rstrip(), body[len(body.rstrip()):]
-        core = body.removesuffix("</s>").rstrip()
-        if not core.strip():
-            raise CorralError("empty answer after '<s>Assistant: ' in column 'text'")
-        # keep the row's own ending ("\n</s>" or "</s>"); add "\n</s>" where it has none
-        end = body[len(core):] if body.endswith("</s>") else HA_END
-        segs += [(marker, False), (core + end, True), (tail, False)]
-    return [s for s in segs if s[0]]
+    messages = parse_human_assistant(text)
+    _check_conversation(messages, "text")
+    # the turns are re-rendered in the model's own tokens (see corral.chat.specials_for)
+    return Example(where, messages=messages, chat_format="human-assistant")
 
 
 def _messages_example(row: dict, where: str) -> Example:
@@ -361,16 +345,21 @@ def _prompt_completion_example(row: dict, where: str) -> Example:
 
 # --- examples -> token ids and labels ---------------------------------------------------------
 
-def example_segments(example: Example, chat_format, eos_text: str | None) -> list[Segment]:
-    """The example's (text, is_answer) segments; every answer ends with a stop/EOS token."""
-    from corral.chat import render_for_training
+def example_segments(example: Example, chat_format, eos_text: str | None,
+                     tokenizer=None) -> list[Segment]:
+    """The example's (text, is_answer) segments; every answer ends with a stop/EOS token.
+
+    With `tokenizer`, only stop strings that are single tokens of it count as an end: an answer
+    ending with, say, a literal `<|im_end|>` the vocab lacks still gets the real EOS."""
+    from corral.chat import render_for_training, token_id
 
     if example.segments is not None:
         segs = list(example.segments)
-        stops = ("</s>",) if any(t.startswith("<s>Assistant:") for t, _ in segs) else ()
+        stops: tuple[str, ...] = ()
     else:
         segs = render_for_training(chat_format, example.messages)
-        stops = tuple(chat_format.stop_strings)
+        stops = tuple(s for s in chat_format.stop_strings
+                      if tokenizer is None or token_id(tokenizer, s) is not None)
     if eos_text:
         stops += (eos_text,)
     out = []
@@ -405,6 +394,21 @@ class SegmentTokenizer:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def piece(self, text: str, first: bool) -> list[int]:
+        """Ids of one segment. BOS/EOS tokens in it are cut out (see corral.chat.encode_text):
+        the text right after one is encoded fresh, like at the start of a text."""
+        from corral.chat import split_specials
+
+        ids: list[int] = []
+        fresh = first
+        for chunk, tid in split_specials(self.tok, text):
+            if tid is not None:
+                ids.append(tid)
+            else:
+                ids += self._chunk(chunk, fresh)
+            fresh = True
+        return ids
+
+    def _chunk(self, text: str, first: bool) -> list[int]:
         if first or not self.prefix_space:
             return self._ids(text)
         ids = self._ids("\n" + text)
@@ -433,7 +437,8 @@ def encode_examples(examples: list[Example], tokenizer, chat_format, max_seq_len
     eos_text = getattr(tokenizer, "eos_token", None)
     kept, dropped = [], 0
     for ex in examples:
-        ids, labels = seg_tok.encode(example_segments(ex, chat_format, eos_text), train_on_prompt)
+        segs = example_segments(ex, chat_format, eos_text, tokenizer)
+        ids, labels = seg_tok.encode(segs, train_on_prompt)
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
         if all(x == -100 for x in labels[1:]):
             dropped += 1
@@ -442,6 +447,6 @@ def encode_examples(examples: list[Example], tokenizer, chat_format, max_seq_len
     return kept, dropped
 
 
-def uses_human_assistant(examples: list[Example]) -> bool:
-    """True when the data was pre-rendered Llama2-Chinese text (then that is the chat format)."""
-    return any(ex.segments is not None and len(ex.segments) > 1 for ex in examples[:1])
+def data_chat_format(examples: list[Example]) -> str | None:
+    """The chat format pre-rendered rows were written in (then the model must use it)."""
+    return examples[0].chat_format if examples else None

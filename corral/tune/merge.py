@@ -15,44 +15,6 @@ import torch
 
 from corral.errors import CorralError
 
-# Jinja versions of corral.chat's built-in formats, so a merged model renders prompts exactly
-# as it was trained also outside Corral (tests check each equals ChatFormat.render).
-TEMPLATES = {
-    "chatml": (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-        "'<|im_end|>\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
-    "human-assistant": (
-        "{% for m in messages %}{% if m['role'] == 'assistant' %}"
-        "{{ '<s>Assistant: ' + m['content'] | trim + '\\n</s>' }}"
-        "{% else %}{{ '<s>' + ('Human' if m['role'] == 'user' else 'System') + ': ' + "
-        "m['content'] | trim + '\\n</s>' }}"
-        "{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<s>Assistant: ' }}{% endif %}"),
-    "llama3": (
-        "{{ '<|begin_of_text|>' }}{% for m in messages %}"
-        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim"
-        " + '<|eot_id|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-        "{% endif %}"),
-    "llama2": (
-        "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] | trim %}"
-        "{% set msgs = messages[1:] %}{% else %}{% set sys = none %}{% set msgs = messages %}"
-        "{% endif %}{% for m in msgs %}{% if m['role'] == 'user' %}"
-        "{% if loop.first and sys is not none %}"
-        "{{ '<s>[INST] <<SYS>>\\n' + sys + '\\n<</SYS>>\\n\\n' + m['content'] | trim + ' [/INST]' }}"
-        "{% else %}{{ '<s>[INST] ' + m['content'] | trim + ' [/INST]' }}{% endif %}"
-        "{% else %}{{ ' ' + m['content'] | trim + ' </s>' }}{% endif %}{% endfor %}"),
-}
-
-
-def template_for(chat_format, tokenizer) -> str | None:
-    """The Jinja chat template that reproduces `chat_format` (the tokenizer's own for
-    "template")."""
-    if chat_format.name == "template":
-        return getattr(tokenizer, "chat_template", None)
-    return TEMPLATES.get(chat_format.name)
-
 
 def read_summary(adapter: Path) -> dict:
     path = adapter / "corral_tune.json"
@@ -102,7 +64,7 @@ def merge(base: str | None, adapter: str, output: str, dtype: str = "auto") -> P
     # the tuned run saved its tokenizer (and chat template) next to the adapter
     tokenizer = _tokenizer_from(adapter_dir) if has_tokenizer else load_tokenizer(src)
     fmt = get_chat_format(summary.get("chat_format"), tokenizer)
-    template = template_for(fmt, tokenizer)
+    template = fmt.template  # the Jinja copy of the format it was trained on
     if template:
         tokenizer.chat_template = template
     set_generation_stops(model, tokenizer, fmt)

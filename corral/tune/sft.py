@@ -337,7 +337,7 @@ def train(cfg: TuneConfig) -> dict:
 
     from corral.chat import get_chat_format
     from corral.loading import load_tokenizer, resolve_device, resolve_source
-    from corral.tune.data import load_examples, uses_human_assistant
+    from corral.tune.data import data_chat_format, load_examples
 
     cfg.check()
     # 1. data first: every bad row is reported before a model is touched
@@ -359,11 +359,12 @@ def train(cfg: TuneConfig) -> dict:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     fmt_name = cfg.chat_format
-    if uses_human_assistant(examples):  # already rendered: the saved template must match it
-        if fmt_name and get_chat_format(fmt_name, tokenizer).name != "human-assistant":
-            raise CorralError(f"{cfg.data} holds rendered '<s>Human: ...<s>Assistant: ...' text; "
-                              "--chat-format must be human-assistant (or left out)")
-        fmt_name = "human-assistant"
+    written_in = data_chat_format(examples)
+    if written_in:  # already rendered: the saved template must match it
+        if fmt_name and get_chat_format(fmt_name, tokenizer).name != written_in:
+            raise CorralError(f"{cfg.data} holds text rendered in the {written_in} chat format; "
+                              f"--chat-format must be {written_in} (or left out)")
+        fmt_name = written_in
     chat_format = get_chat_format(fmt_name, tokenizer)
     train_ds, val_ds = build_datasets(cfg, tokenizer, chat_format, train_ex, val_ex)
     # 3. model and trainer
@@ -414,9 +415,7 @@ def train(cfg: TuneConfig) -> dict:
 
 def save_tokenizer(tokenizer, chat_format, out: Path) -> None:
     """Save the tokenizer with the chat template the run used, so prompts match training."""
-    from corral.tune.merge import template_for
-
-    template = template_for(chat_format, tokenizer)
+    template = chat_format.template
     if template:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(str(out))

@@ -80,7 +80,7 @@ class LocalBackend:
         max_new = limit - len(ids)
         if params.max_tokens is None or params.max_tokens > max_new:
             params = _replace(params, max_tokens=max_new)
-        # The chat format's end-of-turn tokens (e.g. <|im_end|>) end the answer.
+        # The chat format's end-of-turn tokens and stop strings end the answer.
         if hasattr(self.engine, "chat_params"):
             params = self.engine.chat_params(params)
         stream = self.engine.stream(ids, params)

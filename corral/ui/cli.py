@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from corral.cli_args import (
+    add_chat_format_arg,
+    add_device_arg,
+    add_dtype_arg,
+    check_chat_format,
+)
 from corral.errors import CorralError
 
 
@@ -24,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="bearer token for --endpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
-    p.add_argument("--dtype", default="auto", help="local model dtype (auto, float32, bfloat16...)")
-    p.add_argument("--device", default="auto", help="local model device (auto, cpu, cuda...)")
+    add_dtype_arg(p, help="local model dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    add_device_arg(p)
+    add_chat_format_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=2048,
                    help="upper end of the 'Max new tokens' slider")
     p.set_defaults(func=run_ui)
@@ -41,7 +48,10 @@ def make_backend(args: argparse.Namespace):
         return EndpointBackend(args.endpoint, api_key=args.api_key, model=args.model)
     if args.api_key:
         raise CorralError("--api-key only applies to --endpoint")
-    return LocalBackend.load(args.model or "default", dtype=args.dtype, device=args.device)
+    chat_format = getattr(args, "chat_format", None)
+    check_chat_format(chat_format)
+    kw = {"chat_format": chat_format} if chat_format else {}
+    return LocalBackend.load(args.model or "default", dtype=args.dtype, device=args.device, **kw)
 
 
 def build_server(backend, max_new_tokens: int = 2048):

@@ -101,8 +101,9 @@ def test_llama2_ids_single_bos(llama2_tok):
     sys_block = ["<", "<", "SYS", ">", ">", "\n", *spaced("Be", "brief"), ".", "\n",
                  "<", "<", "/", "SYS", ">", ">", "\n", "\n"]
     assert with_sys == ids(llama2_tok, ["<s>", *inst, " ", *sys_block, "Hi", " ", *end_inst])
-    assert f.stop_strings == ("</s>",)
+    assert f.stop_strings == ("</s>", "[INST]")  # a model that misses </s> is cut at [INST]
     assert f.stop_token_ids(llama2_tok) == [llama2_tok.eos_token_id]
+    assert f.text_stops(llama2_tok) == ["[INST]"]
 
 
 # --- llama3 -----------------------------------------------------------------------------------
@@ -131,10 +132,10 @@ def test_llama3_ids_and_stops(llama3_tok):
                             "<|eot_id|>", *head("user"), "Hi", "<|eot_id|>", *head("assistant")])
     assert got == want
     assert got.count(llama3_tok.bos_token_id) == 1
-    # stops on BOTH <|eot_id|> and the EOS token
-    assert f.stop_strings == ("<|eot_id|>", "<|end_of_text|>")
+    # stops on BOTH <|eot_id|> and the EOS token, and on a header that starts another turn
+    assert f.stop_strings[:2] == ("<|eot_id|>", "<|end_of_text|>")
     assert sorted(f.stop_token_ids(llama3_tok)) == sorted(
-        ids(llama3_tok, ["<|eot_id|>", "<|end_of_text|>"]))
+        ids(llama3_tok, ["<|eot_id|>", "<|end_of_text|>", "<|start_header_id|>"]))
 
 
 # --- chatml -----------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def test_chatml_ids_on_smollm2(smol_tok):
              *piece("\n"), start, *piece("assistant\n")])
     assert got == want
     assert got[:3] == [start, 9690, 198]  # "system", "\n" in SmolLM2's real vocab
-    assert f.stop_token_ids(smol_tok) == [end]  # <|im_end|> is also SmolLM2's EOS
+    assert f.stop_token_ids(smol_tok) == [end, start]  # <|im_end|> is also SmolLM2's EOS
 
 
 def test_chatml_on_llama3_tokenizer_gets_one_bos(llama3_tok):
@@ -189,7 +190,8 @@ def test_human_assistant_ids(llama2_tok):
     got = encode_chat(llama2_tok, f, [U1])
     assert got == ids(llama2_tok, ["<s>", "Human", ":", " ", "Hi", "\n", "</s>",
                                    "<s>", "Assistant", ":", " "])
-    assert f.stop_token_ids(llama2_tok) == [llama2_tok.eos_token_id]
+    # </s> ends the answer; a <s> would open the next turn
+    assert f.stop_token_ids(llama2_tok) == [llama2_tok.eos_token_id, llama2_tok.bos_token_id]
 
 
 # --- the tokenizer's own template (SmolLM2) -----------------------------------------------------
@@ -211,7 +213,7 @@ def test_template_is_auto_and_matches_transformers(smol_tok):
 
 
 def test_template_missing_asks_for_format(llama2_tok):
-    with pytest.raises(CorralError, match="--format"):
+    with pytest.raises(CorralError, match="--chat-format"):
         get_chat_format(None, llama2_tok)  # the word tokenizer has no chat template
 
 

@@ -70,8 +70,9 @@ def test_prompt_keeps_turn_order_exactly(capsys):
     rc, out, _ = run(capsys, ["prompt", "--format", "llama2", "--system", "Be brief.", "--user",
                               "Hi", "--assistant", "Hello", "--user", "Capital of France?"])
     assert rc == 0
-    assert out == ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s>"
-                   "<s>[INST] Capital of France? [/INST]\n")
+    # the default model (SmolLM2) has no <s>/</s>: its own BOS/EOS are what would be sent
+    assert out == ("<|im_start|>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello <|im_end|>"
+                   "<|im_start|>[INST] Capital of France? [/INST]\n")
 
 
 def test_prompt_no_generation_prompt(capsys):
@@ -88,8 +89,9 @@ def test_prompt_messages_file_then_flags(tmp_path, capsys):
     rc, out, _ = run(capsys, ["prompt", "--format", "human-assistant", "--messages", str(f),
                               "--user", "C"])
     assert rc == 0
-    assert out == ("<s>System: S\n</s><s>Human: A\n</s><s>Assistant: B\n</s><s>Human: C\n</s>"
-                   "<s>Assistant: \n")
+    b, e = "<|im_start|>", "<|im_end|>"  # SmolLM2's BOS/EOS stand in for <s>/</s>
+    assert out == (f"{b}System: S\n{e}{b}Human: A\n{e}{b}Assistant: B\n{e}{b}Human: C\n{e}"
+                   f"{b}Assistant: \n")
 
 
 def test_prompt_default_model_template_and_ids(capsys, default_folder):

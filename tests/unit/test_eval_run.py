@@ -30,8 +30,9 @@ EN = {"q1": "The capital of China is Beijing.", "q2": "Paris.", "q3": "Spring wi
 class FakeBackend:
     """Answers from a table; `fail` ids raise inside the backend (recorded as errors)."""
 
-    def __init__(self, answers: dict[str, str], fail: set[str] = frozenset(), name="fake"):
-        self.answers, self.fail, self.name = answers, set(fail), name
+    def __init__(self, answers: dict[str, str], fail: set[str] = frozenset(), name="fake",
+                 finish: str = "stop"):
+        self.answers, self.fail, self.name, self.finish = answers, set(fail), name, finish
         self.asked: list[str] = []
         self.params: list[SamplingParams] = []
 
@@ -46,7 +47,8 @@ class FakeBackend:
                 replies.append(Reply(error="RuntimeError: boom"))
             else:
                 replies.append(Reply(text=self.answers.get(qid, EN.get(qid, "")),
-                                     finish_reason="stop", completion_tokens=5, seconds=0.1))
+                                     finish_reason=self.finish, completion_tokens=5,
+                                     seconds=0.1))
             if progress:
                 progress(1)
         return replies
@@ -172,6 +174,31 @@ def test_compare_per_category_deltas(tmp_path):
     page = (tmp_path / "cmp" / "compare.html").read_text()
     assert page.count("data:image/png;base64,") >= 2
     assert "春风吹绿了江南岸。" in page and "Spring wind." in page  # answers side by side
+
+
+def test_runaway_answers_are_noticed(tmp_path, capsys):
+    """A tuned model that never stops: stop rate, a warning and the turn-marker count say so,
+    in summary.json, the reports, the CLI and compare (beside adherence)."""
+    runaway = {k: v + "\n</s><s>Human: 下一个问题" for k, v in (EN | ZH).items()}
+    a, b = tmp_path / "before", tmp_path / "after"
+    run(FakeBackend(EN), a)
+    summary = run(FakeBackend(runaway, finish="length"), b)
+    o = summary["overall"]
+    assert o["stop_rate"] == 0.0 and o["truncated_rate"] == 1.0 and o["turn_marker_answers"] == 4
+    assert summary["categories"]["creative_writing"]["stop_rate"] == 0.0
+    assert [w.split(":")[0] for w in summary["warnings"]] == ["warning", "warning"]
+    assert "max_tokens" in summary["warnings"][0] and "4 of 5" in summary["warnings"][1]
+    assert read_answers(b)["q1"]["turn_marker"] == "</s>"
+    assert "max_tokens" in (b / "report.md").read_text()
+    assert "max_tokens" in (b / "report.html").read_text()
+    good = run(FakeBackend(ZH), tmp_path / "good")
+    assert good["overall"]["stop_rate"] == 1.0 and good["warnings"] == []
+    assert main(["eval", "compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "stop rate A" in out and "adherence A" in out and "-1.00" in out
+    cmp = json.loads((b / "compare" / "compare.json").read_text())
+    assert cmp["groups"]["overall"]["stop_rate"] == {"a": 1.0, "b": 0.0, "delta": -1.0}
+    assert "Stop rate" in (b / "compare" / "compare.md").read_text()
 
 
 def test_cli_compare_and_errors(tmp_path, capsys):

@@ -55,7 +55,8 @@ CASES = {
                                [A2 + "<|im_end|>"]),
     "human-assistant": ([{"text": f"<s>Human: {Q1}\n</s><s>Assistant: {A1}\n</s>"
                                   f"<s>Human: {Q2}\n</s><s>Assistant: {A2}"}],
-                        [A1 + "\n</s>", A2 + "\n</s>"]),  # the missing end is added
+                        # SmolLM2 has no <s>/</s>: each answer ends with its real EOS
+                        [A1 + "\n<|im_end|>", A2 + "\n<|im_end|>"]),  # the missing end is added
     "plain-text": ([{"text": "Once upon a time."}], ["Once upon a time.<|im_end|>"]),
 }
 
@@ -74,6 +75,7 @@ def test_trained_labels_are_exactly_answers_plus_end_token(tokenizer, name):
     for piece in expected:
         assert piece in text
     if examples[0].messages is not None:
+        assert "</s>" not in text and "<s>" not in text
         assert text == fmt.render(examples[0].messages, add_generation_prompt=False)
 
 
@@ -132,7 +134,7 @@ def test_example_files_load(tmp_path):
     ha = load_examples("examples/data/bilingual_sft.csv")
     chat = load_examples("examples/data/bilingual_sft.jsonl")
     assert len(ha) == len(chat) >= 30
-    assert ha[0].segments is not None and chat[0].messages is not None
+    assert ha[0].chat_format == "human-assistant" and ha[0].messages == chat[0].messages
 
 
 def bad(tmp_path, name: str, text: str) -> str:
@@ -183,22 +185,3 @@ def test_bad_data_fails_before_training_naming_file_row_and_problem(tmp_path, na
 def test_unknown_data_format_flag(tmp_path):
     with pytest.raises(CorralError, match="unknown --data-format 'yaml'"):
         load_examples(str(write(tmp_path, "jsonl")), data_format="yaml")
-
-
-def test_builtin_templates_render_like_corral_chat(tokenizer):
-    """The Jinja saved with a tuned/merged model renders exactly like corral.chat's format."""
-    import copy
-
-    from corral.tune.merge import TEMPLATES
-
-    convs = [[{"role": "user", "content": " hi "}, {"role": "assistant", "content": "yo"},
-              {"role": "user", "content": "again"}],
-             [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "q"}]]
-    tok = copy.deepcopy(tokenizer)
-    for name, template in TEMPLATES.items():
-        fmt = get_chat_format(name, tok)
-        tok.chat_template = template
-        for conv in convs:
-            for gen in (True, False):
-                got = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
-                assert got == fmt.render(conv, add_generation_prompt=gen), (name, conv, gen)
