@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from corral.engine.structured import StructuredOutput
+
 
 @dataclass
 class SamplingParams:
@@ -34,6 +36,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks), no text or stop strings
+    structured: StructuredOutput | None = None  # constrained decoding (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -68,6 +71,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 20:
                 raise ValueError(f"{name} must be between 0 and 20, got {v}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError("structured must be a StructuredOutput")
 
     @property
     def greedy(self) -> bool:

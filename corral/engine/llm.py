@@ -150,9 +150,14 @@ class AsyncLLM(_Frontend):
         if self._stop.is_set():
             raise RuntimeError("the engine is shut down")
         rid = request_id or uuid.uuid4().hex
+        params = params or SamplingParams()
+        if params.structured is not None and params.structured.compiled is None:
+            # compile here, off the engine thread: a bad schema fails this caller alone
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.core.compile_structured, params)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
-        self._commands.put(("add", rid, prompt, params or SamplingParams()))
+        self._commands.put(("add", rid, prompt, params))
         finished = False
         try:
             while True:

@@ -169,7 +169,7 @@ async def _user_errors(source: AsyncIterator) -> AsyncIterator:
         except StopAsyncIteration:
             return
         except (ValueError, CorralError) as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param=getattr(e, "param", None)) from None
         yield item
 
 
