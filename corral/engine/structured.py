@@ -24,7 +24,7 @@ class StructuredOutputError(ValueError):
     """A constraint that cannot be compiled; `param` names the request field it came from."""
 
     def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
+        super().__init__(f"{param}: {message}" if param else message)
         self.param = param
 
 

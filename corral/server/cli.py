@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     eng.add_argument("--kv-cache-memory-gb", type=float, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=None)
     add_kernel_args(eng)
+    eng.add_argument("--tool-parser", default=None, choices=("hermes", "llama3_json"),
+                     help="how tool calls are written and parsed (default: from the chat "
+                          "format: llama3 -> llama3_json, others -> hermes)")
     lim = p.add_argument_group("limits and safety")
     lim.add_argument("--max-input-tokens", type=int, default=None,
                      help="longest prompt accepted (default: context length - 1); longer: 413")
@@ -60,7 +63,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or os.environ.get("CORRAL_API_KEY") or None,
         cors_origins=args.cors_origins, drain_timeout=args.drain_timeout,
-        log_prompts=args.log_prompts)
+        log_prompts=args.log_prompts, tool_parser=getattr(args, "tool_parser", None))
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)
     drain_timeout: float = 30.0
     log_prompts: bool = False
+    tool_parser: str | None = None  # "hermes" | "llama3_json"; None: from the chat format
 
     def resolve(self, max_model_len: int) -> ServerConfig:
         """Fill unset token limits from the model's context length and check them."""
@@ -42,5 +43,8 @@ class ServerConfig:
             raise CorralError("--max-concurrent-requests must be at least 1")
         if self.max_queue < 0:
             raise CorralError("--max-queue must be >= 0")
+        if self.tool_parser is not None and self.tool_parser not in ("hermes", "llama3_json"):
+            raise CorralError(f"--tool-parser must be hermes or llama3_json, "
+                              f"got {self.tool_parser!r}")
         self.max_total_tokens, self.max_input_tokens = total, inp
         return self

@@ -7,12 +7,14 @@ repetition_penalty, ignore_eos, min_tokens, stop_token_ids) are accepted too, so
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.sampling_params import SamplingParams
+from corral.server.constraints import ResponseFormat, StructuredOutputsBody, TGIGrammar
 from corral.server.errors import ApiError
+from corral.server.tools import NamedToolChoice, ToolCall, ToolDef
 
 
 class _Body(BaseModel):
@@ -25,9 +27,11 @@ class ContentPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages that called tools
+    tool_call_id: str | None = None  # role "tool": which call this result answers
 
     def text(self) -> str:
         """The message as plain text (only text content parts are supported)."""
@@ -63,6 +67,13 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
+    # constrained output (corral/server/constraints.py): OpenAI's, vLLM's current and older
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling(self, max_tokens: int, logprobs: int | None = None,
                  prompt_logprobs: int | None = None) -> SamplingParams:
@@ -91,6 +102,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -119,6 +133,7 @@ class TGIParameters(_Body):
     best_of: int | None = None
     truncate: int | None = None
     top_n_tokens: int | None = None
+    grammar: TGIGrammar | None = None
 
 
 class TGIRequest(_Body):
