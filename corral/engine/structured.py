@@ -15,8 +15,6 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import torch
-
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
@@ -155,9 +153,11 @@ class StructuredCompiler:
         """A fresh GrammarMatcher for one sequence (the constraint must be compiled)."""
         return self._xgr.GrammarMatcher(self.compile(so))
 
-    def apply_masks(self, logits: torch.Tensor, matchers: list) -> None:
-        """In place: -inf on every token the row's matcher forbids. logits [N, V];
-        matchers[i] is None for an unconstrained row."""
+    def apply_masks(self, logits, matchers: list) -> None:
+        """In place: -inf on every token the row's matcher forbids. logits [N, V] (a torch
+        tensor); matchers[i] is None for an unconstrained row."""
+        import torch  # here: importing SamplingParams must stay light for the CLI
+
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return

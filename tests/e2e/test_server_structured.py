@@ -139,8 +139,8 @@ def check_calls(calls) -> None:
 @pytest.mark.parametrize("choice", ["required", {"type": "function",
                                                  "function": {"name": "get_time"}}])
 def test_forced_tool_calls_validate_streamed_and_not(client, choice):
-    kw = dict(model="default", messages=WEATHER_Q, tools=[WEATHER, TIME], tool_choice=choice,
-              max_tokens=120, temperature=1.0, seed=11)
+    kw = {"model": "default", "messages": WEATHER_Q, "tools": [WEATHER, TIME],
+          "tool_choice": choice, "max_tokens": 120, "temperature": 1.0, "seed": 11}
     r = client.chat.completions.create(**kw)
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and not c.message.content
