@@ -7,6 +7,7 @@
 
 from corral.engine.config import EngineConfig
 from corral.engine.llm import LLM, AsyncLLM
+from corral.engine.structured import StructuredOutput
 from corral.outputs import CompletionOutput, RequestOutput
 from corral.sampling_params import SamplingParams
 
@@ -17,6 +18,7 @@ __all__ = [
     "EngineConfig",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutput",
     "load",
 ]
 __version__ = "0.1.0"

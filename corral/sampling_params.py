@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from corral.engine.structured import StructuredOutput
+
 MAX_INT = 2**31 - 1  # counts (n, top_k, max/min tokens): a C int, so torch never overflows
 MAX_SEED = 2**64 - 1
 MAX_LOGPROBS = 20
@@ -68,6 +70,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks), no text or stop strings
+    structured: StructuredOutput | None = None  # constrained decoding (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -116,6 +119,8 @@ class SamplingParams:
                                                    f"[0{top}), got {t!r}")
         if self.stop and not self.detokenize:
             raise ParamError("stop", "stop strings need detokenize=True")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ParamError("structured", "structured must be a StructuredOutput")
 
     @property
     def greedy(self) -> bool:

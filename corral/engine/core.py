@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from corral.engine.runner import ModelRunner, StepLogits, kv_bytes_per_block
 from corral.engine.sampler import apply_penalties, block_stop_tokens, sample, top_logprobs
 from corral.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from corral.engine.sequence import Sequence
+from corral.engine.structured import StructuredCompiler
 from corral.errors import CorralError
 from corral.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from corral.sampling_params import SamplingParams
@@ -117,6 +119,8 @@ class EngineCore:
         self._rng = torch.Generator().manual_seed(config.seed)
         self._chat_format = None
         self._failed: dict[str, RequestOutput] = {}  # this step's failed requests
+        self._structured: StructuredCompiler | None = None
+        self._structured_lock = threading.Lock()
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -213,6 +217,27 @@ class EngineCore:
             "weights": self.weights,
         }
 
+    @property
+    def structured(self) -> StructuredCompiler:
+        """The grammar compiler for this tokenizer (built on first use; thread-safe)."""
+        with self._structured_lock:
+            if self._structured is None:
+                if self.tokenizer is None:
+                    raise CorralError("structured outputs need a tokenizer")
+                stops = list(self.eos_token_ids)
+                try:
+                    stops += self.chat_format.stop_token_ids(self.tokenizer)
+                except CorralError:  # no chat format: EOS alone ends a constrained answer
+                    pass
+                self._structured = StructuredCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                      sorted(set(stops)))
+            return self._structured
+
+    def compile_structured(self, params: SamplingParams) -> None:
+        """Compile params.structured now (any thread). Raises StructuredOutputError."""
+        if params.structured is not None:
+            self.structured.compile(params.structured)
+
     # ---- requests ----------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int],
@@ -235,9 +260,12 @@ class EngineCore:
         if len(ids) >= self.max_model_len:
             raise CorralError(f"the prompt has {len(ids)} tokens; this model's context is "
                               f"{self.max_model_len} tokens (including the answer)")
+        self.compile_structured(params)  # normally done already, off the engine thread
         req = Request(request_id, text, ids, params, [])
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids), params)
+            if params.structured is not None:
+                seq.matcher = self.structured.matcher(params.structured)
             seed = (params.seed + i) % 2**64 if params.seed is not None else int(
                 torch.randint(0, 2**62, (1,), generator=self._rng))
             seq.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -261,6 +289,7 @@ class EngineCore:
         if req is None:
             return None
         for seq in req.seqs:
+            seq.matcher = None
             if not seq.finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
@@ -432,6 +461,8 @@ class EngineCore:
                     m.first_token_time = m.first_token_time or now
                     m.last_token_time = now
                     m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
+                    if seq.matcher is not None:
+                        self._advance_matcher(seq, tok)
                     self._check_finish(seq, tok)
             except BaseException as e:  # its detokenizer, logprobs, stop rules
                 if isinstance(e, _NOT_FAULTS):
@@ -447,11 +478,21 @@ class EngineCore:
             raw_lp = torch.log_softmax(logits, dim=-1)
         apply_penalties(logits, seqs)
         block_stop_tokens(logits, seqs, self.eos_token_ids)
+        if any(s.matcher is not None for s in seqs):
+            self.structured.apply_masks(logits, [s.matcher for s in seqs])
         bad = _unsampleable_rows(logits, seqs)
         tokens = sample(logits, seqs)
         lps = [raw_lp[j] if raw_lp is not None and s.params.logprobs is not None else None
                for j, s in enumerate(seqs)]
         return tokens, lps, bad
+
+    def _advance_matcher(self, seq: Sequence, tok: int) -> None:
+        if not seq.matcher.accept_token(tok):  # cannot happen under the mask; stop, never emit junk
+            seq.finish_reason, seq.stop_reason = "error", tok
+        elif seq.matcher.is_terminated():  # the grammar is complete and took its end token
+            seq.finish_reason = "stop"
+            if tok not in self.eos_token_ids:
+                seq.stop_reason = tok
 
     def _check_finish(self, seq: Sequence, tok: int) -> None:
         p = seq.params
@@ -472,11 +513,13 @@ class EngineCore:
             if seq.detok is not None and check_stop_strings(
                     seq, seq.detok.step(seq.token_ids, final=True)):
                 seq.finish_reason = "stop"
+        seq.matcher = None  # release the grammar state
         self.scheduler.finish(seq)
 
     def _fail(self, req: Request, message: str) -> RequestOutput:
         req.error = message
         for seq in req.seqs:
+            seq.matcher = None
             if not seq.finished:
                 seq.finish_reason = "error"
                 self.scheduler.finish(seq)

@@ -171,13 +171,18 @@ class AsyncLLM(_Frontend):
         finished=True. Leaving early (break, cancellation, client gone) aborts the request."""
         self._check_running()
         rid = request_id or uuid.uuid4().hex
+        params = params or SamplingParams()
+        if params.structured is not None and params.structured.compiled is None:
+            # compile here, off the engine thread: a bad schema fails this caller alone
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.core.compile_structured, params)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
         finished = False
         try:
             # again: the thread may have died (and told every stream it knew) meanwhile
             self._check_running()
-            self._commands.put(("add", rid, prompt, params or SamplingParams()))
+            self._commands.put(("add", rid, prompt, params))
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):

@@ -39,6 +39,7 @@ class Sequence:
     stop_reason: str | int | None = None
     detok: object | None = None  # IncrementalDetokenizer
     num_preemptions: int = 0
+    matcher: object | None = None  # xgrammar GrammarMatcher when params.structured is set
 
     @property
     def num_tokens(self) -> int:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 # The shared flags live in corral.cli_args; imported here too for older callers.
@@ -49,6 +50,12 @@ def register(subparsers) -> None:
                    help="print model info and a stats line (tokens, tok/s, TTFT) to stderr")
     add_model_args(p)
     add_sampling_args(p)
+    g = p.add_argument_group("structured output (one of)")
+    g.add_argument("--json-schema", type=Path, default=None, metavar="FILE.json",
+                   help="the answer is JSON matching this JSON schema")
+    g.add_argument("--regex", default=None, help="the answer matches this regular expression")
+    g.add_argument("--grammar", type=Path, default=None, metavar="FILE",
+                   help="the answer follows this EBNF grammar (xgrammar/GBNF, root ::= ...)")
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("chat", help="chat in the terminal",
@@ -115,8 +122,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     if args.raw and args.system:
         raise CorralError("--system has no effect with --raw")
+    structured = structured_from_args(args)
+    if structured is not None:
+        params = replace(params, structured=structured)
     engine = open_engine(args)
     try:
+        if structured is not None:
+            try:
+                engine.core.compile_structured(params)
+            except ValueError as e:
+                raise CorralError(str(e)) from None
         if args.raw:
             request: str | list[int] = prompt
         else:
@@ -131,6 +146,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def structured_from_args(args: argparse.Namespace):
+    """The StructuredOutput of --json-schema / --regex / --grammar, or None."""
+    from corral.engine.structured import StructuredOutput, StructuredOutputError
+
+    given = [f for f in ("json_schema", "regex", "grammar") if getattr(args, f, None)]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise CorralError("give only one of --json-schema, --regex, --grammar")
+    kind = given[0]
+    value = getattr(args, kind)
+    if kind != "regex":
+        try:
+            value = value.read_text()
+        except OSError as e:
+            raise CorralError(f"--{kind.replace('_', '-')} {value}: {e.strerror}") from None
+    if kind == "json_schema":
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise CorralError(f"--json-schema {args.json_schema}: not valid JSON ({e})") from None
+    try:
+        return StructuredOutput(**{kind: value}, param=f"--{kind.replace('_', '-')}")
+    except StructuredOutputError as e:
+        raise CorralError(str(e)) from None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

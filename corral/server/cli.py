@@ -37,6 +37,9 @@ def register(subparsers) -> None:
     eng.add_argument("--kv-cache-memory-gb", type=float, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=None)
     add_kernel_args(eng)
+    eng.add_argument("--tool-parser", default=None, choices=("hermes", "llama3_json"),
+                     help="how tool calls are written and parsed (default: from the chat "
+                          "format: llama3 -> llama3_json, others -> hermes)")
     lim = p.add_argument_group("limits and safety")
     lim.add_argument("--max-input-tokens", type=int, default=None,
                      help="longest prompt accepted (default: context length - 1); longer: 413")
@@ -82,7 +85,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cors_origins=args.cors_origins, drain_timeout=args.drain_timeout,
         log_prompts=args.log_prompts, max_n=args.max_n, max_prompts=args.max_prompts,
         max_stop_sequences=args.max_stop_sequences, strict_model_names=args.strict_model_names,
-        header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout)
+        header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
+        tool_parser=getattr(args, "tool_parser", None))
 
 
 def serve(args: argparse.Namespace) -> int:

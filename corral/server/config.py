@@ -37,6 +37,7 @@ class ServerConfig:
     strict_model_names: bool = False
     header_timeout: float = 10.0  # seconds for a connection to send its request headers
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    tool_parser: str | None = None  # "hermes" | "llama3_json"; None: from the chat format
 
     def resolve(self, max_model_len: int) -> ServerConfig:
         """Fill unset token limits from the model's context length and check them."""
@@ -56,5 +57,8 @@ class ServerConfig:
                 raise CorralError(f"--{name.replace('_', '-')} must be at least 1")
         if self.header_timeout <= 0 or self.keep_alive_timeout <= 0:
             raise CorralError("--header-timeout and --keep-alive-timeout must be > 0")
+        if self.tool_parser is not None and self.tool_parser not in ("hermes", "llama3_json"):
+            raise CorralError(f"--tool-parser must be hermes or llama3_json, "
+                              f"got {self.tool_parser!r}")
         self.max_total_tokens, self.max_input_tokens = total, inp
         return self

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from corral.errors import CorralError
 from corral.sampling_params import ParamError, SamplingParams
+from corral.server import tools as chat_tools
+from corral.server.constraints import body_constraint
 from corral.server.errors import ApiError
 from corral.server.protocol import ChatCompletionRequest, CompletionRequest
 from corral.server.serving import Serving, primed, until_disconnect
@@ -63,10 +66,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     s, rec = _serving(request), request.state.record
     model = s.check_model(body.model)
     body.check_caps(s.config)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
+    parser = chat_tools.choose_parser(s.config.tool_parser, s.engine.chat_format.name,
+                                      s.tokenizer)
+    plan = chat_tools.make_plan(body.tools, body.tool_choice, body.parallel_tool_calls, parser)
+    messages = chat_tools.request_messages(body.messages)
     try:
-        ids = list(s.engine.encode_chat(messages))
+        ids = chat_tools.encode_messages(s.engine, messages, plan, parser)
     except (ValueError, CorralError) as e:
         raise ApiError(400, f"cannot render these messages: {e}", param="messages") from None
     if body.top_logprobs is not None and not body.logprobs:
@@ -75,6 +80,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     check_vocab(s, params)
     params = s.engine.chat_params(params)  # the chat format's end-of-turn tokens stop it
+    params = _constrained(params, body, plan)
     if s.config.log_prompts:
         rec.prompt = json.dumps(messages)
     rid, created, top = f"chatcmpl-{rec.id}", int(time.time()), body.top_logprobs or 0
@@ -88,9 +94,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             return last
 
         out = await until_disconnect(request, collect())
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": _chat_logprobs(s, c.token_ids, c.logprobs, top),
-                    "finish_reason": c.finish_reason} for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            message, finish = chat_tools.final_choice(plan, c)
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": _chat_logprobs(s, c.token_ids, c.logprobs, top),
+                            "finish_reason": finish})
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                              "model": model, "system_fingerprint": FINGERPRINT,
                              "choices": choices,
@@ -104,6 +113,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                     "model": model, "system_fingerprint": FINGERPRINT, "choices": choices,
                     **extra, **more})
 
+    streamers = ({i: plan.streamer() for i in range(params.n)}
+                 if plan is not None and plan.mode != "none" else {})
+
     async def events():
         done: set[int] = set()
         for i in range(params.n):
@@ -111,19 +123,40 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                           "logprobs": None, "finish_reason": None}])
         async for _, out in updates:
             for c in out.outputs:
-                if c.delta_text or (c.delta_token_ids and body.logprobs):
+                text, calls, finish = c.delta_text, [], c.finish_reason
+                streamer = streamers.get(c.index)
+                if streamer is not None and c.index not in done:
+                    text, calls = streamer.feed(c.delta_text, bool(c.finish_reason))
+                    if streamer.calls and finish == "stop":
+                        finish = "tool_calls"
+                if text or (c.delta_token_ids and body.logprobs):
                     lp = _chat_logprobs(s, c.delta_token_ids, c.delta_logprobs, top)
-                    yield chunk([{"index": c.index, "delta": _delta(c.delta_text),
+                    yield chunk([{"index": c.index, "delta": _delta(text),
                                   "logprobs": lp, "finish_reason": None}])
+                if calls:
+                    yield chunk([{"index": c.index, "delta": {**_delta(None), "tool_calls": calls},
+                                  "logprobs": None, "finish_reason": None}])
                 if c.finish_reason and c.index not in done:
                     done.add(c.index)
                     yield chunk([{"index": c.index, "delta": _delta(None), "logprobs": None,
-                                  "finish_reason": c.finish_reason}])
+                                  "finish_reason": finish}])
         if body.include_usage:
             yield chunk([], usage=_usage(rec.prompt_tokens, rec.completion_tokens))
         yield "data: [DONE]\n\n"
 
     return SSEResponse(events())
+
+
+def _constrained(params, body, plan=None):
+    """params with the body's output constraint (response_format, structured_outputs, or a
+    forced tool call)."""
+    so = body_constraint(body)
+    tool_so = plan.structured() if plan is not None else None
+    if so is not None and tool_so is not None:
+        raise ApiError(400, f"tool_choice {plan.mode!r} cannot be combined with {so.param}",
+                       param="tool_choice")
+    so = so or tool_so
+    return params if so is None else replace(params, structured=so)
 
 
 # ---- completions ------------------------------------------------------------------------
@@ -190,6 +223,7 @@ async def completions(body: CompletionRequest, request: Request):
         params = body.sampling(s.budget(len(ids), want), body.logprobs,
                                body.logprobs if body.echo and body.logprobs is not None else None)
         check_vocab(s, params)
+        params = _constrained(params, body)
         jobs.append((ids, params, f"{rid}-{i}"))
     if s.config.log_prompts:
         rec.prompt = json.dumps([t for t, _ in prompts])

@@ -12,12 +12,14 @@ where null means "as many as fit", as in OpenAI's API).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from corral.sampling_params import ParamError, SamplingParams
+from corral.server.constraints import ResponseFormat, StructuredOutputsBody, TGIGrammar
 from corral.server.errors import ApiError
+from corral.server.tools import NamedToolChoice, ToolCall, ToolDef
 
 
 def check_text(value, where: str = "") -> None:
@@ -62,9 +64,11 @@ class ContentPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages that called tools
+    tool_call_id: str | None = None  # role "tool": which call this result answers
 
     def text(self) -> str:
         """The message as plain text (only text content parts are supported)."""
@@ -110,6 +114,13 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
+    # constrained output (corral/server/constraints.py): OpenAI's, vLLM's current and older
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     # SamplingParams field -> this body's field, for the `param` of a 400
     _param_names: ClassVar[dict[str, str]] = {}
@@ -162,6 +173,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     _param_names: ClassVar[dict[str, str]] = {"logprobs": "top_logprobs"}
 
@@ -207,6 +221,7 @@ class TGIParameters(_Body):
     truncate: int | None = None
     top_n_tokens: int | None = None
     watermark: bool = False
+    grammar: TGIGrammar | None = None
 
 
 class TGIRequest(_Body):

@@ -205,7 +205,7 @@ async def _user_errors(source: AsyncIterator) -> AsyncIterator:
         except StopAsyncIteration:
             return
         except (ValueError, CorralError) as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param=getattr(e, "param", None)) from None
         except EngineShutdownError as e:
             raise ApiError(503, str(e), code="shutting_down") from None
         except EngineDeadError as e:

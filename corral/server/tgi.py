@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from corral.server.constraints import from_tgi_grammar
 from corral.server.protocol import TGIRequest
 from corral.server.serving import Serving, primed, until_disconnect
 from corral.server.sse import SSEResponse, sse
@@ -32,6 +35,9 @@ class _Job:
             ids = ids[-p.truncate:]
         self.ids = ids
         self.params = body.sampling(s.budget(len(ids), p.max_new_tokens, "max_new_tokens"))
+        structured = from_tgi_grammar(p.grammar)
+        if structured is not None:
+            self.params = replace(self.params, structured=structured)
         self.special = set(getattr(s.tokenizer, "all_special_ids", []))
         if s.config.log_prompts:
             self.rec.prompt = body.inputs
