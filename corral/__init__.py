@@ -7,6 +7,7 @@
 
 from corral.engine.config import EngineConfig
 from corral.engine.llm import LLM, AsyncLLM
+from corral.model.lora import LoRARequest
 from corral.outputs import CompletionOutput, RequestOutput
 from corral.sampling_params import SamplingParams
 
@@ -15,6 +16,7 @@ __all__ = [
     "AsyncLLM",
     "CompletionOutput",
     "EngineConfig",
+    "LoRARequest",
     "RequestOutput",
     "SamplingParams",
     "load",

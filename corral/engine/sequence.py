@@ -39,6 +39,7 @@ class Sequence:
     stop_reason: str | int | None = None
     detok: object | None = None  # IncrementalDetokenizer
     num_preemptions: int = 0
+    lora: object | None = None  # model.lora.Adapter this sequence runs under (None: the base)
 
     @property
     def num_tokens(self) -> int:
