@@ -193,6 +193,11 @@ class AsyncLLM(_Frontend):
         return {"name": name, "path": adapter.path, "rank": adapter.rank,
                 "bytes": adapter.nbytes}
 
+    def lora_names(self) -> list[str]:
+        """Names of the registered adapters (a snapshot; safe from any thread)."""
+        lora = self.core.lora
+        return list(lora.adapters) if lora is not None else []
+
     async def unload_lora(self, name: str) -> None:
         await self._call("remove_lora", name)
 

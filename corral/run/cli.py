@@ -77,6 +77,51 @@ def add_kernel_args(group) -> None:
                        help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
 
 
+def add_lora_args(group, serving: bool = False) -> None:
+    """LoRA adapters on the base model (shared by serve, generate, chat, eval and ui)."""
+    group.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                       help="a PEFT LoRA adapter folder (as `corral tune` writes it) served on "
+                            "the base; repeatable" + (
+                                "; clients pick it with `model`=NAME" if serving else
+                                "; the first one answers (PATH alone: named after its folder)"))
+    group.add_argument("--max-loras", type=int, default=None,
+                       help="adapters resident at once, least recently used evicted (default 4)")
+    group.add_argument("--max-lora-rank", type=int, default=None,
+                       help="largest adapter rank accepted (default 64)")
+    if serving:
+        group.add_argument("--enable-lora", action="store_true",
+                           help="accept adapters loaded at run time (implied by --lora)")
+
+
+def parse_lora_specs(specs: list[str]) -> dict[str, str]:
+    """["zh=runs/zh", "runs/en"] -> {"zh": "runs/zh", "en": "runs/en"}; CorralError if bad."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name, spec
+        if not name or not path:
+            raise CorralError(f"--lora {spec!r}: expected NAME=PATH")
+        if name in out:
+            raise CorralError(f"--lora: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def lora_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """EngineConfig keyword arguments for the `add_lora_args` flags that were given."""
+    kw = {}
+    loras = parse_lora_specs(getattr(args, "lora", None) or [])
+    if loras:
+        kw["lora_modules"] = loras
+    if getattr(args, "enable_lora", False) or loras:
+        kw["enable_lora"] = True
+    for k in ("max_loras", "max_lora_rank"):
+        if getattr(args, k, None) is not None:
+            kw[k] = getattr(args, k)
+    return kw
+
+
 def kernel_kwargs_from_args(args: argparse.Namespace) -> dict:
     """EngineConfig keyword arguments for the `add_kernel_args` flags that were given."""
     kw = {}

@@ -8,7 +8,12 @@ import logging
 import os
 import sys
 
-from corral.run.cli import add_kernel_args, kernel_kwargs_from_args
+from corral.run.cli import (
+    add_kernel_args,
+    add_lora_args,
+    kernel_kwargs_from_args,
+    lora_kwargs_from_args,
+)
 from corral.server.config import ServerConfig
 
 
@@ -31,6 +36,7 @@ def register(subparsers) -> None:
     eng.add_argument("--kv-cache-memory-gb", type=float, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=None)
     add_kernel_args(eng)
+    add_lora_args(p.add_argument_group("LoRA adapters"), serving=True)
     lim = p.add_argument_group("limits and safety")
     lim.add_argument("--max-input-tokens", type=int, default=None,
                      help="longest prompt accepted (default: context length - 1); longer: 413")
@@ -75,6 +81,7 @@ def serve(args: argparse.Namespace) -> int:
                                                "kv_cache_memory_gb", "max_num_seqs")
                  if getattr(args, k) is not None}
     engine_kw.update(kernel_kwargs_from_args(args))
+    engine_kw.update(lora_kwargs_from_args(args))
     _setup_logging()
     engine = AsyncLLM(model=args.model, **engine_kw)
     try:

@@ -47,7 +47,7 @@ def _chat_logprobs(s: Serving, token_ids: list[int], logprobs: list[dict] | None
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s, rec = _serving(request), request.state.record
-    s.check_model(body.model)
+    lora = s.check_model(body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
     try:
@@ -62,7 +62,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if s.config.log_prompts:
         rec.prompt = json.dumps(messages)
     rid, created, top = f"chatcmpl-{rec.id}", int(time.time()), body.top_logprobs or 0
-    updates = s.run(rec, [(ids, params, rid)])
+    updates = s.run(rec, [(ids, params, rid)], lora)
 
     if not body.stream:
         async def collect():
@@ -151,7 +151,7 @@ def _completion_logprobs(s: Serving, ids: list[int], lps: list[dict | None],
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     s, rec = _serving(request), request.state.record
-    s.check_model(body.model)
+    lora = s.check_model(body.model)
     if body.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix")
     if body.best_of not in (None, body.n):
@@ -171,7 +171,7 @@ async def completions(body: CompletionRequest, request: Request):
     if s.config.log_prompts:
         rec.prompt = json.dumps([t for t, _ in prompts])
     n = body.n
-    updates = s.run(rec, jobs)
+    updates = s.run(rec, jobs, lora)
 
     if not body.stream:
         async def collect():
@@ -240,14 +240,17 @@ async def completions(body: CompletionRequest, request: Request):
 # ---- models -----------------------------------------------------------------------------
 
 def _model_card(s: Serving, name: str) -> dict:
-    return {"id": name, "object": "model", "created": int(s.started), "owned_by": "corral",
+    card = {"id": name, "object": "model", "created": int(s.started), "owned_by": "corral",
             "max_model_len": s.config.max_total_tokens}
+    if name in s.lora_names and name not in s.model_names:  # vLLM's shape for an adapter
+        card.update(root=name, parent=s.config.model_name)
+    return card
 
 
 @router.get("/v1/models")
 async def list_models(request: Request):
     s = _serving(request)
-    return {"object": "list", "data": [_model_card(s, n) for n in s.model_names]}
+    return {"object": "list", "data": [_model_card(s, n) for n in s.model_names + s.lora_names]}
 
 
 @router.get("/v1/models/{model:path}")

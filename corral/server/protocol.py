@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from corral.sampling_params import SamplingParams
 from corral.server.errors import ApiError
@@ -119,6 +119,7 @@ class TGIParameters(_Body):
     best_of: int | None = None
     truncate: int | None = None
     top_n_tokens: int | None = None
+    lora: str | None = Field(default=None, validation_alias=AliasChoices("lora", "adapter_id"))
 
 
 class TGIRequest(_Body):

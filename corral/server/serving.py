@@ -61,11 +61,30 @@ class Serving:
         names = [self.config.model_name, str(self.engine.info.get("name", ""))]
         return list(dict.fromkeys(n for n in names if n))
 
-    def check_model(self, model: str) -> None:
-        if model not in self.model_names:
-            raise ApiError(404, f"the model `{model}` does not exist; this server serves "
-                                f"{', '.join(self.model_names)}", param="model",
+    @property
+    def lora_names(self) -> list[str]:
+        names = getattr(self.engine, "lora_names", None)
+        return names() if names is not None else []
+
+    def check_model(self, model: str) -> str | None:
+        """The LoRA adapter `model` names (None: the base); 404 for an unknown name."""
+        if model in self.model_names:
+            return None
+        if model in self.lora_names:
+            return model
+        served = self.model_names + self.lora_names
+        raise ApiError(404, f"the model `{model}` does not exist; this server serves "
+                            f"{', '.join(served)}", param="model", code="model_not_found")
+
+    def check_lora(self, name: str | None) -> str | None:
+        """A TGI request's `lora` parameter: a loaded adapter or 404 (None/"": the base)."""
+        if not name or name in self.model_names:
+            return None
+        if name not in self.lora_names:
+            raise ApiError(404, f"LoRA adapter `{name}` is not loaded; loaded: "
+                                f"{', '.join(self.lora_names) or 'none'}", param="lora",
                            code="model_not_found")
+        return name
 
     def token_text(self, token_id: int) -> str:
         """One token's text (cached; used for logprobs)."""
@@ -100,7 +119,7 @@ class Serving:
         return max_tokens
 
     async def run(self, record: RequestRecord,
-                  jobs: list[tuple[list[int], SamplingParams, str]]
+                  jobs: list[tuple[list[int], SamplingParams, str]], lora: str | None = None
                   ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Stream (job index, update) for each (prompt ids, params, request id) job.
 
@@ -111,20 +130,21 @@ class Serving:
         await self.admission.acquire()
         try:
             if len(jobs) == 1:
-                async for out in self._one(record, *jobs[0]):
+                async for out in self._one(record, *jobs[0], lora=lora):
                     yield 0, out
             else:
-                async for item in merge([self._one(record, *j) for j in jobs]):
+                async for item in merge([self._one(record, *j, lora=lora) for j in jobs]):
                     yield item
         finally:
             self.admission.release()
 
     async def _one(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams,
-                   request_id: str) -> AsyncIterator[RequestOutput]:
+                   request_id: str, lora: str | None = None) -> AsyncIterator[RequestOutput]:
         m = self.metrics
         m.prompt_tokens.inc(len(prompt_ids))
         record.prompt_tokens += len(prompt_ids)
-        source = self.engine.stream(prompt_ids, params, request_id=request_id)
+        kw = {"lora": lora} if lora is not None else {}  # engines without LoRA keep working
+        source = self.engine.stream(prompt_ids, params, request_id=request_id, **kw)
         finished, last = False, None
         seen = [0] * params.n
         try:
