@@ -29,6 +29,7 @@ class EngineConfig:
     lora_modules: dict[str, str] | None = None  # adapters loaded at start: name -> PEFT folder
     max_loras: int = 4  # adapters resident at once (LRU beyond that)
     max_lora_rank: int = 64  # larger adapters are refused
+    default_lora: str | None = None  # adapter for requests that name none (the CLI's --lora)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:

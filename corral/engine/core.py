@@ -200,6 +200,8 @@ class EngineCore:
                               self.device)
         for name, path in (cfg.lora_modules or {}).items():
             manager.add(manager.load(name, path))
+        if cfg.default_lora is not None:
+            manager.get(cfg.default_lora)  # must be one of lora_modules
         return manager
 
     def _lora_slot_ready(self, seq: Sequence, running: list[Sequence]) -> bool:
@@ -268,7 +270,7 @@ class EngineCore:
         """Queue a request (under the LoRA adapter `lora`: a name or LoRARequest; None: the
         base). Raises CorralError for a prompt that cannot run."""
         params = params or SamplingParams()
-        adapter = self.resolve_lora(lora)
+        adapter = self.resolve_lora(lora if lora is not None else self.config.default_lora)
         if request_id in self.requests:
             raise CorralError(f"request id {request_id!r} is already running")
         if isinstance(prompt, str):

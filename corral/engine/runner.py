@@ -55,7 +55,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         # rows under a LoRA adapter run eagerly (the graphs hold base-only decode)
-        with_lora = self.lora is not None and self.lora.set_step(batch.seqs, batch.num_new_tokens)
+        with_lora = self.lora is not None and self.lora.set_step(batch)
         if self.graphs is not None and not with_lora and self.graphs.fits(batch):
             hidden = self.graphs.run(batch)
             return StepLogits(list(range(len(batch.seqs))), self.model.compute_logits(hidden), {})

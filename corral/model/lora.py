@@ -213,7 +213,7 @@ class LoRAStep:
     each forward, read by every LoRALinear of that forward."""
 
     def __init__(self):
-        self.groups: list[tuple[dict, torch.Tensor]] = []  # (slot weights by module, rows)
+        self.groups: list[tuple[dict, int, int]] = []  # (slot weights by module, row range)
 
     def clear(self) -> None:
         self.groups = []
@@ -238,18 +238,14 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        for weights, rows in self.step.groups:
+        y = self.base(x)  # a fresh tensor (every base computes one), so adding in place is safe
+        for weights, start, end in self.step.groups:
             ab = weights.get(self.name)
             if ab is None:  # this adapter does not target this module (or layer)
                 continue
             a, b = ab
-            xs = x.index_select(0, rows) if rows.numel() != x.shape[0] else x
-            delta = (xs @ a.T) @ b.T
-            if rows.numel() == x.shape[0]:
-                y = y + delta.to(y.dtype)
-            else:
-                y = y.index_add(0, rows, delta.to(y.dtype))
+            # y[rows] += (x[rows] A^T) B^T on views: no gather, no scatter
+            y[start:end].addmm_(x[start:end] @ a.T, b.T)
         return y
 
 
@@ -331,17 +327,29 @@ class LoRAManager:
         self.num_loads += 1
         return True
 
-    def set_step(self, seqs, num_new_tokens) -> bool:
-        """Group the step's flat token rows by adapter; True when any row has one."""
-        rows: dict[int, list[int]] = {}
-        pos = 0
-        for seq, n in zip(seqs, num_new_tokens):
+    def set_step(self, batch) -> bool:
+        """Order the batch's rows by adapter (in place; decodes stay first, as attention
+        needs) and record each adapter's contiguous token ranges; True when any row has one.
+        Callers read batch.seqs after this, so sampled rows follow the new order."""
+        if all(s.lora is None for s in batch.seqs):
+            self.step.groups = []
+            return False
+        rows = sorted(zip(batch.seqs, batch.num_new_tokens),
+                      key=lambda r: (r[1] != 1, r[0].lora.id if r[0].lora is not None else 0))
+        batch.seqs[:] = [s for s, _ in rows]
+        batch.num_new_tokens[:] = [n for _, n in rows]
+        groups: list[tuple[dict, int, int]] = []
+        pos, prev = 0, None
+        for seq, n in rows:
             if seq.lora is not None:
-                rows.setdefault(seq.lora.id, []).extend(range(pos, pos + n))
+                if prev is seq.lora and groups and groups[-1][2] == pos:
+                    groups[-1] = (groups[-1][0], groups[-1][1], pos + n)  # extend the run
+                else:
+                    groups.append((self.resident[seq.lora.id][1], pos, pos + n))
+            prev = seq.lora
             pos += n
-        self.step.groups = [(self.resident[i][1], torch.tensor(r, device=self.device))
-                            for i, r in rows.items()]
-        return bool(rows)
+        self.step.groups = groups
+        return True
 
     def listing(self) -> list[dict]:
         return [{"name": a.name, "path": a.path, "rank": a.rank, "bytes": a.nbytes,

@@ -63,6 +63,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context length in tokens (default: the model's)")
     add_kernel_args(g)
+    add_lora_args(g)
 
 
 def add_kernel_args(group) -> None:
@@ -158,9 +159,12 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
         from corral.loading import parse_rope_scaling
 
         rope = parse_rope_scaling(args.rope_scaling)
-    return {"model": args.model, "dtype": args.dtype, "device": args.device,
-            "chat_format": args.format, "max_model_len": args.max_model_len,
-            "rope_scaling": rope, **kernel_kwargs_from_args(args)}
+    kw = {"model": args.model, "dtype": args.dtype, "device": args.device,
+          "chat_format": args.format, "max_model_len": args.max_model_len,
+          "rope_scaling": rope, **kernel_kwargs_from_args(args), **lora_kwargs_from_args(args)}
+    if kw.get("lora_modules"):  # generate/chat/eval answer under the first adapter
+        kw["default_lora"] = next(iter(kw["lora_modules"]))
+    return kw
 
 
 class AppendTurn(argparse.Action):

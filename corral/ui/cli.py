@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="local model device (auto, cpu, cuda...)")
     p.add_argument("--max-new-tokens", type=int, default=2048,
                    help="upper end of the 'Max new tokens' slider")
+    from corral.run.cli import add_lora_args
+
+    add_lora_args(p)
     p.set_defaults(func=run_ui)
 
 
@@ -38,10 +41,19 @@ def make_backend(args: argparse.Namespace):
     if args.endpoint:
         if not args.endpoint.startswith(("http://", "https://")):
             raise CorralError(f"--endpoint must be an http(s) URL, got {args.endpoint!r}")
+        if getattr(args, "lora", None):
+            raise CorralError("--lora applies to a local model; with --endpoint pick the "
+                              "adapter by --model NAME")
         return EndpointBackend(args.endpoint, api_key=args.api_key, model=args.model)
     if args.api_key:
         raise CorralError("--api-key only applies to --endpoint")
-    return LocalBackend.load(args.model or "default", dtype=args.dtype, device=args.device)
+    from corral.run.cli import lora_kwargs_from_args
+
+    lora = lora_kwargs_from_args(args)
+    if lora.get("lora_modules"):  # the chat answers under the first adapter
+        lora["default_lora"] = next(iter(lora["lora_modules"]))
+    return LocalBackend.load(args.model or "default", dtype=args.dtype, device=args.device,
+                             **lora)
 
 
 def build_server(backend, max_new_tokens: int = 2048):

@@ -208,3 +208,33 @@ def test_adapter_memory_per_rank(setup):
     assert ad.rank == 8
     per_rank = bytes_per_rank(cfg, torch.float32)
     assert per_rank * 8 <= ad.nbytes
+
+
+def test_cli_lora_flags():
+    import argparse
+
+    from corral.errors import CorralError
+    from corral.run.cli import add_model_args, engine_kwargs_from_args, parse_lora_specs
+
+    assert parse_lora_specs(["zh=runs/zh", "runs/en/"]) == {"zh": "runs/zh", "en": "runs/en/"}
+    with pytest.raises(CorralError, match="given twice"):
+        parse_lora_specs(["a=x", "a=y"])
+    with pytest.raises(CorralError, match="NAME=PATH"):
+        parse_lora_specs(["=x"])
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    kw = engine_kwargs_from_args(p.parse_args(["--lora", "zh=runs/zh", "--max-loras", "2"]))
+    assert kw["lora_modules"] == {"zh": "runs/zh"} and kw["enable_lora"]
+    assert kw["default_lora"] == "zh" and kw["max_loras"] == 2
+    assert "enable_lora" not in engine_kwargs_from_args(p.parse_args([]))
+
+
+def test_default_lora_answers_requests_that_name_none(setup):
+    base_dir, a_dir, _ = setup
+    llm = LLM(model=str(base_dir), lora_modules={"a": str(a_dir)}, default_lora="a")
+    p = list(range(5, 20))
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert out[0].outputs[0].token_ids == peft_greedy(base_dir, a_dir, p, 4)
+    with pytest.raises(LoRAError, match="'b' is not loaded"):
+        LLM(model=str(base_dir), lora_modules={"a": str(a_dir)}, default_lora="b")
