@@ -89,6 +89,9 @@ def load_adapter(name: str, path: str | Path, config, max_rank: int,
         raise _fail(name, path, "no such folder")
     cfg_file = folder / "adapter_config.json"
     if not cfg_file.is_file():
+        if (folder / "config.json").is_file():
+            raise _fail(name, path, "this is a full model (config.json, no adapter_config.json): "
+                                    "serve it with --model, not --lora")
         raise _fail(name, path, "adapter_config.json is missing (not a PEFT adapter folder)")
     try:
         acfg = json.loads(cfg_file.read_text())

@@ -238,3 +238,29 @@ def test_default_lora_answers_requests_that_name_none(setup):
     assert out[0].outputs[0].token_ids == peft_greedy(base_dir, a_dir, p, 4)
     with pytest.raises(LoRAError, match="'b' is not loaded"):
         LLM(model=str(base_dir), lora_modules={"a": str(a_dir)}, default_lora="b")
+
+
+def test_lora_over_q8_0_kernels(setup):
+    """Installed after `--quantize q8_0`: the wrappers keep the packed-kernel layers as their
+    base, and the adapter still moves the output (by the same delta as on the dense base,
+    up to Q8_0 rounding of the base)."""
+    from corral.model.gguf_kernels import GGUFLinear, load_library
+
+    if load_library() is None:
+        pytest.skip("no C compiler for the Q8_0 kernels")
+    base_dir, a_dir, _ = setup
+    core = EngineCore(EngineConfig(model=str(base_dir), quantization="q8_0",
+                                   lora_modules={"a": str(a_dir)}))
+    wrapped = [m for m in core.model.modules() if isinstance(m, LoRALinear)]
+    assert wrapped and all(isinstance(m.base, GGUFLinear) for m in wrapped)
+    x = torch.randn(3, core.model_config.hidden_size)
+    layer = core.model.model.layers[0].self_attn.qkv_proj
+    adapter = core.lora.get("a")
+    core.lora.activate(adapter, set())
+    core.lora.step.groups = [(core.lora.resident[adapter.id][1], 1, 3)]
+    y = layer(x)
+    core.lora.step.clear()
+    y0 = layer(x)
+    a, b = adapter.weights["model.layers.0.self_attn.qkv_proj"]
+    assert torch.equal(y[0], y0[0])  # row 0 is a base row
+    torch.testing.assert_close(y[1:] - y0[1:], (x[1:] @ a.T) @ b.T, rtol=1e-4, atol=1e-5)
