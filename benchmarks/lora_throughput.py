@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, nargs=2, metavar=("MIN", "MAX"))
     ap.add_argument("--num-adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2, help="alternating base/adapter runs")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -92,10 +93,10 @@ def main() -> None:
     warm = make_workload(len(names), (8, 16), (4, 4), vocab, 99)
     corral_run(core, warm, names)  # warm-up: every adapter resident, kernels touched
     corral_run(core, warm)
-    # base-only and adapters alternate twice, so drift on a shared machine hits both alike
+    # base-only and adapters alternate, so drift on a shared machine hits both alike
     spread = [names[i % len(names)] for i in range(n)]
     base_runs, lora_runs = [], []
-    for _ in range(2):
+    for _ in range(max(1, args.repeats)):
         base_runs.append(corral_run(core, work))
         lora_runs.append(corral_run(core, work, spread))
     base = max(base_runs, key=lambda r: r["useful_tokens_per_s"])
