@@ -225,7 +225,10 @@ class EngineCore:
         self._require_lora().add(adapter)
 
     def remove_lora(self, name: str) -> None:
-        self._require_lora().remove(name)
+        """Forget an adapter; requests already running under it finish on it."""
+        adapter = self._require_lora().remove(name)
+        if not any(s.lora is adapter for s in self.scheduler.running):
+            self.lora.resident.pop(adapter.id, None)  # free its slot now
 
     def resolve_lora(self, lora):
         """None / a name / a LoRARequest -> the registered Adapter (loading a LoRARequest's

@@ -264,3 +264,23 @@ def test_lora_over_q8_0_kernels(setup):
     a, b = adapter.weights["model.layers.0.self_attn.qkv_proj"]
     assert torch.equal(y[0], y0[0])  # row 0 is a base row
     torch.testing.assert_close(y[1:] - y0[1:], (x[1:] @ a.T) @ b.T, rtol=1e-4, atol=1e-5)
+
+
+def test_unload_frees_the_slot_and_reload_is_a_new_adapter(setup):
+    base_dir, a_dir, _ = setup
+    core = EngineCore(EngineConfig(model=str(base_dir), lora_modules={"a": str(a_dir)},
+                                   block_size=8))
+    prompt = list(range(3, 40))
+    params = SamplingParams(temperature=0, max_tokens=2)
+    core.add_request("x", prompt, params, lora="a")
+    while core.has_work():
+        core.step()
+    old = core.lora.get("a")
+    assert old.id in core.lora.resident
+    core.remove_lora("a")
+    assert old.id not in core.lora.resident and not core.lora.adapters
+    core.add_lora(core.lora.load("a", a_dir))
+    req = core.add_request("y", prompt, params, lora="a")
+    while core.has_work():
+        core.step()
+    assert req.seqs[0].num_cached_tokens == 0  # a reloaded adapter never reuses old K/V
