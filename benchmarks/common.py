@@ -127,15 +127,17 @@ def hf_generate_static(hf, work: Workload, batch_size: int, device: torch.device
             "ttft_s": percentiles(ttft), "itl_s": percentiles(itl)}
 
 
-def corral_run(core, work: Workload) -> dict:
-    """Submit the whole workload at once to the engine; per-request TTFT and inter-token gaps."""
+def corral_run(core, work: Workload, loras: list | None = None) -> dict:
+    """Submit the whole workload at once to the engine; per-request TTFT and inter-token gaps.
+    `loras`: the LoRA adapter (name or None) of each request."""
     from corral import SamplingParams
 
     t0 = time.perf_counter()
     start_wall = time.time()
     for i, (p, n) in enumerate(zip(work.prompts, work.output_lens)):
         core.add_request(f"b{i}", p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
-                                                    detokenize=False))
+                                                    detokenize=False),
+                         lora=loras[i] if loras else None)
     last: dict[str, float] = {}
     ttft, itl = [], []
     while core.has_work():

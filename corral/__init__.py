@@ -8,6 +8,7 @@
 from corral.engine.config import EngineConfig
 from corral.engine.llm import LLM, AsyncLLM
 from corral.engine.structured import StructuredOutput
+from corral.model.lora import LoRARequest
 from corral.outputs import CompletionOutput, RequestOutput
 from corral.sampling_params import SamplingParams
 
@@ -16,6 +17,7 @@ __all__ = [
     "AsyncLLM",
     "CompletionOutput",
     "EngineConfig",
+    "LoRARequest",
     "RequestOutput",
     "SamplingParams",
     "StructuredOutput",

@@ -12,6 +12,7 @@ kept as aliases), the same choices and help everywhere.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from corral.errors import CorralError
 from corral.sampling_params import SamplingParams
@@ -88,6 +89,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context length in tokens (default: the model's)")
     add_kernel_args(g)
+    add_lora_args(g)
 
 
 def add_kernel_args(group) -> None:
@@ -100,6 +102,51 @@ def add_kernel_args(group) -> None:
                             "numerics change; steps over 64 tokens stay fp32)")
     group.add_argument("--no-cuda-graphs", action="store_true",
                        help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+
+
+def add_lora_args(group, serving: bool = False) -> None:
+    """LoRA adapters on the base model (shared by serve, generate, chat, eval and ui)."""
+    group.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                       help="a PEFT LoRA adapter folder (as `corral tune` writes it) served on "
+                            "the base; repeatable" + (
+                                "; clients pick it with `model`=NAME" if serving else
+                                "; the first one answers (PATH alone: named after its folder)"))
+    group.add_argument("--max-loras", type=int, default=None,
+                       help="adapters resident at once, least recently used evicted (default 4)")
+    group.add_argument("--max-lora-rank", type=int, default=None,
+                       help="largest adapter rank accepted (default 64)")
+    if serving:
+        group.add_argument("--enable-lora", action="store_true",
+                           help="accept adapters loaded at run time (implied by --lora)")
+
+
+def parse_lora_specs(specs: list[str]) -> dict[str, str]:
+    """["zh=runs/zh", "runs/en"] -> {"zh": "runs/zh", "en": "runs/en"}; CorralError if bad."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name, spec
+        if not name or not path:
+            raise CorralError(f"--lora {spec!r}: expected NAME=PATH")
+        if name in out:
+            raise CorralError(f"--lora: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def lora_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """EngineConfig keyword arguments for the `add_lora_args` flags that were given."""
+    kw = {}
+    loras = parse_lora_specs(getattr(args, "lora", None) or [])
+    if loras:
+        kw["lora_modules"] = loras
+    if getattr(args, "enable_lora", False) or loras:
+        kw["enable_lora"] = True
+    for k in ("max_loras", "max_lora_rank"):
+        if getattr(args, k, None) is not None:
+            kw[k] = getattr(args, k)
+    return kw
 
 
 def kernel_kwargs_from_args(args: argparse.Namespace) -> dict:
@@ -124,6 +171,9 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
         from corral.loading import parse_rope_scaling
 
         rope = parse_rope_scaling(args.rope_scaling)
-    return {"model": args.model, "dtype": args.dtype, "device": args.device,
-            "chat_format": args.chat_format, "max_model_len": args.max_model_len,
-            "rope_scaling": rope, **kernel_kwargs_from_args(args)}
+    kw = {"model": args.model, "dtype": args.dtype, "device": args.device,
+          "chat_format": args.chat_format, "max_model_len": args.max_model_len,
+          "rope_scaling": rope, **kernel_kwargs_from_args(args), **lora_kwargs_from_args(args)}
+    if kw.get("lora_modules"):  # generate/chat/eval answer under the first adapter
+        kw["default_lora"] = next(iter(kw["lora_modules"]))
+    return kw

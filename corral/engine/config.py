@@ -25,6 +25,11 @@ class EngineConfig:
     gguf_kernels: bool = True  # CPU fp32 .gguf model: small steps read the quantized blocks
     cuda_graphs: bool = True  # CUDA: replay recorded graphs for decode steps (False: eager)
     seed: int = 0  # seeds the generator of requests that give no seed
+    enable_lora: bool = False  # serve LoRA adapters on the base (implied by lora_modules)
+    lora_modules: dict[str, str] | None = None  # adapters loaded at start: name -> PEFT folder
+    max_loras: int = 4  # adapters resident at once (LRU beyond that)
+    max_lora_rank: int = 64  # larger adapters are refused
+    default_lora: str | None = None  # adapter for requests that name none (the CLI's --lora)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:

@@ -98,6 +98,7 @@ class EngineCore:
                                                       self.device, max_len=self.max_model_len)
         self.source = src
         self.weights = self._attach_kernels(src)
+        self.lora = self._setup_lora()  # after the kernels: the wrappers keep what they find
         self.eos_token_ids = _eos_ids(src, self.model_config, self.tokenizer)
         cuda = self.device.type == "cuda"
         bs = config.block_size
@@ -112,6 +113,9 @@ class EngineCore:
             self.bm,
         )
         self.runner = ModelRunner(self.model, num_blocks, bs, self.dtype, self.device)
+        if self.lora is not None:
+            self.runner.lora = self.lora
+            self.scheduler.can_admit = self._lora_slot_ready
         if cuda and config.cuda_graphs:
             self._capture_decode_graphs()
         self.requests: dict[str, Request] = {}
@@ -131,6 +135,8 @@ class EngineCore:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = total * self.config.gpu_memory_utilization - (total - free) - 2 * 2**30
+            if self.lora is not None:  # room for max_loras adapters of max_lora_rank
+                budget -= self.lora.budget_bytes
             if self.config.kv_cache_memory_gb:
                 budget = min(budget, self.config.kv_cache_memory_gb * 2**30)
         else:
@@ -193,6 +199,59 @@ class EngineCore:
 
         return attach_gguf_kernels(self.model, src.gguf)
 
+    def _setup_lora(self):
+        """The LoRA manager (wrappers installed, start-up adapters registered), or None."""
+        cfg = self.config
+        if not (cfg.enable_lora or cfg.lora_modules):
+            return None
+        from corral.model.lora import LoRAManager
+
+        manager = LoRAManager(self.model, cfg.max_loras, cfg.max_lora_rank, self.dtype,
+                              self.device)
+        for name, path in (cfg.lora_modules or {}).items():
+            manager.add(manager.load(name, path))
+        if cfg.default_lora is not None:
+            manager.get(cfg.default_lora)  # must be one of lora_modules
+        return manager
+
+    def _lora_slot_ready(self, seq: Sequence, running: list[Sequence]) -> bool:
+        """Scheduler gate: a sequence under an adapter starts once the adapter is resident."""
+        if seq.lora is None:
+            return True
+        in_use = {s.lora.id for s in running if s.lora is not None}
+        return self.lora.activate(seq.lora, in_use)
+
+    def _require_lora(self):
+        if self.lora is None:
+            from corral.model.lora import LoRAError
+
+            raise LoRAError("LoRA adapters are not enabled on this engine (enable_lora=True, "
+                            "or --lora NAME=PATH)")
+        return self.lora
+
+    def add_lora(self, adapter) -> None:
+        """Register a loaded `model.lora.Adapter` (read it with `self.lora.load`, off this
+        thread if steps are running); it becomes resident when a request first needs it."""
+        self._require_lora().add(adapter)
+
+    def remove_lora(self, name: str) -> None:
+        """Forget an adapter; requests already running under it finish on it."""
+        adapter = self._require_lora().remove(name)
+        if not any(s.lora is adapter for s in self.scheduler.running):
+            self.lora.resident.pop(adapter.id, None)  # free its slot now
+
+    def resolve_lora(self, lora):
+        """None / a name / a LoRARequest -> the registered Adapter (loading a LoRARequest's
+        path the first time its name is seen)."""
+        if lora is None:
+            return None
+        manager = self._require_lora()
+        name = lora if isinstance(lora, str) else lora.name
+        path = None if isinstance(lora, str) else lora.path
+        if name not in manager.adapters and path is not None:
+            manager.add(manager.load(name, path))
+        return manager.get(name)
+
     @property
     def chat_format(self):
         if self._chat_format is None and self.tokenizer is not None:
@@ -215,6 +274,7 @@ class EngineCore:
             "kv_blocks": self.bm.num_blocks,
             "block_size": self.bm.block_size,
             "weights": self.weights,
+            "loras": self.lora.listing() if self.lora is not None else [],
         }
 
     @property
@@ -241,9 +301,11 @@ class EngineCore:
     # ---- requests ----------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int],
-                    params: SamplingParams | None = None) -> Request:
-        """Queue a request. Raises CorralError for a prompt that cannot run."""
+                    params: SamplingParams | None = None, lora=None) -> Request:
+        """Queue a request (under the LoRA adapter `lora`: a name or LoRARequest; None: the
+        base). Raises CorralError for a prompt that cannot run."""
         params = params or SamplingParams()
+        adapter = self.resolve_lora(lora if lora is not None else self.config.default_lora)
         if request_id in self.requests:
             raise CorralError(f"request id {request_id!r} is already running")
         if isinstance(prompt, str):
@@ -263,7 +325,8 @@ class EngineCore:
         self.compile_structured(params)  # normally done already, off the engine thread
         req = Request(request_id, text, ids, params, [])
         for i in range(params.n):
-            seq = Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids), params)
+            seq = Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids), params,
+                           lora=adapter)
             if params.structured is not None:
                 seq.matcher = self.structured.matcher(params.structured)
             seed = (params.seed + i) % 2**64 if params.seed is not None else int(

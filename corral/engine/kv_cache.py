@@ -45,6 +45,12 @@ class BlockManager:
     def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
         return hash((parent, tokens))
 
+    @staticmethod
+    def root_hash(seq: Sequence) -> int | None:
+        """The first block's parent: the adapter's id, so K/V computed under one LoRA adapter
+        (or the base) is never reused under another."""
+        return None if seq.lora is None else hash(("lora", seq.lora.id))
+
     def _take_free(self) -> int:
         block_id, _ = self.free.popitem(last=False)  # least recently freed
         block = self.blocks[block_id]
@@ -60,7 +66,7 @@ class BlockManager:
             return 0
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
-        parent = None
+        parent = self.root_hash(seq)
         hits = 0
         for i in range(max_blocks):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
@@ -99,7 +105,7 @@ class BlockManager:
             return
         bs = self.block_size
         full = seq.num_computed_tokens // bs
-        parent = None
+        parent = self.root_hash(seq)
         for i in range(full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -83,29 +84,35 @@ class LLM(_Frontend):
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. Prompts are strings or token-id lists."""
+                 use_tqdm: bool = True, lora=None) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Prompts are strings or token-id lists.
+        `lora`: a LoRARequest (or adapter name) for every prompt, or a list with one per
+        prompt (None: the base); needs enable_lora=True."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self._run(list(prompts), params, use_tqdm)
+        return self._run(list(prompts), params, use_tqdm, lora)
 
     def chat(self, conversations: list[Message] | list[list[Message]],
              params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, lora=None) -> list[RequestOutput]:
         """Render each conversation with the model's chat format and generate its answer."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         plist = _per_prompt(params, len(conversations))
         ids = [self.encode_chat(c) for c in conversations]
-        return self._run(ids, [self.chat_params(p) for p in plist], use_tqdm)
+        return self._run(ids, [self.chat_params(p) for p in plist], use_tqdm, lora)
 
-    def _run(self, prompts: list[Prompt], params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[Prompt], params, use_tqdm: bool,
+             lora=None) -> list[RequestOutput]:
         plist = _per_prompt(params, len(prompts))
+        loras = list(lora) if isinstance(lora, (list, tuple)) else [lora] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts")
         order = []
         try:
-            for prompt, p in zip(prompts, plist):
+            for prompt, p, lr in zip(prompts, plist, loras):
                 rid = f"llm-{next(self._ids)}"
-                self.core.add_request(rid, prompt, p)
+                self.core.add_request(rid, prompt, p, lora=lr)
                 order.append(rid)
         except BaseException:
             for rid in order:  # nothing of a refused batch stays queued for the next call
@@ -166,7 +173,8 @@ class AsyncLLM(_Frontend):
     # ---- caller side (event loop) ---------------------------------------------------------
 
     async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                     request_id: str | None = None,
+                     lora=None) -> AsyncIterator[RequestOutput]:
         """Yield the request's state after every step that changed it; the last has
         finished=True. Leaving early (break, cancellation, client gone) aborts the request."""
         self._check_running()
@@ -182,7 +190,7 @@ class AsyncLLM(_Frontend):
         try:
             # again: the thread may have died (and told every stream it knew) meanwhile
             self._check_running()
-            self._commands.put(("add", rid, prompt, params))
+            self._commands.put(("add", rid, prompt, params, lora))
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -197,12 +205,35 @@ class AsyncLLM(_Frontend):
                 self._commands.put(("abort", rid))
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> RequestOutput:
+                       request_id: str | None = None, lora=None) -> RequestOutput:
         """Run one request to the end and return its final output."""
         last = None
-        async for last in self.stream(prompt, params, request_id):
+        async for last in self.stream(prompt, params, request_id, lora):
             pass
         return last
+
+    async def load_lora(self, name: str, path: str) -> dict:
+        """Read and check the adapter here (a worker thread: steps keep running), then hand
+        it to the engine thread, which registers it between two steps."""
+        manager = self.core._require_lora()
+        adapter = await asyncio.to_thread(manager.load, name, path)
+        await self._call("add_lora", adapter)
+        return {"name": name, "path": adapter.path, "rank": adapter.rank,
+                "bytes": adapter.nbytes}
+
+    def lora_names(self) -> list[str]:
+        """Names of the registered adapters (a snapshot; safe from any thread)."""
+        lora = self.core.lora
+        return list(lora.adapters) if lora is not None else []
+
+    async def unload_lora(self, name: str) -> None:
+        await self._call("remove_lora", name)
+
+    async def _call(self, method: str, *args):
+        """Run `self.core.<method>(*args)` on the engine thread; its error is raised here."""
+        fut = concurrent.futures.Future()
+        self._commands.put(("call", fut, method, args))
+        return await asyncio.wrap_future(fut)
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -258,13 +289,19 @@ class AsyncLLM(_Frontend):
 
     def _handle(self, cmd) -> None:
         if cmd[0] == "add":
-            _, rid, prompt, params = cmd
+            _, rid, prompt, params, lora = cmd
             try:
-                self.core.add_request(rid, prompt, params)
+                self.core.add_request(rid, prompt, params, lora=lora)
             except BaseException as e:  # a tokenizer panic is a BaseException
                 if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
                     raise
                 self._deliver(rid, e)  # CorralError / ValueError: that caller's 400
+        elif cmd[0] == "call":
+            _, fut, method, args = cmd
+            try:
+                fut.set_result(getattr(self.core, method)(*args))
+            except Exception as e:  # noqa: BLE001 - handed back to the caller
+                fut.set_exception(e)
         elif cmd[0] == "abort":
             out = self.core.abort(cmd[1])
             if out is not None:

@@ -44,6 +44,7 @@ class ModelRunner:
                           torch.zeros(shape, dtype=dtype, device=device))
                          for _ in range(cfg.num_hidden_layers)]
         self.graphs: DecodeGraphs | None = None
+        self.lora = None  # model.lora.LoRAManager when adapters are enabled
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Record the pure-decode forward at padded batch sizes up to max_num_seqs (CUDA graphs
@@ -53,7 +54,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:
-        if self.graphs is not None and self.graphs.fits(batch):
+        # rows under a LoRA adapter run eagerly (the graphs hold base-only decode)
+        with_lora = self.lora is not None and self.lora.set_step(batch)
+        if self.graphs is not None and not with_lora and self.graphs.fits(batch):
             hidden = self.graphs.run(batch)
             return StepLogits(list(range(len(batch.seqs))), self.model.compute_logits(hidden), {})
         bs = self.block_size

@@ -42,6 +42,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # optional gate on admission (the engine's LoRA slots): False keeps the queue waiting
+        self.can_admit = None
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = Status.WAITING
@@ -77,6 +79,8 @@ class Scheduler:
     def _admit(self, chosen: list[tuple[Sequence, int]], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if self.can_admit is not None and not self.can_admit(seq, self.running):
+                break
             fresh = not seq.block_table
             if fresh:
                 seq.num_computed_tokens = self.bm.allocate_prefix(seq)

@@ -40,6 +40,7 @@ class Sequence:
     detok: object | None = None  # IncrementalDetokenizer
     num_preemptions: int = 0
     matcher: object | None = None  # xgrammar GrammarMatcher when params.structured is set
+    lora: object | None = None  # model.lora.Adapter this sequence runs under (None: the base)
 
     @property
     def num_tokens(self) -> int:

@@ -16,11 +16,14 @@ from corral.cli_args import (  # noqa: F401
     DTYPES,
     add_chat_format_arg,
     add_kernel_args,
+    add_lora_args,
     add_model_args,
     add_sampling_args,
     check_chat_format,
     engine_kwargs_from_args,
     kernel_kwargs_from_args,
+    lora_kwargs_from_args,
+    parse_lora_specs,
     sampling_params_from_args,
 )
 from corral.errors import CorralError

@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from corral.server import openai, tgi
+from corral.server import lora, openai, tgi
 from corral.server.auth import bearer_ok
 from corral.server.config import ServerConfig
 from corral.server.errors import ApiError, error_response
@@ -29,7 +29,8 @@ log = logging.getLogger("corral.server")
 RETRY_AFTER = "1"  # seconds, on 429 (queue full) and 503 (draining, engine dead)
 
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/generate",
-                    "/generate_stream", "/", "/info", "/health", "/metrics"})
+                    "/generate_stream", "/", "/info", "/health", "/metrics",
+                    "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/lora_adapters"})
 
 
 class BodyTooLarge(HTTPException):
@@ -124,6 +125,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     app.state.serving = serving
     app.include_router(openai.router)
     app.include_router(tgi.router)
+    app.include_router(lora.router)
 
     @app.get("/health")
     async def health():

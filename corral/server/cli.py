@@ -12,8 +12,10 @@ from corral.cli_args import (
     add_device_arg,
     add_dtype_arg,
     add_kernel_args,
+    add_lora_args,
     check_chat_format,
     kernel_kwargs_from_args,
+    lora_kwargs_from_args,
 )
 from corral.server.config import ServerConfig
 
@@ -40,6 +42,7 @@ def register(subparsers) -> None:
     eng.add_argument("--tool-parser", default=None, choices=("hermes", "llama3_json"),
                      help="how tool calls are written and parsed (default: from the chat "
                           "format: llama3 -> llama3_json, others -> hermes)")
+    add_lora_args(p.add_argument_group("LoRA adapters"), serving=True)
     lim = p.add_argument_group("limits and safety")
     lim.add_argument("--max-input-tokens", type=int, default=None,
                      help="longest prompt accepted (default: context length - 1); longer: 413")
@@ -104,6 +107,7 @@ def serve(args: argparse.Namespace) -> int:
                                                "kv_cache_memory_gb", "max_num_seqs")
                  if getattr(args, k) is not None}
     engine_kw.update(kernel_kwargs_from_args(args))
+    engine_kw.update(lora_kwargs_from_args(args))
     _setup_logging()
     engine = AsyncLLM(model=args.model, **engine_kw)
     try:

@@ -64,7 +64,7 @@ def _delta(content: str | None) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s, rec = _serving(request), request.state.record
-    model = s.check_model(body.model)
+    model, lora = s.check_model(body.model)
     body.check_caps(s.config)
     parser = chat_tools.choose_parser(s.config.tool_parser, s.engine.chat_format.name,
                                       s.tokenizer)
@@ -84,7 +84,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if s.config.log_prompts:
         rec.prompt = json.dumps(messages)
     rid, created, top = f"chatcmpl-{rec.id}", int(time.time()), body.top_logprobs or 0
-    updates = s.run(rec, [(ids, params, rid)])
+    updates = s.run(rec, [(ids, params, rid)], lora)
 
     if not body.stream:
         async def collect():
@@ -205,7 +205,7 @@ def _completion_logprobs(s: Serving, ids: list[int], lps: list[dict | None],
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     s, rec = _serving(request), request.state.record
-    model = s.check_model(body.model)
+    model, lora = s.check_model(body.model)
     body.check_caps(s.config)
     if body.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix")
@@ -228,7 +228,7 @@ async def completions(body: CompletionRequest, request: Request):
     if s.config.log_prompts:
         rec.prompt = json.dumps([t for t, _ in prompts])
     n = body.n
-    updates = s.run(rec, jobs)
+    updates = s.run(rec, jobs, lora)
 
     if not body.stream:
         async def collect():
@@ -297,17 +297,20 @@ async def completions(body: CompletionRequest, request: Request):
 # ---- models -----------------------------------------------------------------------------
 
 def _model_card(s: Serving, name: str) -> dict:
-    return {"id": name, "object": "model", "created": int(s.started), "owned_by": "corral",
+    card = {"id": name, "object": "model", "created": int(s.started), "owned_by": "corral",
             "max_model_len": s.config.max_total_tokens}
+    if name in s.lora_names and name not in s.model_names:  # vLLM's shape for an adapter
+        card.update(root=name, parent=s.config.model_name)
+    return card
 
 
 @router.get("/v1/models")
 async def list_models(request: Request):
     s = _serving(request)
-    return {"object": "list", "data": [_model_card(s, n) for n in s.model_names]}
+    return {"object": "list", "data": [_model_card(s, n) for n in s.model_names + s.lora_names]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request):
     s = _serving(request)
-    return _model_card(s, s.check_model(model))
+    return _model_card(s, s.check_model(model)[0])

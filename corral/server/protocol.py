@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from corral.sampling_params import ParamError, SamplingParams
 from corral.server.constraints import ResponseFormat, StructuredOutputsBody, TGIGrammar
@@ -222,6 +222,7 @@ class TGIParameters(_Body):
     top_n_tokens: int | None = None
     watermark: bool = False
     grammar: TGIGrammar | None = None
+    lora: str | None = Field(default=None, validation_alias=AliasChoices("lora", "adapter_id"))
 
 
 class TGIRequest(_Body):

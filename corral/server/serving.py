@@ -68,8 +68,9 @@ class Serving:
         names = [self.config.model_name, str(self.engine.info.get("name", ""))]
         return list(dict.fromkeys(n for n in names if n))
 
-    def check_model(self, model: str | None) -> str:
-        """The served name to report for a request's `model`, or a 404.
+    def check_model(self, model: str | None) -> tuple[str, str | None]:
+        """(the served name to report, the LoRA adapter it names or None for the base) for a
+        request's `model`, or a 404.
 
         Like TGI (which serves whatever model it has), a placeholder that TGI's clients send
         ("tgi", "dummy", empty) is accepted as the one served model; `--strict-model-names`
@@ -77,12 +78,15 @@ class Serving:
         """
         names = self.model_names
         if model in names:
-            return model
+            return model, None
+        if model in self.lora_names:
+            return model, model
         if not self.config.strict_model_names and \
                 (model or "").strip().lower() in PLACEHOLDER_MODELS:
-            return names[0]
+            return names[0], None
+        served = names + self.lora_names
         raise ApiError(404, f"the model `{model}` does not exist; this server serves "
-                            f"{', '.join(names)}", param="model", code="model_not_found")
+                            f"{', '.join(served)}", param="model", code="model_not_found")
 
     @property
     def vocab_size(self) -> int:
@@ -98,6 +102,21 @@ class Serving:
             self._byte_level = is_byte_level(self.tokenizer)
         return token_bytes(self.tokenizer, token_id, self.token_text(token_id),
                            self._byte_level)
+
+    @property
+    def lora_names(self) -> list[str]:
+        names = getattr(self.engine, "lora_names", None)
+        return names() if names is not None else []
+
+    def check_lora(self, name: str | None) -> str | None:
+        """A TGI request's `lora` parameter: a loaded adapter or 404 (None/"": the base)."""
+        if not name or name in self.model_names:
+            return None
+        if name not in self.lora_names:
+            raise ApiError(404, f"LoRA adapter `{name}` is not loaded; loaded: "
+                                f"{', '.join(self.lora_names) or 'none'}", param="lora",
+                           code="model_not_found")
+        return name
 
     def token_text(self, token_id: int) -> str:
         """One token's text (cached; used for logprobs)."""
@@ -132,7 +151,7 @@ class Serving:
         return max_tokens
 
     async def run(self, record: RequestRecord,
-                  jobs: list[tuple[list[int], SamplingParams, str]]
+                  jobs: list[tuple[list[int], SamplingParams, str]], lora: str | None = None
                   ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Stream (job index, update) for each (prompt ids, params, request id) job.
 
@@ -143,20 +162,21 @@ class Serving:
         await self.admission.acquire()
         try:
             if len(jobs) == 1:
-                async for out in self._one(record, *jobs[0]):
+                async for out in self._one(record, *jobs[0], lora=lora):
                     yield 0, out
             else:
-                async for item in merge([self._one(record, *j) for j in jobs]):
+                async for item in merge([self._one(record, *j, lora=lora) for j in jobs]):
                     yield item
         finally:
             self.admission.release()
 
     async def _one(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams,
-                   request_id: str) -> AsyncIterator[RequestOutput]:
+                   request_id: str, lora: str | None = None) -> AsyncIterator[RequestOutput]:
         m = self.metrics
         m.prompt_tokens.inc(len(prompt_ids))
         record.prompt_tokens += len(prompt_ids)
-        source = self.engine.stream(prompt_ids, params, request_id=request_id)
+        kw = {"lora": lora} if lora is not None else {}  # engines without LoRA keep working
+        source = self.engine.stream(prompt_ids, params, request_id=request_id, **kw)
         finished, last = False, None
         seen = [0] * params.n
         try:

@@ -38,12 +38,13 @@ class _Job:
         structured = from_tgi_grammar(p.grammar)
         if structured is not None:
             self.params = replace(self.params, structured=structured)
+        self.lora = s.check_lora(p.lora)
         self.special = set(getattr(s.tokenizer, "all_special_ids", []))
         if s.config.log_prompts:
             self.rec.prompt = body.inputs
 
     def updates(self):
-        return self.s.run(self.rec, [(self.ids, self.params, f"tgi-{self.rec.id}")])
+        return self.s.run(self.rec, [(self.ids, self.params, f"tgi-{self.rec.id}")], self.lora)
 
     def token(self, tid: int, lps: dict | None, text: str | None = None) -> dict:
         lp = lps.get(tid) if lps else None

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_chat_format_arg(p)
     p.add_argument("--max-new-tokens", type=int, default=2048,
                    help="upper end of the 'Max new tokens' slider")
+    from corral.cli_args import add_lora_args
+
+    add_lora_args(p)
     p.set_defaults(func=run_ui)
 
 
@@ -45,12 +48,20 @@ def make_backend(args: argparse.Namespace):
     if args.endpoint:
         if not args.endpoint.startswith(("http://", "https://")):
             raise CorralError(f"--endpoint must be an http(s) URL, got {args.endpoint!r}")
+        if getattr(args, "lora", None):
+            raise CorralError("--lora applies to a local model; with --endpoint pick the "
+                              "adapter by --model NAME")
         return EndpointBackend(args.endpoint, api_key=args.api_key, model=args.model)
     if args.api_key:
         raise CorralError("--api-key only applies to --endpoint")
     chat_format = getattr(args, "chat_format", None)
     check_chat_format(chat_format)
     kw = {"chat_format": chat_format} if chat_format else {}
+    from corral.cli_args import lora_kwargs_from_args
+
+    kw.update(lora_kwargs_from_args(args))
+    if kw.get("lora_modules"):  # the chat answers under the first adapter
+        kw["default_lora"] = next(iter(kw["lora_modules"]))
     return LocalBackend.load(args.model or "default", dtype=args.dtype, device=args.device, **kw)
 
 
