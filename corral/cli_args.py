@@ -95,11 +95,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_kernel_args(group) -> None:
     """Which weight/kernel paths the engine uses (shared by `corral serve`)."""
     group.add_argument("--no-gguf-kernels", action="store_true",
-                       help="CPU: decode on the dense fp32 weights instead of the .gguf's "
-                            "quantized blocks")
-    group.add_argument("--quantize", choices=["q8_0"], default=None,
-                       help="CPU fp32 HF model: decode on Q8_0 weights made at load (faster, "
-                            "numerics change; steps over 64 tokens stay fp32)")
+                       help="CPU: dequantize the .gguf once into a dense fp32 copy (cached "
+                            "on disk) instead of running its memory-mapped blocks")
+    group.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None,
+                       help="CPU fp32 HF model: run on Q8_0/Q4_0 weights made at load (faster, "
+                            "less memory, numerics change; no dense copy kept)")
     group.add_argument("--no-cuda-graphs", action="store_true",
                        help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
 

@@ -3,8 +3,10 @@
 Every source ends as one kind of folder so that one loader serves all:
 - a local HF folder is used as it is;
 - a hub id is fetched through huggingface_hub's cache (offline: the cache only);
-- a `.gguf` file is dequantized once by `transformers` and materialized as a cached
-  safetensors folder, so later loads are instant and tuning/saving work on it;
+- a `.gguf` file: the engine on CPU runs its blocks memory-mapped (model/gguf_kernels.py) and
+  caches only its config and tokenizer (`gguf_metadata_folder`, `resolve_source(weights=False)`);
+  callers that need dense weights (tuning, merging, GPU, `--no-gguf-kernels`) get it
+  dequantized once by `transformers` into a cached fp32 safetensors folder;
 - an alias (`default`) names one of the above (see models.py).
 `random:NAME` sources (benchmarks) have a config and no weights or tokenizer.
 """
@@ -77,8 +79,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("CORRAL_CACHE_DIR") or Path.home() / ".cache" / "corral")
 
 
-def resolve_source(source: str, revision: str | None = None) -> ModelSource:
-    """Turn a model argument (alias, folder, .gguf file, hub id, random:NAME) into files."""
+def resolve_source(source: str, revision: str | None = None, weights: bool = True) -> ModelSource:
+    """Turn a model argument (alias, folder, .gguf file, hub id, random:NAME) into files.
+
+    weights=False: a .gguf's folder holds only its config and tokenizer (no dense copy is
+    made); the caller reads the tensors from `ModelSource.gguf`."""
     if not source:
         raise CorralError("no model given")
     if source.startswith("random:"):
@@ -91,7 +96,8 @@ def resolve_source(source: str, revision: str | None = None) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CorralError(f"GGUF file not found: {path}")
-        return ModelSource(source, materialize_gguf(path), gguf=path)
+        folder = materialize_gguf(path) if weights else gguf_metadata_folder(path)
+        return ModelSource(source, folder, gguf=path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CorralError(f"{path} has no config.json: not a Hugging Face model folder")
@@ -131,6 +137,48 @@ def _gguf_cache_dir(path: Path) -> Path:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()
     return cache_root() / "gguf" / f"{path.stem}-{key[:16]}"
+
+
+def gguf_metadata_folder(path: Path) -> Path:
+    """A cached folder with the GGUF's config, generation config and tokenizer only (small
+    files, built by transformers from the file's metadata; the tensors stay in the file)."""
+    dense = _gguf_cache_dir(path)
+    if (dense / "config.json").is_file() and (dense / "model.safetensors").is_file():
+        return dense  # already materialized: it holds the same config and tokenizer
+    out = cache_root() / "gguf-meta" / dense.name
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
+
+    try:
+        config_dict, _ = LlamaConfig.get_config_dict(path.parent, gguf_file=path.name)
+        if config_dict.get("model_type") != "llama":
+            raise CorralError(f"{path} holds a {config_dict.get('model_type')!r} model; Corral "
+                              "runs Llama-architecture models")
+        config = LlamaConfig.from_dict(config_dict)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except CorralError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure becomes one readable CorralError
+        raise CorralError(f"cannot read GGUF file {path}: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "corral_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def materialize_gguf(path: Path) -> Path:

@@ -81,7 +81,10 @@ class EngineCore:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        src = resolve_source(config.model, config.revision)
+        # CPU fp32 with kernels: a .gguf stays in its file (config/tokenizer cached only)
+        quantized_gguf = (config.gguf_kernels and self.device.type == "cpu"
+                          and self.dtype == torch.float32)
+        src = resolve_source(config.model, config.revision, weights=not quantized_gguf)
         self._check_quantization(src)
         rope = config.rope_scaling
         if isinstance(rope, str):
@@ -90,14 +93,18 @@ class EngineCore:
         self.tokenizer = load_tokenizer(src)
         limit = context_length(self.model_config)
         self.max_model_len = min(config.max_model_len or limit, limit)
-        if src.folder is None:
+        self.weights = None
+        if src.gguf and quantized_gguf:
+            self.weights = self._load_gguf(src)  # None: no kernel library, src is now dense
+        if self.weights is None and src.folder is None:
             self.model = LlamaForCausalLM.random(self.model_config, self.dtype, self.device,
                                                  seed=config.seed, max_len=self.max_model_len)
-        else:
+        elif self.weights is None:
             self.model = LlamaForCausalLM.from_folder(src.folder, self.model_config, self.dtype,
                                                       self.device, max_len=self.max_model_len)
         self.source = src
-        self.weights = self._attach_kernels(src)
+        if self.weights is None:
+            self.weights = self._attach_kernels(src)
         self.lora = self._setup_lora()  # after the kernels: the wrappers keep what they find
         self.eos_token_ids = _eos_ids(src, self.model_config, self.tokenizer)
         cuda = self.device.type == "cuda"
@@ -183,21 +190,33 @@ class EngineCore:
             raise CorralError(f"--quantize {q}: {src.gguf.name} is already quantized and decodes "
                               f"on its own blocks; drop --quantize")
 
+    def _load_gguf(self, src) -> str | None:
+        """Build the model on the memory-mapped .gguf (no dense copy); returns the weight path.
+        Without a kernel library (no compiler) it warns, materializes the dense fp32 folder
+        into `src.folder` and returns None."""
+        from corral.loading import materialize_gguf
+        from corral.model import gguf_kernels as gk
+
+        lib = gk.load_library()
+        if lib is None:
+            src.folder = materialize_gguf(src.gguf)
+            return None
+        self.model, desc = gk.load_gguf_model(src.gguf, self.model_config, lib,
+                                              max_len=self.max_model_len)
+        return desc
+
     def _attach_kernels(self, src) -> str:
-        """CPU fp32: decode steps read quantized blocks (3-5x fewer bytes than the dense fp32
-        copy, which prefill keeps using), from a .gguf file or quantized at load on request.
-        Returns the weight path."""
+        """Dense models: `--quantize` packs the weights for the CPU kernels (no dense copy
+        kept). Returns the weight path."""
         dense = f"dense {str(self.dtype).removeprefix('torch.')}"
         if self.config.quantization:  # checked by _check_quantization
-            from corral.model.quantize import attach_q8_0
+            from corral.model.quantize import attach_quantized
 
-            return attach_q8_0(self.model)
-        if not (self.config.gguf_kernels and src.gguf and self.device.type == "cpu"
-                and self.dtype == torch.float32):
-            return dense
-        from corral.model.gguf_kernels import attach_gguf_kernels
-
-        return attach_gguf_kernels(self.model, src.gguf)
+            return attach_quantized(self.model, self.config.quantization)
+        if src.gguf and self.config.gguf_kernels and self.device.type == "cpu" \
+                and self.dtype == torch.float32:
+            return f"{dense} (GGUF kernels unavailable)"
+        return dense
 
     def _setup_lora(self):
         """The LoRA manager (wrappers installed, start-up adapters registered), or None."""
@@ -262,7 +281,8 @@ class EngineCore:
 
     @property
     def info(self) -> dict:
-        n_params = sum(p.numel() for p in self.model.parameters())
+        n_params = getattr(self.model, "n_params", None) or sum(
+            p.numel() for p in self.model.parameters())
         return {
             "name": self.config.model,
             "params": n_params,

@@ -1,18 +1,27 @@
-"""Decode on CPU straight from a GGUF file's quantized blocks (Q4_1, Q8_0).
+"""Run a Llama on CPU straight from a GGUF file's quantized blocks, memory-mapped, never dense.
 
-Decode is memory-bound: reading SmolLM2's dequantized fp32 weights moves ~540 MB per token,
-its Q4_1/Q8_0 blocks ~96 MB. `attach_gguf_kernels` gives the model's Linear layers the packed
-rows of the GGUF tensors; a layer then runs `csrc/gguf_gemm.c` (compiled on first use with the
-system C compiler, loaded with ctypes, which releases the GIL) for steps of at most `max_rows`
-tokens, and its dense fp32 weight (kept) for larger steps such as prefill.
+Decode is memory-bound: a 1B model's fp32 weights are ~5 GB per token, its Q4_K_M blocks ~0.8
+GB. `load_gguf_model` memory-maps the file and builds the model on views of it: every matmul
+(and the embedding lookup) reads the blocks in place through `csrc/gguf_gemm.c` (compiled on
+first use with the system C compiler, loaded with ctypes, which releases the GIL). Fused layers
+(q|k|v, gate|up) and the rotary row order are tables of row offsets into the mapping, not
+copies, so the resident memory is the file plus the KV cache plus small buffers.
 
-The kernel rebuilds each weight exactly as the dense copy was made (fp32 d*q + m), so the
-logits differ from the dense path only by the order of the sums.
+- steps of at most `max_rows` tokens (decode): the C kernel dequantizes 4 weight rows at a time
+  into L1 and dots every token against them;
+- larger steps (prefill): panels of weight rows are dequantized into one small fp32 buffer and
+  multiplied with torch's GEMM, so prefill runs at dense GEMM speed on quantized storage.
+
+Each weight is rebuilt exactly as gguf's numpy dequantizer (and transformers, which uses it)
+does, so logits differ from transformers' dequantized model only by the order of the sums.
+The dot products are compiled per instruction set (AVX-512, AVX2+FMA+F16C, NEON on ARM, a
+portable build) and the variant is picked at run time from the CPU's flags.
 """
 
 from __future__ import annotations
 
 import ctypes
+import platform
 import struct
 import sys
 from dataclasses import dataclass
@@ -23,62 +32,90 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from corral.errors import CorralError
 from corral.model import cbuild
 from corral.model.cbuild import find_compiler  # a module attribute: tests replace it
 
-BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # per 32 weights
-# -ffp-contract=off: weights rebuilt as d*q + m with two roundings, like gguf's numpy
-CFLAGS = [*cbuild.BASE_CFLAGS, "-ffp-contract=off"]
-# Largest step (tokens) that takes the kernel: on a 2-core Zen4 the kernels still beat the dense
-# fp32 decode step at batch 64 (220 vs 291 ms); 64 is also the CPU default max_num_seqs.
-DEFAULT_MAX_ROWS = 64
+# ggml type id -> (name, values per block, bytes per block); the types the kernel reads
+TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
+    2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
+}
+TYPE_IDS = {name: tid for tid, (name, _, _) in TYPES.items()}
+# names of the ggml types we do not run, for the error message
+OTHER_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K",
+               16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
+               21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0"}
 
-_lib: ctypes.CDLL | None = None
-_lib_tried = False
+# -ffp-contract=off: weights rebuilt with the same separate roundings as gguf's numpy
+COMMON_CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off"]
+VARIANT_CFLAGS = {
+    "avx512": ["-march=x86-64-v4", "-mtune=native"],
+    "avx2": ["-march=x86-64-v3", "-mtune=native"],
+    "portable": ["-march=x86-64", "-mtune=generic"],  # SSE2 only: software fp16
+    "native": ["-march=native"],  # other architectures (aarch64: NEON is part of the base)
+}
+# Largest step (tokens) for the tile kernel; larger steps dequantize panels for torch's GEMM.
+DEFAULT_MAX_ROWS = 8
+PANEL_BYTES = 2 << 20  # fp32 panel buffer for large steps (fits L2/L3 beside the activations)
 
-
-@dataclass
-class PackedWeight:
-    """Rows of GGUF blocks for one [n, k] weight (fused layers: parts' rows concatenated)."""
-
-    kind: str  # "q4_1" | "q8_0"
-    data: torch.Tensor  # uint8 [n, k // 32 * BLOCK_BYTES[kind]]
-    n: int
-    k: int
+_libs: dict[str, ctypes.CDLL | None] = {}
 
 
 # ---- the compiled library --------------------------------------------------------------------
 
-def build_library(cache_dir: Path | None = None) -> Path | None:
-    """Compile csrc/gguf_gemm.c once per source+flags+CPU into the cache; None on failure."""
-    path, why = cbuild.build("gguf_gemm", find_compiler(), CFLAGS, cache_dir)
+def cpu_variants() -> list[str]:
+    """The variants this CPU runs, fastest first."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["native"]
+    try:
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        flags = set()
+    out = []
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"} <= flags:
+        out.append("avx512")
+    if {"avx2", "fma", "f16c"} <= flags:
+        out.append("avx2")
+    return [*out, "portable"]
+
+
+def build_library(variant: str, cache_dir: Path | None = None) -> Path | None:
+    """Compile csrc/gguf_gemm.c for one variant once into the cache; None on failure."""
+    path, why = cbuild.build("gguf_gemm", find_compiler(), COMMON_CFLAGS + VARIANT_CFLAGS[variant],
+                             cache_dir)
     if path is None:
         _warn(why)
     return path
 
 
-def load_library() -> ctypes.CDLL | None:
-    """The kernel library (built on first call, then cached per process); None if unavailable."""
-    global _lib, _lib_tried
-    if _lib_tried:
-        return _lib
-    _lib_tried = True
-    path = build_library()
+def load_library(variant: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library for `variant` (default: the CPU's fastest), built on first call and
+    cached per process; None if it cannot be built."""
+    variant = variant or cpu_variants()[0]
+    if variant in _libs:
+        return _libs[variant]
+    _libs[variant] = None
+    path = build_library(variant)
     if path is None:
         return None
     lib, why = cbuild.load(path)
     if lib is None:
         _warn(why)
         return None
-    f32, u8, i32 = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int
-    for kind in BLOCK_BYTES:
-        fn = getattr(lib, f"gguf_gemm_{kind}")
-        fn.argtypes = [f32, i32, i32, u8, i32, f32, i32]
-        fn.restype = None
-        fn = getattr(lib, f"gguf_dequant_{kind}")
-        fn.argtypes = [u8, i32, i32, f32]
-        fn.restype = None
-    _lib = lib
+    p, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.gguf_gemm.argtypes = [i32, p, i32, i32, p, p, i32, p, i32, i32]
+    lib.gguf_gemm.restype = i32
+    lib.gguf_dequant_rows.argtypes = [i32, p, p, i32, i32, p, i32]
+    lib.gguf_dequant_rows.restype = i32
+    lib.gguf_isa.argtypes = []
+    lib.gguf_isa.restype = ctypes.c_char_p
+    _libs[variant] = lib
     return lib
 
 
@@ -87,65 +124,189 @@ def _warn(reason: str) -> None:
           file=sys.stderr, flush=True)
 
 
-def gguf_matmul(lib: ctypes.CDLL, x: torch.Tensor, w: PackedWeight,
+# ---- weights: rows of blocks, addressed by offset --------------------------------------------
+
+@dataclass
+class PackedWeight:
+    """N rows of one ggml type, each `k` values, at byte `offsets` from the start of `base`
+    (a uint8 array that owns or maps the memory: a GGUF mmap, or blocks quantized at load)."""
+
+    type_id: int
+    base: np.ndarray
+    offsets: np.ndarray  # int64 [n]
+    n: int
+    k: int
+
+    @property
+    def kind(self) -> str:
+        return TYPES[self.type_id][0].lower()
+
+    @classmethod
+    def from_rows(cls, kind: str, rows: np.ndarray | torch.Tensor) -> PackedWeight:
+        """Contiguous uint8 rows [n, row bytes] of type `kind` ("q8_0", "Q4_K", ...)."""
+        tid = TYPE_IDS[kind.upper()]
+        arr = rows.numpy() if isinstance(rows, torch.Tensor) else rows
+        arr = np.ascontiguousarray(arr)
+        n, row_bytes = arr.shape
+        _, per_block, block_bytes = TYPES[tid]
+        offsets = np.arange(n, dtype=np.int64) * row_bytes
+        return cls(tid, arr, offsets, n, row_bytes // block_bytes * per_block)
+
+    @property
+    def nbytes(self) -> int:
+        _, per_block, block_bytes = TYPES[self.type_id]
+        return self.n * self.k // per_block * block_bytes
+
+
+def _check(rc: int, w: PackedWeight) -> None:
+    if rc != 0:
+        raise CorralError(f"GGUF kernel: unsupported type id {w.type_id}")
+
+
+def gguf_matmul(lib: ctypes.CDLL, x: torch.Tensor, parts: PackedWeight | list[PackedWeight],
                 num_threads: int | None = None) -> torch.Tensor:
-    """x [M, K] fp32 @ W^T -> [M, N] fp32."""
+    """x [M, K] fp32 @ W^T -> [M, N] fp32 with the tile kernel; W = the parts' rows in order."""
+    parts = [parts] if isinstance(parts, PackedWeight) else parts
     x = x.contiguous()
-    m = x.shape[0]
-    y = torch.empty(m, w.n, dtype=torch.float32)
-    getattr(lib, f"gguf_gemm_{w.kind}")(x.data_ptr(), m, w.k, w.data.data_ptr(), w.n,
-                                         y.data_ptr(), num_threads or torch.get_num_threads())
+    m, n = x.shape[0], sum(p.n for p in parts)
+    y = torch.empty(m, n, dtype=torch.float32)
+    nt = num_threads or torch.get_num_threads()
+    col = 0
+    for w in parts:
+        _check(lib.gguf_gemm(w.type_id, x.data_ptr(), m, w.k, w.base.ctypes.data,
+                             w.offsets.ctypes.data, w.n, y.data_ptr() + 4 * col, n, nt), w)
+        col += w.n
     return y
 
 
-def gguf_dequantize(lib: ctypes.CDLL, w: PackedWeight) -> torch.Tensor:
-    """The kernel's own fp32 weights [N, K] (tests compare them with the dense copy)."""
-    out = torch.empty(w.n, w.k, dtype=torch.float32)
-    getattr(lib, f"gguf_dequant_{w.kind}")(w.data.data_ptr(), w.n, w.k, out.data_ptr())
+def dequantize_rows(lib: ctypes.CDLL, w: PackedWeight, rows: np.ndarray | None = None,
+                    out: torch.Tensor | None = None, num_threads: int | None = None) -> torch.Tensor:
+    """fp32 weights of rows `rows` (default all) of w: [len(rows), K]."""
+    offsets = w.offsets if rows is None else np.ascontiguousarray(w.offsets[rows])
+    n = len(offsets)
+    out = torch.empty(n, w.k, dtype=torch.float32) if out is None else out
+    _check(lib.gguf_dequant_rows(w.type_id, w.base.ctypes.data, offsets.ctypes.data, n, w.k,
+                                 out.data_ptr(), num_threads or torch.get_num_threads()), w)
     return out
+
+
+def gguf_dequantize(lib: ctypes.CDLL, w: PackedWeight) -> torch.Tensor:
+    """The kernel's own fp32 weights [N, K] (tests compare them with gguf's dequantize)."""
+    return dequantize_rows(lib, w)
+
+
+def panel_matmul(lib: ctypes.CDLL, x: torch.Tensor, parts: list[PackedWeight]) -> torch.Tensor:
+    """x @ W^T for large M: panels of W dequantized into one small buffer, then torch's GEMM."""
+    x = x.contiguous()
+    m, n = x.shape[0], sum(p.n for p in parts)
+    y = torch.empty(m, n, dtype=torch.float32)
+    col = 0
+    for w in parts:
+        rows = max(16, PANEL_BYTES // (4 * w.k))
+        buf = torch.empty(min(rows, w.n), w.k, dtype=torch.float32)
+        for r0 in range(0, w.n, rows):
+            r1 = min(r0 + rows, w.n)
+            panel = buf[: r1 - r0]
+            _check(lib.gguf_dequant_rows(w.type_id, w.base.ctypes.data,
+                                         w.offsets[r0:].ctypes.data, r1 - r0, w.k,
+                                         panel.data_ptr(), torch.get_num_threads()), w)
+            y[:, col + r0: col + r1] = F.linear(x, panel)
+        col += w.n
+    return y
 
 
 # ---- the model side --------------------------------------------------------------------------
 
 @dataclass
 class PackedLinear:
-    """y = x @ W^T + b: the kernel for steps of at most `max_rows` rows, the dense W above."""
+    """y = x @ W^T + b on packed parts: the tile kernel for steps of at most `max_rows` rows,
+    dequantized panels above. `weight`, when given, is a dense copy used above `max_rows`
+    instead (kept only by callers that hold one anyway)."""
 
-    packed: PackedWeight
+    parts: list[PackedWeight]
     lib: ctypes.CDLL
     max_rows: int
-    weight: torch.Tensor  # the dense fp32 copy
+    weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
+    @property
+    def packed(self) -> PackedWeight:
+        return self.parts[0]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 2 and x.shape[0] <= self.max_rows and x.dtype == torch.float32
-                and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)):
-            y = gguf_matmul(self.lib, x, self.packed)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        if x2.shape[0] <= self.max_rows:
+            y = gguf_matmul(self.lib, x2, self.parts)
+        elif self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        else:
+            y = panel_matmul(self.lib, x2, self.parts)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 class GGUFLinear(nn.Linear):
-    """An nn.Linear (same Parameters, same state_dict) that runs through a PackedLinear."""
+    """An nn.Linear that runs through a PackedLinear. Built from a dense layer it keeps that
+    layer's Parameters (state_dict unchanged); built from packed parts alone it has no dense
+    weight at all."""
 
-    def __init__(self, dense: nn.Linear, packed: PackedWeight, lib: ctypes.CDLL, max_rows: int):
+    def __init__(self, dense: nn.Linear | None, packed, lib: ctypes.CDLL, max_rows: int,
+                 bias: torch.Tensor | None = None):
         nn.Module.__init__(self)
-        self.in_features, self.out_features = dense.in_features, dense.out_features
-        self.weight, self.bias = dense.weight, dense.bias
-        self.fast = PackedLinear(packed, lib, max_rows, dense.weight, dense.bias)
+        parts = [packed] if isinstance(packed, PackedWeight) else list(packed)
+        self.in_features, self.out_features = parts[0].k, sum(p.n for p in parts)
+        if dense is not None:
+            self.weight, self.bias = dense.weight, dense.bias
+            self.fast = PackedLinear(parts, lib, max_rows, dense.weight, dense.bias)
+        else:
+            self.register_parameter("weight", None)
+            self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+            self.fast = PackedLinear(parts, lib, max_rows, None, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fast(x)
 
 
-GGML_TYPES = {3: "q4_1", 8: "q8_0"}  # the block types the kernel reads, by ggml type id
+class GGUFEmbedding(nn.Module):
+    """Token embedding rows dequantized on lookup from packed rows."""
+
+    def __init__(self, packed: PackedWeight, lib: ctypes.CDLL):
+        super().__init__()
+        self.packed, self.lib = packed, lib
+        self.num_embeddings, self.embedding_dim = packed.n, packed.k
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).cpu().numpy()
+        if flat.size and (flat.min() < 0 or flat.max() >= self.packed.n):
+            raise IndexError("token id out of the embedding's range")
+        out = dequantize_rows(self.lib, self.packed, flat)
+        return out.reshape(*ids.shape, self.packed.k)
+
+
+# ---- the file --------------------------------------------------------------------------------
+
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 
-def gguf_tensor_rows(path: Path) -> dict[str, tuple[str, np.ndarray]]:
-    """name -> (block type, memory-mapped uint8 rows [n, row bytes]) for the file's block-typed
-    2-D tensors. Reads only the header: gguf's GGUFReader also parses every tokenizer string
-    (seconds for a 49k vocabulary)."""
+@dataclass
+class TensorInfo:
+    name: str
+    dims: tuple[int, ...]  # ggml order: dims[0] is the row length
+    type_id: int
+    start: int  # absolute byte offset in the file
+
+    @property
+    def type_name(self) -> str:
+        if self.type_id in TYPES:
+            return TYPES[self.type_id][0]
+        return OTHER_TYPES.get(self.type_id, f"ggml type {self.type_id}")
+
+
+def read_header(path: Path) -> tuple[np.memmap, dict[str, TensorInfo]]:
+    """(the memory-mapped file, tensor infos by name). Reads only the header: gguf's GGUFReader
+    also parses every tokenizer string (seconds for a large vocabulary)."""
     buf = np.memmap(path, dtype=np.uint8, mode="r")
     raw = memoryview(buf)
     if bytes(raw[:4]) != b"GGUF" or struct.unpack_from("<I", raw, 4)[0] < 2:
@@ -186,77 +347,129 @@ def gguf_tensor_rows(path: Path) -> dict[str, tuple[str, np.ndarray]]:
         dims = struct.unpack_from(f"<{n_dims}Q", raw, end + 4)
         ttype, offset = struct.unpack_from("<IQ", raw, end + 4 + 8 * n_dims)
         pos = end + 4 + 8 * n_dims + 12
-        infos.append((name, dims, GGML_TYPES.get(ttype, "other"), offset))
+        infos.append((name, tuple(dims), ttype, offset))
     data_start = -(-pos // alignment) * alignment
-    out = {}
-    for name, dims, kind, offset in infos:
-        if kind not in BLOCK_BYTES or len(dims) != 2:
-            continue
-        row_bytes = dims[0] // 32 * BLOCK_BYTES[kind]
-        start = data_start + offset
-        out[name] = (kind, buf[start:start + row_bytes * dims[1]].reshape(dims[1], row_bytes))
+    return buf, {name: TensorInfo(name, dims, t, data_start + off) for name, dims, t, off in infos}
+
+
+def packed_tensor(buf: np.memmap, info: TensorInfo, where: str,
+                  heads: int | None = None) -> PackedWeight:
+    """A 1-D or 2-D tensor of the file as a PackedWeight on the mapping (no copy).
+
+    `heads`: put attn_q/attn_k rows back in Hugging Face's rotary order (ggml interleaves the
+    two halves of each head), as transformers does when it dequantizes."""
+    if info.type_id not in TYPES:
+        raise CorralError(f"{where}: tensor {info.name} is {info.type_name}, a GGUF type Corral "
+                          f"does not run (supported: {', '.join(n for n, _, _ in TYPES.values())})")
+    _, per_block, block_bytes = TYPES[info.type_id]
+    k = info.dims[0]
+    n = int(np.prod(info.dims[1:])) if len(info.dims) > 1 else 1
+    if k % per_block:
+        raise CorralError(f"{where}: tensor {info.name} has rows of {k} values, not a multiple "
+                          f"of its {info.type_name} block size {per_block}")
+    row_bytes = k // per_block * block_bytes
+    order = np.arange(n, dtype=np.int64)
+    if heads:
+        half = n // heads // 2
+        order = order.reshape(heads, half, 2).swapaxes(1, 2).reshape(n)
+    return PackedWeight(info.type_id, buf, info.start + order * row_bytes, n, k)
+
+
+def read_gguf_weights(path: Path, config) -> dict[str, list[PackedWeight]]:
+    """Packed parts by our module name (…qkv_proj, …o_proj, …gate_up_proj, …down_proj,
+    lm_head, embed, and the norms as "…layernorm" / "norm"). Raises CorralError for a missing
+    tensor or one in a type the kernel lacks."""
+    buf, tensors = read_header(path)
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    where = Path(path).name
+
+    def get(name: str, heads: int | None = None) -> PackedWeight:
+        if name not in tensors:
+            raise CorralError(f"{where}: tensor {name} is missing (is this a Llama GGUF?)")
+        return packed_tensor(buf, tensors[name], where, heads)
+
+    def merge(parts: list[PackedWeight]) -> list[PackedWeight]:
+        """Adjacent parts of one type become one part (one kernel call)."""
+        out = [parts[0]]
+        for p in parts[1:]:
+            last = out[-1]
+            if p.type_id == last.type_id and p.k == last.k:
+                out[-1] = PackedWeight(p.type_id, buf, np.concatenate([last.offsets, p.offsets]),
+                                       last.n + p.n, p.k)
+            else:
+                out.append(p)
+        return out
+
+    out: dict[str, list[PackedWeight]] = {}
+    for i in range(config.num_hidden_layers):
+        b, a, m = f"blk.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        out[a + "qkv_proj"] = merge([get(b + "attn_q.weight", nh), get(b + "attn_k.weight", nkv),
+                                     get(b + "attn_v.weight")])
+        out[a + "o_proj"] = [get(b + "attn_output.weight")]
+        out[m + "gate_up_proj"] = merge([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")])
+        out[m + "down_proj"] = [get(b + "ffn_down.weight")]
+        out[f"model.layers.{i}.input_layernorm"] = [get(b + "attn_norm.weight")]
+        out[f"model.layers.{i}.post_attention_layernorm"] = [get(b + "ffn_norm.weight")]
+    out["embed"] = [get("token_embd.weight")]
+    out["norm"] = [get("output_norm.weight")]
+    tie = bool(getattr(config, "tie_word_embeddings", False)) or "output.weight" not in tensors
+    out["lm_head"] = [get("token_embd.weight" if tie else "output.weight")]
     return out
 
 
-def read_gguf_weights(path: Path, config) -> dict[str, PackedWeight]:
-    """Packed weights by our module name (qkv_proj, o_proj, gate_up_proj, down_proj, lm_head).
+def load_gguf_model(path: Path, config, lib: ctypes.CDLL, max_len: int | None = None,
+                    max_rows: int = DEFAULT_MAX_ROWS):
+    """A LlamaForCausalLM whose weights are views of the memory-mapped GGUF file: no dense
+    copy. Returns (model, one-line description of the weight path)."""
+    from corral.model.llama import LlamaForCausalLM, Rotary
 
-    A module is left out when any of its parts is in a type the kernel lacks. attn_q/attn_k rows
-    are put back in Hugging Face's rotary order, as transformers does when it dequantizes.
-    """
-    tensors = gguf_tensor_rows(path)
-    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    packed = read_gguf_weights(path, config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, max_len)
+    for name, parts in packed.items():
+        if name.endswith(("layernorm", "norm")):
+            norm = model.get_submodule(name if name != "norm" else "model.norm")
+            w = dequantize_rows(lib, parts[0]).reshape(-1)
+            if w.numel() != norm.weight.shape[0]:
+                raise CorralError(f"{path.name}: {name} has {w.numel()} values, the config "
+                                  f"expects {norm.weight.shape[0]}")
+            norm.weight = nn.Parameter(w, requires_grad=False)
+        elif name == "embed":
+            model.model.embed_tokens = GGUFEmbedding(parts[0], lib)
+        elif name == "lm_head":
+            model.packed_lm_head = PackedLinear(parts, lib, max_rows)
+        else:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            dense = getattr(parent, attr)
+            layer = GGUFLinear(None, parts, lib, max_rows)
+            if (layer.out_features, layer.in_features) != tuple(dense.weight.shape):
+                raise CorralError(f"{path.name}: {name} is {layer.out_features}x"
+                                  f"{layer.in_features}, the config expects "
+                                  f"{tuple(dense.weight.shape)}")
+            if dense.bias is not None:
+                raise CorralError(f"{path.name}: {name} needs a bias, which GGUF Llamas lack")
+            setattr(parent, attr, layer)
+    if not model.tie:
+        del model.lm_head  # the logits run on packed_lm_head
+        model.tie = True  # no dense head: compute_logits takes packed_lm_head
+    model.rotary = Rotary(config, model.max_len, device=torch.device("cpu"))
+    model.eval()
+    matmuls = [p for name, parts in packed.items()
+               if name.endswith(("_proj", "lm_head")) for p in parts]
+    kinds = sorted({p.kind for p in matmuls})
+    size = sum(p.nbytes for ps in packed.values() for p in ps)
+    tied = packed["lm_head"][0].offsets[0] == packed["embed"][0].offsets[0]
+    model.n_params = sum(p.n * p.k for name, ps in packed.items() for p in ps
+                         if not (tied and name == "lm_head"))
+    isa = lib.gguf_isa().decode()
+    desc = (f"GGUF {'/'.join(kinds)} memory-mapped ({size / 2**20:.0f} MiB, no dense copy), "
+            f"{isa} kernels for all {len(matmuls)} matmul parts (tile kernel for steps <= "
+            f"{max_rows} tokens, dequantized panels above)")
+    return model, desc
 
-    def rows(name: str, heads: int | None = None) -> tuple[str, np.ndarray] | None:
-        kind, data = tensors.get(name, (None, None))
-        if kind not in BLOCK_BYTES:
-            return None
-        if heads:  # ggml's interleaved rotary rows -> HF halves (reverse of the converter)
-            half = data.shape[0] // heads // 2
-            data = data.reshape(heads, half, 2, -1).swapaxes(1, 2).reshape(data.shape)
-        return kind, data
 
-    def fuse(*parts) -> PackedWeight | None:
-        if any(p is None for p in parts) or len({k for k, _ in parts}) != 1:
-            return None
-        kind = parts[0][0]
-        data = np.concatenate([d for _, d in parts], axis=0)
-        k = data.shape[1] // BLOCK_BYTES[kind] * 32
-        return PackedWeight(kind, torch.from_numpy(np.ascontiguousarray(data)), data.shape[0], k)
-
-    out: dict[str, PackedWeight | None] = {}
-    for i in range(config.num_hidden_layers):
-        b, a, m = f"blk.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        out[a + "qkv_proj"] = fuse(rows(b + "attn_q.weight", nh), rows(b + "attn_k.weight", nkv),
-                                   rows(b + "attn_v.weight"))
-        out[a + "o_proj"] = fuse(rows(b + "attn_output.weight"))
-        out[m + "gate_up_proj"] = fuse(rows(b + "ffn_gate.weight"), rows(b + "ffn_up.weight"))
-        out[m + "down_proj"] = fuse(rows(b + "ffn_down.weight"))
-    tie = bool(getattr(config, "tie_word_embeddings", False)) or "output.weight" not in tensors
-    out["lm_head"] = fuse(rows("token_embd.weight" if tie else "output.weight"))
-    return {name: w for name, w in out.items() if w is not None}
-
-
-def attach_gguf_kernels(model, gguf_path: Path, max_rows: int = DEFAULT_MAX_ROWS) -> str:
-    """Give `model`'s Linear layers (and its lm_head) the GGUF file's packed rows.
-
-    Returns a one-line description of the weight path, for the load message.
-    """
-    lib = load_library()
-    if lib is None:
-        return "dense fp32 (GGUF kernels unavailable)"
-    try:
-        packed = read_gguf_weights(gguf_path, model.config)
-    except (OSError, ValueError, KeyError, struct.error) as e:
-        _warn(f"cannot read {gguf_path.name}: {e}")
-        return "dense fp32 (GGUF kernels unavailable)"
-    installed = install_packed(model, packed, lib, max_rows)
-    kinds = {packed[name].kind for name in installed}
-    n = len(installed)
-    total = 4 * model.config.num_hidden_layers + 1
-    return (f"GGUF {'/'.join(sorted(kinds))} kernels for {n}/{total} matmuls "
-            f"(steps <= {max_rows} tokens), dense fp32 above")
-
+# ---- dense models with packed weights (quantize.py) ------------------------------------------
 
 def lm_head_weight(model) -> torch.Tensor:
     """The dense weight the logits matmul uses (the embedding when tied)."""
@@ -264,9 +477,11 @@ def lm_head_weight(model) -> torch.Tensor:
 
 
 def install_packed(model, packed: dict[str, PackedWeight], lib: ctypes.CDLL,
-                   max_rows: int) -> list[str]:
-    """Route the named Linear layers (and "lm_head") through their packed weights; a layer
-    whose shape differs stays dense. Returns the names installed."""
+                   max_rows: int, keep_dense: bool = False) -> list[str]:
+    """Route the named Linear layers (and "lm_head") of a dense model through their packed
+    weights; a layer whose shape differs stays dense. Without `keep_dense` the dense weights
+    are dropped (their memory is freed); the tied embedding then reads the packed rows too.
+    Returns the names installed."""
     installed = []
     for name, w in packed.items():
         if name == "lm_head":
@@ -274,13 +489,24 @@ def install_packed(model, packed: dict[str, PackedWeight], lib: ctypes.CDLL,
             if tuple(weight.shape) != (w.n, w.k):
                 continue
             # a plain attribute, not a module: the state_dict keeps its names
-            model.packed_lm_head = PackedLinear(w, lib, max_rows, weight)
+            model.packed_lm_head = PackedLinear([w], lib, max_rows, weight if keep_dense else None)
+            if not keep_dense:
+                if model.tie:
+                    model.model.embed_tokens = GGUFEmbedding(w, lib)
+                else:
+                    del model.lm_head
+                    model.tie = True
         else:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             dense = getattr(parent, attr)
             if tuple(dense.weight.shape) != (w.n, w.k):
                 continue
-            setattr(parent, attr, GGUFLinear(dense, w, lib, max_rows))
+            if keep_dense:
+                layer = GGUFLinear(dense, w, lib, max_rows)
+            else:
+                bias = None if dense.bias is None else dense.bias.detach()
+                layer = GGUFLinear(None, w, lib, max_rows, bias)
+            setattr(parent, attr, layer)
         installed.append(name)
     return installed

@@ -1,11 +1,14 @@
-"""Opt-in Q8_0 weights for CPU decode of any fp32 Llama (`EngineConfig.quantization="q8_0"`).
+"""Opt-in Q8_0 / Q4_0 weights for CPU inference of any fp32 Llama (`EngineConfig.quantization`).
 
-Single-stream CPU decode is memory-bound: each token reads every fp32 weight. Quantizing the
-decoder's Linear weights and the lm_head to ggml's Q8_0 blocks (per 32 weights along K: an fp16
-scale d = max|w| / 127 and 32 int8 q = round(w / d)) lets decode steps run the GGUF kernels of
-`gguf_kernels.py` on ~3.8x fewer bytes. Steps above `max_rows` tokens (long prefills) keep the
-dense fp32 weights, which stay in memory; steps up to `max_rows` (decode, short prefills) see the
-Q8_0 weights. Numerics change: greedy output may differ from the fp32 model's.
+CPU decode is memory-bound: each token reads every weight. Quantizing the decoder's Linear
+weights and the lm_head (and a tied embedding) to ggml's blocks lets every step run the kernels
+of `gguf_kernels.py` on 3.8x (Q8_0) or 7x (Q4_0) fewer bytes. The dense fp32 weights are
+dropped once packed: decode and prefill both read the blocks (prefill through dequantized
+panels). Numerics change: greedy output may differ from the fp32 model's.
+
+  Q8_0, per 32 weights: fp16 d = max|w| / 127, int8 q = round(w / d)
+  Q4_0, per 32 weights: fp16 d = w_absmax_signed / -8, q = clamp(trunc(w / d + 8.5), 0, 15)
+both byte for byte as ggml's reference quantizers (and `gguf.quants.quantize`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 
 from corral.model import gguf_kernels as gk
 
-QUANTIZATIONS = ("q8_0",)
+QUANTIZATIONS = ("q8_0", "q4_0")
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
@@ -24,37 +27,67 @@ def _roundf(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * (floored + (2 * (a - floored)).floor())
 
 
-def quantize_q8_0(weight: torch.Tensor) -> gk.PackedWeight:
-    """fp32 [n, k] (k a multiple of 32) -> Q8_0 rows, byte for byte as ggml's reference
-    quantizer (and `gguf.quants.quantize`): d computed and used in fp32, stored as fp16."""
+def _blocks(weight: torch.Tensor, kind: str) -> torch.Tensor:
     n, k = weight.shape
     if k % 32:
-        raise ValueError(f"Q8_0 needs K a multiple of 32, got {k}")
-    blocks = weight.detach().to(torch.float32).reshape(n, k // 32, 32)  # [n, nb, 32]
+        raise ValueError(f"{kind.upper()} needs K a multiple of 32, got {k}")
+    return weight.detach().to(torch.float32).reshape(n, k // 32, 32)
+
+
+def quantize_q8_0(weight: torch.Tensor) -> gk.PackedWeight:
+    """fp32 [n, k] (k a multiple of 32) -> Q8_0 rows: d computed and used in fp32, stored fp16."""
+    n = weight.shape[0]
+    blocks = _blocks(weight, "q8_0")
     d = blocks.abs().amax(dim=-1, keepdim=True) / 127  # [n, nb, 1]
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     q = _roundf(blocks * inv).to(torch.int8)  # |w * inv| <= 127 (+ rounding), never clamps
     data = torch.cat([d.to(torch.float16).view(torch.uint8), q.view(torch.uint8)], dim=-1)
-    return gk.PackedWeight("q8_0", data.reshape(n, -1).contiguous(), n, k)
+    return gk.PackedWeight.from_rows("q8_0", data.reshape(n, -1).contiguous())
 
 
-def attach_q8_0(model, max_rows: int = gk.DEFAULT_MAX_ROWS) -> str:
-    """Quantize `model`'s decoder Linear weights and its lm_head to Q8_0 for the GGUF kernels.
+def quantize_q4_0(weight: torch.Tensor) -> gk.PackedWeight:
+    """fp32 [n, k] -> Q4_0 rows, as gguf's numpy quantizer: d = (the signed value of largest
+    magnitude) / -8 in fp32, q = trunc(w / d + 8.5) clipped to [0, 15], low nibbles first."""
+    n = weight.shape[0]
+    blocks = _blocks(weight, "q4_0")
+    imax = blocks.abs().argmax(dim=-1, keepdim=True)
+    d = blocks.gather(-1, imax) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc(blocks * inv + 8.5).clamp(0, 15).to(torch.uint8)
+    qs = q[..., :16] | (q[..., 16:] << 4)
+    data = torch.cat([d.to(torch.float16).view(torch.uint8), qs], dim=-1)
+    return gk.PackedWeight.from_rows("q4_0", data.reshape(n, -1).contiguous())
+
+
+QUANTIZERS = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
+
+
+def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_ROWS) -> str:
+    """Quantize `model`'s decoder Linear weights and its lm_head to `kind` for the kernels,
+    one layer at a time, dropping each dense weight once packed.
 
     Matmuls whose K is not a multiple of 32 stay dense. Returns a one-line description of the
     weight path, for `info["weights"]`.
     """
     lib = gk.load_library()
     if lib is None:
-        return "dense fp32 (Q8_0 kernels unavailable)"
+        return f"dense fp32 ({kind.upper()} kernels unavailable)"
     names = [f"model.layers.{i}.{part}" for i in range(len(model.model.layers))
              for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                           "mlp.down_proj")]
-    weights = {name: model.get_submodule(name).weight for name in names}
-    weights["lm_head"] = gk.lm_head_weight(model)
-    packed = {name: quantize_q8_0(w) for name, w in weights.items() if w.shape[1] % 32 == 0}
-    n = len(gk.install_packed(model, packed, lib, max_rows))
+    n = 0
+    for name in [*names, "lm_head"]:
+        w = gk.lm_head_weight(model) if name == "lm_head" else model.get_submodule(name).weight
+        if w.shape[1] % 32:
+            continue
+        # packed and installed one at a time: peak memory stays the dense model + one layer
+        n += len(gk.install_packed(model, {name: QUANTIZERS[kind](w)}, lib, max_rows))
     total = 4 * len(model.model.layers) + 1
     dense_note = f"; {total - n} with K not a multiple of 32 stay dense" if n < total else ""
-    return (f"Q8_0 (quantized at load) kernels for {n}/{total} matmuls "
-            f"(steps <= {max_rows} tokens), dense fp32 above{dense_note}")
+    return (f"{kind.upper()} (quantized at load, no dense copy) {lib.gguf_isa().decode()} "
+            f"kernels for {n}/{total} matmuls{dense_note}")
+
+
+def attach_q8_0(model, max_rows: int = gk.DEFAULT_MAX_ROWS) -> str:
+    """`attach_quantized(model, "q8_0")` (the name earlier callers use)."""
+    return attach_quantized(model, "q8_0", max_rows)

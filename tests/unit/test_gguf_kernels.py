@@ -1,73 +1,162 @@
-"""GGUF decode kernels: exact weights, matmuls against a float64 reference, the fallback when no
-compiler works, and greedy output equal to transformers' with the kernels on (SmolLM2)."""
+"""GGUF kernels: every supported type's weights equal gguf's own dequantization bit for bit on
+every SIMD variant this CPU runs (and the portable build), matmuls (tile kernel and dequantized
+panels) against a float64 reference, the variants against each other, files written by the
+`gguf` package read in place (mixed K-quant model logits against transformers' dequantized
+model), unsupported types refused by name, and SmolLM2's greedy output equal to transformers'."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType, dequantize
 
+from corral.errors import CorralError
 from corral.model import gguf_kernels as gk
 from tests.conftest import tiny_config
 
-GGML = {"q4_1": GGMLQuantizationType.Q4_1, "q8_0": GGMLQuantizationType.Q8_0}
+TYPE_NAMES = [name for name, _, _ in gk.TYPES.values()]
 
 
-def random_blocks(kind: str, n: int, k: int, seed: int) -> np.ndarray:
-    """[n, k/32 * block bytes] random blocks with realistic fp16 scales (some subnormal)."""
+def random_rows(kind: str, n: int, k: int, seed: int) -> np.ndarray:
+    """[n, row bytes] random valid rows of `kind`: random block bytes with realistic fp16 scales
+    (one subnormal), or random F32/F16/BF16 values."""
     rng = np.random.default_rng(seed)
-    nb = k // 32
-    d = rng.normal(0, 0.01, (n, nb, 1)).astype(np.float16)
-    d[0, 0, 0] = np.float16(3e-7)  # an fp16 subnormal scale
-    parts = [d.view(np.uint8)]
-    if kind == "q4_1":
-        parts.append(rng.normal(0, 0.05, (n, nb, 1)).astype(np.float16).view(np.uint8))
-        parts.append(rng.integers(0, 256, (n, nb, 16), dtype=np.uint8))
-    else:
-        parts.append(rng.integers(-128, 128, (n, nb, 32), dtype=np.int8).view(np.uint8))
-    return np.concatenate(parts, axis=2).reshape(n, -1)
+    _, per_block, block_bytes = gk.TYPES[gk.TYPE_IDS[kind]]
+    if kind in ("F32", "F16"):
+        return rng.normal(0, 1, (n, k)).astype(np.float32 if kind == "F32" else np.float16) \
+            .view(np.uint8).reshape(n, -1)
+    if kind == "BF16":
+        bits = (rng.normal(0, 1, (n, k)).astype(np.float32).view(np.uint32) >> 16)
+        return bits.astype(np.uint16).view(np.uint8).reshape(n, -1)
+    nb = k // per_block
+    raw = rng.integers(0, 256, (n, nb, block_bytes), dtype=np.uint8)
+    scale = rng.normal(0, 0.01, (n, nb, 1)).astype(np.float16)
+    scale[0, 0, 0] = np.float16(3e-7)  # an fp16 subnormal scale
+    at = 208 if kind == "Q6_K" else 0  # Q6_K keeps d last
+    raw[:, :, at:at + 2] = scale.view(np.uint8)
+    if kind in ("Q4_1", "Q4_K", "Q5_K"):  # the second fp16 (m / dmin)
+        raw[:, :, 2:4] = rng.normal(0, 0.01, (n, nb, 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(n, -1)
 
 
 @pytest.fixture(scope="module")
-def lib():
-    lib = gk.load_library()
-    if lib is None:
-        pytest.fail("the GGUF kernel library did not build (gcc is expected on this machine)")
-    return lib
+def libs():
+    out = {}
+    for variant in gk.cpu_variants():
+        lib = gk.load_library(variant)
+        if lib is None:
+            pytest.fail(f"the {variant} kernel library did not build (gcc is expected here)")
+        out[variant] = lib
+    return out
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.fixture(scope="module")
+def lib(libs):
+    return libs[gk.cpu_variants()[0]]
+
+
+def test_variants_report_their_instruction_set(libs):
+    for variant, lib in libs.items():
+        assert lib.gguf_isa().decode() == variant
+    assert "portable" in libs  # always built and tested on x86
+
+
+@pytest.mark.parametrize("kind", TYPE_NAMES)
+def test_every_type_and_variant_matches_gguf(libs, kind):
+    n, k = 9, 512
+    rows = random_rows(kind, n, k, seed=len(kind))
+    w = gk.PackedWeight.from_rows(kind, rows)
+    assert (w.n, w.k) == (n, k)
+    ref_w = torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind]).reshape(n, k)
+                             .astype(np.float32))
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
+    ref = (x.double() @ ref_w.double().T).float()
+    ys = {}
+    for variant, lib in libs.items():
+        assert torch.equal(gk.gguf_dequantize(lib, w), ref_w), variant  # bit for bit
+        ys[variant] = gk.gguf_matmul(lib, x, w)
+        tol = 1e-5 * ref_w.abs().max().item() * k ** 0.5
+        torch.testing.assert_close(ys[variant], ref, rtol=1e-5, atol=tol)
+        assert torch.equal(gk.panel_matmul(lib, x, [w]), torch.nn.functional.linear(x, ref_w))
+    first = next(iter(ys.values()))
+    for variant, y in ys.items():  # the variants differ only in the order of the sums
+        torch.testing.assert_close(y, first, rtol=1e-5, atol=1e-5 * k ** 0.5), variant
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 1, 32), (3, 7, 64), (5, 33, 96), (1, 576, 576),
                                    (8, 64, 1536), (17, 12, 160), (32, 40, 576)])
-def test_kernel_matches_reference(lib, kind, m, n, k):
-    blocks = random_blocks(kind, n, k, seed=m * 1000 + n + k)
-    w = gk.PackedWeight(kind, torch.from_numpy(blocks), n, k)
-    ref_w = torch.from_numpy(dequantize(blocks, GGML[kind]).reshape(n, k).astype(np.float32))
-    assert torch.equal(gk.gguf_dequantize(lib, w), ref_w)  # bit for bit, as gguf's numpy
+def test_matmul_shapes(lib, m, n, k):
+    rows = random_rows("Q4_1", n, k, seed=m * 1000 + n + k)
+    w = gk.PackedWeight.from_rows("q4_1", rows)
+    ref_w = gk.gguf_dequantize(lib, w)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     y = gk.gguf_matmul(lib, x, w)
     assert y.shape == (m, n)
-    ref = (x.double() @ ref_w.double().T).float()
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * k ** 0.5)
-    torch.testing.assert_close(y, F.linear(x, ref_w), rtol=1e-5, atol=1e-5 * k ** 0.5)
+    torch.testing.assert_close(y, (x.double() @ ref_w.double().T).float(),
+                               rtol=1e-5, atol=1e-5 * k ** 0.5)
     assert torch.equal(gk.gguf_matmul(lib, x, w, num_threads=1), y)  # threads split rows only
 
 
-def test_packed_linear_uses_dense_above_max_rows(lib):
-    blocks = random_blocks("q4_1", 16, 64, seed=1)
-    w = gk.PackedWeight("q4_1", torch.from_numpy(blocks), 16, 64)
+def test_packed_linear_tile_below_panels_above(lib, monkeypatch):
+    w = gk.PackedWeight.from_rows("q8_0", random_rows("Q8_0", 40, 64, seed=1))
     dense = gk.gguf_dequantize(lib, w)
-    bias = torch.randn(16)
-    lin = gk.PackedLinear(w, lib, max_rows=2, weight=dense, bias=bias)
+    monkeypatch.setattr(gk, "PANEL_BYTES", 16 * 64 * 4)  # 16-row panels: 3 panels for 40 rows
+    lin = gk.PackedLinear([w], lib, max_rows=2, bias=torch.randn(40))
     x = torch.randn(3, 64)
-    assert torch.equal(lin(x), F.linear(x, dense, bias))  # 3 rows > 2: dense path
-    assert torch.equal(lin(x[:2]), gk.gguf_matmul(lib, x[:2], w) + bias)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, dense) + lin.bias)  # panels
+    assert torch.equal(lin(x[:2]), gk.gguf_matmul(lib, x[:2], w) + lin.bias)  # tile kernel
 
 
-def test_smollm2_packed_weights_equal_dense(lib, default_folder):
-    """The kernel's weights, q/k rows un-permuted and fused, equal transformers' fp32 copy."""
+def test_file_tensors_read_in_place(lib, tmp_path):
+    """Every type written by the gguf package reads back from the mapping as gguf reads it."""
+    from gguf import GGUFReader, GGUFWriter
+
+    path = tmp_path / "t.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    data = {}
+    for i, kind in enumerate(TYPE_NAMES):
+        rows = random_rows(kind, 3 + i, 256, seed=i)
+        if kind in ("F32", "F16"):
+            arr = rows.view(np.float32 if kind == "F32" else np.float16)
+            writer.add_tensor(kind, arr)
+        else:
+            writer.add_tensor(kind, rows, raw_dtype=GGMLQuantizationType[kind])
+        data[kind] = rows
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    buf, infos = gk.read_header(path)
+    ref = {t.name: t for t in GGUFReader(path).tensors}
+    for kind in TYPE_NAMES:
+        w = gk.packed_tensor(buf, infos[kind], "t.gguf")
+        assert w.base is buf  # a view of the mapping, not a copy
+        want = dequantize(ref[kind].data, ref[kind].tensor_type).reshape(w.n, w.k)
+        assert torch.equal(gk.gguf_dequantize(lib, w), torch.from_numpy(want.astype(np.float32)))
+
+
+def test_unsupported_type_is_named(tmp_path):
+    from gguf import GGUFWriter, quantize
+
+    path = tmp_path / "q5.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.attn_q.weight",
+                      quantize(np.ones((4, 64), np.float32), GGMLQuantizationType.Q5_0),
+                      raw_dtype=GGMLQuantizationType.Q5_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    buf, infos = gk.read_header(path)
+    with pytest.raises(CorralError, match=r"tensor blk.0.attn_q.weight is Q5_0, a GGUF type "
+                                          r"Corral does not run \(supported: F32") as e:
+        gk.packed_tensor(buf, infos["blk.0.attn_q.weight"], "q5.gguf")
+    assert "\n" not in str(e.value)
+
+
+def test_smollm2_weights_equal_transformers_dense(lib, default_folder):
+    """The kernel's weights (q/k rows un-permuted by offset tables) equal transformers' fp32."""
     from safetensors import safe_open
 
     from corral.loading import ModelSource, load_config
@@ -75,11 +164,8 @@ def test_smollm2_packed_weights_equal_dense(lib, default_folder):
 
     config = load_config(ModelSource("d", default_folder))
     packed = gk.read_gguf_weights(smollm2_gguf_path(), config)
-    assert len(packed) == 4 * config.num_hidden_layers + 1
     with safe_open(default_folder / "model.safetensors", framework="pt") as f:
-        def get(name):
-            return f.get_tensor(name)
-
+        get = f.get_tensor
         for i in (0, config.num_hidden_layers - 1):
             a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
             expect = {
@@ -87,46 +173,156 @@ def test_smollm2_packed_weights_equal_dense(lib, default_folder):
                 a + "o_proj": get(a + "o_proj.weight"),
                 m + "gate_up_proj": torch.cat([get(m + f"{p}_proj.weight") for p in ("gate", "up")]),
                 m + "down_proj": get(m + "down_proj.weight"),
+                f"model.layers.{i}.input_layernorm": get(f"model.layers.{i}.input_layernorm.weight")[None],
             }
             for name, dense in expect.items():
-                assert packed[name].kind == "q4_1"
-                assert torch.equal(gk.gguf_dequantize(lib, packed[name]), dense), name
-        assert packed["lm_head"].kind == "q8_0"
-        assert torch.equal(gk.gguf_dequantize(lib, packed["lm_head"]),
+                got = torch.cat([gk.gguf_dequantize(lib, p) for p in packed[name]])
+                assert torch.equal(got, dense), name
+        assert [p.kind for p in packed["lm_head"]] == ["q8_0"]
+        assert torch.equal(gk.gguf_dequantize(lib, packed["lm_head"][0]),
                            get("model.embed_tokens.weight"))
 
 
-@pytest.mark.parametrize("compiler", [None, "/bin/false"])
-def test_falls_back_to_dense_without_a_working_compiler(monkeypatch, tmp_path, capsys, compiler):
-    from corral.model.llama import LlamaForCausalLM
-    from corral.models import smollm2_gguf_path
+def test_no_compiler_materializes_dense(monkeypatch, default_folder, capsys):
+    """Without a compiler the engine warns and runs the dense fp32 copy (the only way then)."""
+    from corral.engine.config import EngineConfig
+    from corral.engine.core import EngineCore
 
-    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path))  # no cached library to find
-    monkeypatch.setattr(gk, "find_compiler", lambda: compiler)
-    monkeypatch.setattr(gk, "_lib", None)
-    monkeypatch.setattr(gk, "_lib_tried", False)
-    model = LlamaForCausalLM.random(tiny_config(), torch.float32, torch.device("cpu"))
-    desc = gk.attach_gguf_kernels(model, smollm2_gguf_path())
-    assert desc.startswith("dense")
+    monkeypatch.setattr(gk, "find_compiler", lambda: None)
+    monkeypatch.setattr(gk, "_libs", {})  # no library built in this process yet
+    monkeypatch.setattr(gk, "build_library", lambda variant: gk._warn("no C compiler found"))
+    core = EngineCore(EngineConfig(model="default", max_model_len=128))
+    assert core.info["weights"] == "dense float32 (GGUF kernels unavailable)"
     assert "GGUF kernels unavailable" in capsys.readouterr().err
-    assert model.packed_lm_head is None
-    assert not any(isinstance(mod, gk.GGUFLinear) for mod in model.modules())
+    assert not any(isinstance(mod, gk.GGUFLinear) for mod in core.model.modules())
 
 
-def test_unreadable_gguf_falls_back_to_dense(lib, tmp_path, capsys):
-    from corral.model.llama import LlamaForCausalLM
+def test_unreadable_gguf_is_a_clear_error(tmp_path):
+    from corral.model.llama import LlamaForCausalLM  # noqa: F401 - import cost outside the check
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(60))  # version 0
-    model = LlamaForCausalLM.random(tiny_config(), torch.float32, torch.device("cpu"))
-    assert gk.attach_gguf_kernels(model, bad).startswith("dense")
-    assert "cannot read bad.gguf" in capsys.readouterr().err
-    assert model.packed_lm_head is None
+    with pytest.raises(ValueError, match="not a little-endian GGUF"):
+        gk.read_gguf_weights(bad, tiny_config())
+
+
+@pytest.fixture(scope="module")
+def kquant_file(tmp_path_factory):
+    """A small random Llama GGUF mixing the types of a Q4_K_M/Q5_K_M file (and more)."""
+    from corral.model.gguf_write import write_llama_gguf
+
+    def types(name: str) -> str:
+        for part, kind in (("attn_v", "Q6_K"), ("ffn_down", "Q6_K"), ("attn_k", "Q5_K"),
+                           ("ffn_up", "Q4_0"), ("attn_output", "F16"), ("token_embd", "Q8_0"),
+                           ("output", "Q6_K")):
+            if part in name:
+                return kind
+        return "Q4_K"
+
+    path = tmp_path_factory.mktemp("kq") / "kq.gguf"
+    return write_llama_gguf(path, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2,
+                            types=types, tie=False, seed=5, std=0.05)
+
+
+def test_kquant_model_logits_match_dequantized_reference(kquant_file):
+    """Prefill (panels) and decode (tile kernel) logits of a mixed K-quant file against
+    transformers' model dequantized from the same file: the weights are bit-equal, so only the
+    order of the sums differs (fp32: ~1e-6 relative), far below 1e-3 of the logits' spread."""
+    from transformers import AutoModelForCausalLM
+
+    from corral import SamplingParams
+    from corral.engine.config import EngineConfig
+    from corral.engine.core import EngineCore
+
+    core = EngineCore(EngineConfig(model=str(kquant_file), max_model_len=128))
+    assert "q4_k" in core.info["weights"] and "no dense copy" in core.info["weights"]
+    assert not any(p.device.type != "meta" and p.numel() > 256 for p in core.model.parameters())
+    hf = AutoModelForCausalLM.from_pretrained(kquant_file.parent, gguf_file=kquant_file.name,
+                                              dtype=torch.float32).eval()
+    seen = []
+    compute = core.model.compute_logits
+    core.model.compute_logits = lambda h: seen.append(compute(h)) or seen[-1]
+    prompt = list(range(1000, 1040))  # 40 tokens: prefill takes the panel path
+    core.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    tokens = []
+    while core.has_work():
+        for out in core.step():
+            if out.finished:
+                tokens = out.outputs[0].token_ids
+    ids = torch.tensor([prompt + tokens[:-1]])
+    with torch.no_grad():
+        ref = hf(ids).logits[0, len(prompt) - 1:]
+    got = torch.stack([lg[-1] for lg in seen])
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() < 1e-3 * ref.std()
+    assert tokens == ref.argmax(-1).tolist()
+
+
+@pytest.fixture(scope="module")
+def q4k_file(tmp_path_factory):
+    """~100 MB of Q4_K blocks (a dense fp32 copy would be ~740 MB)."""
+    from corral.model.gguf_write import write_llama_gguf
+
+    path = tmp_path_factory.mktemp("q4k") / "q4k.gguf"
+    return write_llama_gguf(path, hidden=1024, intermediate=4096, layers=8, heads=8, kv_heads=4,
+                            types="Q4_K", seed=2)
+
+
+def test_gguf_run_rss_stays_near_file_size(q4k_file):
+    """Peak RSS of a fresh process that loads a GGUF and generates (so every weight page was
+    read) grows by less than file size x 1.3 + KV cache + 64 MiB (the tokenizer is ~50 MiB,
+    buffers) over the imports' baseline; a dense fp32 copy would add ~7x the file."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import json, torch, transformers
+import corral.engine.core as c, corral.loading, corral.model.llama, transformers.modeling_rope_utils
+from corral import SamplingParams
+from corral.engine.config import EngineConfig
+from transformers import PreTrainedTokenizerFast, LlamaConfig
+def status(key):
+    line = next(x for x in open("/proc/self/status") if x.startswith(key))
+    return int(line.split()[1]) * 1024
+with torch.device("meta"):  # torch's one-time meta-device setup (~100 MB, no weights)
+    corral.model.llama.LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, vocab_size=64,
+                                                    hidden_size=64, intermediate_size=64))
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS (VmHWM) := current RSS
+base = status("VmHWM")
+core = c.EngineCore(EngineConfig(model={str(q4k_file)!r}, max_model_len=128,
+                                 kv_cache_memory_gb=0.02))
+core.add_request("r", list(range(100, 120)), SamplingParams(max_tokens=3, ignore_eos=True))
+while core.has_work():
+    core.step()
+kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+         for k, v in core.runner.kv_cache)
+print(json.dumps([base, status("VmHWM"), kv]))
+"""
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300, check=True)
+    base, peak, kv = json.loads(out.stdout.strip().splitlines()[-1])
+    size = q4k_file.stat().st_size
+    dense = 4 * sum(p.n * p.k for ps in gk.read_gguf_weights(
+        q4k_file, _config_of(q4k_file)).values() for p in ps)
+    assert dense > 6 * size  # what a dense copy would cost
+    grown = peak - base
+    assert grown > 0.8 * size  # the weights were read (the file is resident) ...
+    assert grown < size * 1.3 + kv + 64 * 2**20, (grown / 2**20, size / 2**20, kv / 2**20)
+
+
+def _config_of(path):
+    from corral.loading import load_config, resolve_source
+
+    return load_config(resolve_source(str(path), weights=False))
 
 
 @pytest.mark.slow
 def test_engine_greedy_with_kernels_matches_transformers(lib, default_folder, monkeypatch):
-    """Decode steps of 1 and 3 sequences run on the kernels; greedy output equals transformers'."""
+    """Prefills (panels) and decode steps of 1 and 3 sequences (tile kernel) on the file's
+    blocks; greedy output equals transformers' on the same GGUF dequantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from corral import SamplingParams
@@ -146,7 +342,8 @@ def test_engine_greedy_with_kernels_matches_transformers(lib, default_folder, mo
                                        add_generation_prompt=True, tokenize=True,
                                        return_dict=True)["input_ids"] for q in questions]
     core = EngineCore(EngineConfig(model="default", max_model_len=512))
-    assert core.info["weights"].startswith("GGUF q4_1/q8_0 kernels for 121/121")
+    assert core.info["weights"].startswith("GGUF q4_1/q8_0 memory-mapped")
+    assert "for all 121 matmul parts" in core.info["weights"]
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     alone = run_staggered(core, prompts[:1], params)  # batch-1 decode
     together = run_staggered(core, prompts, params, every=1)  # decode batches of up to 3

@@ -1,6 +1,6 @@
-"""Opt-in Q8_0 at load (`quantization="q8_0"`): packing equal to gguf's quantizer, the kernel's
-weights equal to gguf's dequantize, decode on the kernel with logits close to the dense engine's,
-and the refused combinations."""
+"""Opt-in Q8_0 / Q4_0 at load (`quantization=`): packing equal to gguf's quantizer, the kernel's
+weights equal to gguf's dequantize, no dense copy kept, decode on the kernel with logits close
+to the dense engine's, and the refused combinations."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from corral.engine.config import EngineConfig
 from corral.engine.core import EngineCore
 from corral.errors import CorralError
 from corral.model import gguf_kernels as gk
-from corral.model.quantize import quantize_q8_0
+from corral.model.quantize import quantize_q4_0, quantize_q8_0
 from tests.conftest import save_tiny_model, tiny_config
 
 Q8_0 = GGMLQuantizationType.Q8_0
@@ -47,8 +47,8 @@ def test_packing_equals_gguf_quantizer(lib, n, k):
     packed = quantize_q8_0(w)
     ref = quantize(w.numpy(), Q8_0)  # [n, k/32 * 34] uint8
     assert packed.kind == "q8_0" and (packed.n, packed.k) == (n, k)
-    assert packed.data.dtype == torch.uint8
-    assert np.array_equal(packed.data.numpy(), ref)  # byte for byte
+    assert packed.base.dtype == np.uint8
+    assert np.array_equal(packed.base, ref)  # byte for byte
     # the kernel reads those bytes as gguf's dequantize does, bit for bit
     deq = torch.from_numpy(dequantize(ref, Q8_0).reshape(n, k).astype(np.float32))
     assert torch.equal(gk.gguf_dequantize(lib, packed), deq)
@@ -57,6 +57,17 @@ def test_packing_equals_gguf_quantizer(lib, n, k):
     d = w.reshape(n, -1, 32).abs().amax(-1, keepdim=True) / 127
     err = (w.reshape(n, -1, 32) - deq.reshape(n, -1, 32)).abs()
     assert (err <= d * (0.5 + 127 * 2**-11) + 127 * 2**-25).all()
+
+
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (33, 96)])
+def test_q4_0_packing_equals_gguf_quantizer(lib, n, k):
+    w = weights(n, k, seed=n + k)
+    packed = quantize_q4_0(w)
+    ref = quantize(w.numpy(), GGMLQuantizationType.Q4_0)
+    assert packed.kind == "q4_0" and (packed.n, packed.k) == (n, k)
+    assert np.array_equal(packed.base, ref)  # byte for byte
+    deq = dequantize(ref, GGMLQuantizationType.Q4_0).reshape(n, k).astype(np.float32)
+    assert torch.equal(gk.gguf_dequantize(lib, packed), torch.from_numpy(deq))
 
 
 def test_k_not_multiple_of_32_raises():
@@ -107,13 +118,17 @@ def test_engine_decodes_on_q8_0_kernel(lib, q_model_dir, monkeypatch):
     """
     calls = []
     matmul = gk.gguf_matmul
-    monkeypatch.setattr(gk, "gguf_matmul", lambda *a, **k: calls.append(a[2].n) or matmul(*a, **k))
+    monkeypatch.setattr(gk, "gguf_matmul",
+                        lambda *a, **k: calls.append(sum(p.n for p in a[2])) or matmul(*a, **k))
     dense = EngineCore(EngineConfig(model=str(q_model_dir), max_model_len=256))
     quant = EngineCore(EngineConfig(model=str(q_model_dir), max_model_len=256,
                                     quantization="q8_0"))
     assert dense.info["weights"] == "dense float32"
-    assert quant.info["weights"].startswith("Q8_0 (quantized at load) kernels for 9/9 matmuls")
+    assert quant.info["weights"].startswith("Q8_0 (quantized at load, no dense copy)")
+    assert quant.info["weights"].endswith("kernels for 9/9 matmuls")
     assert quant.model.packed_lm_head is not None  # tied: quantized from embed_tokens
+    assert isinstance(quant.model.model.embed_tokens, gk.GGUFEmbedding)  # reads the same blocks
+    assert sum(p.numel() for p in quant.model.parameters()) < 2000  # norms only: no dense copy
     assert not calls
 
     n = 32
@@ -121,9 +136,10 @@ def test_engine_decodes_on_q8_0_kernel(lib, q_model_dir, monkeypatch):
     want, want_logits = greedy_with_logits(dense, prompt, n)
     assert not calls  # the dense engine never takes the kernel
     got, got_logits = greedy_with_logits(quant, prompt, n)
-    # each step (a 20-token prefill, then 31 one-token decodes) runs all 9 matmuls on the kernel
-    assert len(calls) == 9 * n
-    assert calls.count(256) == 2 * n + n  # qkv_proj (2 layers) and the lm_head (vocab 256)
+    # the 31 one-token decodes run all 9 matmuls on the tile kernel; the 20-token prefill
+    # takes dequantized panels (its logits row, 1 token, the tile kernel)
+    assert len(calls) == 9 * (n - 1) + 1
+    assert calls.count(256) == 2 * (n - 1) + n  # qkv_proj (2 layers) and the lm_head
     assert len(got) == len(want) == n
     same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n)
     # logits on identical inputs: the prefill and every decode step before the first difference
@@ -135,14 +151,16 @@ def test_engine_decodes_on_q8_0_kernel(lib, q_model_dir, monkeypatch):
     assert same >= 8 and agree >= 0.75, (same, agree, got, want)
 
 
-def test_long_prefill_keeps_dense_weights(lib, q_model_dir):
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_long_prefill_runs_on_packed_weights(lib, q_model_dir, kind):
     quant = EngineCore(EngineConfig(model=str(q_model_dir), max_model_len=256,
-                                    quantization="q8_0"))
+                                    quantization=kind))
     layer = quant.model.model.layers[0].mlp.gate_up_proj
-    assert isinstance(layer, gk.GGUFLinear)
+    assert isinstance(layer, gk.GGUFLinear) and layer.weight is None  # no dense copy
     x = torch.randn(65, 128)
-    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))  # 65 > 64 rows
-    assert torch.equal(layer(x[:3]), gk.gguf_matmul(lib, x[:3], layer.fast.packed))
+    deq = gk.gguf_dequantize(lib, layer.fast.packed)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, deq))  # panels
+    assert torch.equal(layer(x[:3]), gk.gguf_matmul(lib, x[:3], layer.fast.parts))
 
 
 def test_k_not_multiple_of_32_stays_dense(lib):
@@ -152,9 +170,9 @@ def test_k_not_multiple_of_32_stays_dense(lib):
 
     model = LlamaForCausalLM.random(tiny_config(intermediate_size=40), torch.float32,
                                     torch.device("cpu"))
-    assert attach_q8_0(model) == ("Q8_0 (quantized at load) kernels for 7/9 matmuls (steps <= "
-                                    "64 tokens), dense fp32 above; 2 with K not a multiple of 32 "
-                                    "stay dense")
+    isa = gk.load_library().gguf_isa().decode()
+    assert attach_q8_0(model) == (f"Q8_0 (quantized at load, no dense copy) {isa} kernels for "
+                                  "7/9 matmuls; 2 with K not a multiple of 32 stay dense")
     assert not isinstance(model.model.layers[0].mlp.down_proj, gk.GGUFLinear)
     assert isinstance(model.model.layers[0].mlp.gate_up_proj, gk.GGUFLinear)
     assert model.packed_lm_head is not None  # untied lm_head, K = 64
@@ -166,8 +184,7 @@ def test_falls_back_to_dense_without_a_compiler(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path))  # no cached library to find
     monkeypatch.setattr(gk, "find_compiler", lambda: None)
-    monkeypatch.setattr(gk, "_lib", None)
-    monkeypatch.setattr(gk, "_lib_tried", False)
+    monkeypatch.setattr(gk, "_libs", {})
     model = LlamaForCausalLM.random(tiny_config(), torch.float32, torch.device("cpu"))
     assert attach_q8_0(model) == "dense fp32 (Q8_0 kernels unavailable)"
     assert "GGUF kernels unavailable" in capsys.readouterr().err
@@ -176,7 +193,7 @@ def test_falls_back_to_dense_without_a_compiler(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kw,msg", [
-    ({"quantization": "q4_0"}, "unknown quantization 'q4_0'"),
+    ({"quantization": "q3_k"}, "unknown quantization 'q3_k'"),
     ({"quantization": "q8_0", "dtype": "bfloat16"}, "needs --device cpu and --dtype float32"),
 ])
 def test_bad_combinations_are_refused(q_model_dir, kw, msg):
@@ -205,7 +222,8 @@ def test_cli_flag(q_model_dir):
     assert engine_kwargs_from_args(args)["quantization"] == "q8_0"
     assert "quantization" not in engine_kwargs_from_args(p.parse_args([]))
     with pytest.raises(SystemExit):
-        p.parse_args(["--quantize", "q4_0"])
+        p.parse_args(["--quantize", "q3_k"])
+    assert engine_kwargs_from_args(p.parse_args(["--quantize", "q4_0"]))["quantization"] == "q4_0"
     serve = argparse.ArgumentParser().add_subparsers()
     register(serve)
     sp = serve.choices["serve"]

@@ -1,16 +1,25 @@
-/* y[M,N] = x[M,K] @ W^T with W in GGUF blocks (Q4_1 or Q8_0), fp32 activations and sums.
+/* y[M, ldy] (columns 0..N-1) = x[M,K] @ W^T with W's rows in GGUF blocks, read in place.
  *
- * Compiled on first use by corral/model/gguf_kernels.py (gcc -O3 -march=native -fopenmp
- * -ffp-contract=off) and called through ctypes. Blocks of 32 weights run along K:
- *   Q4_1: fp16 d, fp16 m, 16 bytes qs; w[j] = d*(qs[j]&15) + m, w[j+16] = d*(qs[j]>>4) + m
- *   Q8_0: fp16 d, 32 int8 q;           w[j] = d*q[j]
- * Each weight is rebuilt exactly as gguf's numpy dequantizer does it (fp32 multiply, then fp32
- * add: -ffp-contract=off keeps them two roundings), so against the dense fp32 weights only the
- * order of the dot-product sums differs. Accumulation uses explicit FMA intrinsics.
+ * Compiled on first use by corral/model/gguf_kernels.py, once per instruction-set variant
+ * (AVX-512, AVX2+FMA+F16C, portable; -ffp-contract=off) and called through ctypes. W is given
+ * as a base pointer and one byte offset per output row, so the rows can come straight from a
+ * memory-mapped .gguf file: fused layers (q|k|v, gate|up) and the rotary row permutation are
+ * offset tables, never copies.
  *
- * Work split: threads take tiles of NR=4 output features; a tile's weights are dequantized
- * once into a thread-local fp32 buffer (L1/L2), then every row of x is dotted against it,
- * MR=4 rows at a time (16 accumulators).
+ * Types (ggml ids), per block along K:
+ *   F32 0, F16 1, BF16 30: one value;
+ *   Q4_0 2 (32: fp16 d, 16 qs):          w = d*((q&15)-8)
+ *   Q4_1 3 (32: fp16 d, fp16 m, 16 qs):  w = d*q + m
+ *   Q8_0 8 (32: fp16 d, 32 int8):        w = d*q
+ *   Q4_K 12 (256: d, dmin, 12 packed 6-bit scales/mins, 128 qs):     w = (d*sc)*q - dmin*mn
+ *   Q5_K 13 (256: as Q4_K plus 32 bytes of 5th bits):                 w = (d*sc)*q - dmin*mn
+ *   Q6_K 14 (256: 128 low nibbles, 64 high 2-bit pairs, 16 int8 scales, d): w = (d*sc)*(q-32)
+ * Each weight is rebuilt exactly as gguf's numpy dequantizer does (fp32 operations in its
+ * order, -ffp-contract=off keeps them separate roundings), so against the dequantized fp32
+ * weights only the order of the dot-product sums differs.
+ *
+ * Work split: threads take tiles of NR=4 output rows; a tile is dequantized once into a
+ * thread-local fp32 buffer (L1/L2) and every row of x is dotted against it, MR=4 at a time.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -18,21 +27,25 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+#if defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
 
-#define QK 32
-#define Q4_1_BYTES 20
-#define Q8_0_BYTES 34
 #define NR 4
 #define MR 4
 
 static inline float fp16_to_fp32(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
-#ifdef __F16C__
+#if defined(__F16C__)
     return _cvtsh_ss(h);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    __fp16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
 #else
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0x1f) {
@@ -52,9 +65,35 @@ static inline float fp16_to_fp32(const uint8_t *p) {
 #endif
 }
 
-/* One row of n_blocks blocks -> n_blocks*32 floats. */
-static void dequant_row_q4_1(const uint8_t *b, int n_blocks, float *out) {
-    for (int i = 0; i < n_blocks; i++, b += Q4_1_BYTES, out += QK) {
+/* ---- one row (K values) -> K floats, per type ---------------------------------------------- */
+
+static void dq_f32(const uint8_t *b, int K, float *out) { memcpy(out, b, sizeof(float) * K); }
+
+static void dq_f16(const uint8_t *b, int K, float *out) {
+    for (int i = 0; i < K; i++) out[i] = fp16_to_fp32(b + 2 * i);
+}
+
+static void dq_bf16(const uint8_t *b, int K, float *out) {
+    for (int i = 0; i < K; i++) {
+        uint16_t h;
+        memcpy(&h, b + 2 * i, 2);
+        uint32_t bits = (uint32_t)h << 16;
+        memcpy(out + i, &bits, 4);
+    }
+}
+
+static void dq_q4_0(const uint8_t *b, int K, float *out) {
+    for (int i = 0; i < K / 32; i++, b += 18, out += 32) {
+        const float d = fp16_to_fp32(b);
+        for (int j = 0; j < 16; j++) {
+            out[j] = d * (float)((int)(b[2 + j] & 15) - 8);
+            out[j + 16] = d * (float)((int)(b[2 + j] >> 4) - 8);
+        }
+    }
+}
+
+static void dq_q4_1(const uint8_t *b, int K, float *out) {
+    for (int i = 0; i < K / 32; i++, b += 20, out += 32) {
         const float d = fp16_to_fp32(b), m = fp16_to_fp32(b + 2);
         const uint8_t *qs = b + 4;
 #ifdef __AVX512F__
@@ -62,21 +101,19 @@ static void dequant_row_q4_1(const uint8_t *b, int n_blocks, float *out) {
         const __m128i q = _mm_loadu_si128((const __m128i *)qs);
         const __m128i lo = _mm_and_si128(q, _mm_set1_epi8(0x0f));
         const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0f));
-        const __m512 flo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
-        const __m512 fhi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
-        _mm512_storeu_ps(out, _mm512_add_ps(_mm512_mul_ps(vd, flo), vm));
-        _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_mul_ps(vd, fhi), vm));
+        _mm512_storeu_ps(out, _mm512_add_ps(_mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo))), vm));
+        _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi))), vm));
 #else
-        for (int j = 0; j < QK / 2; j++) {
+        for (int j = 0; j < 16; j++) {
             out[j] = d * (float)(qs[j] & 0x0f) + m;
-            out[j + QK / 2] = d * (float)(qs[j] >> 4) + m;
+            out[j + 16] = d * (float)(qs[j] >> 4) + m;
         }
 #endif
     }
 }
 
-static void dequant_row_q8_0(const uint8_t *b, int n_blocks, float *out) {
-    for (int i = 0; i < n_blocks; i++, b += Q8_0_BYTES, out += QK) {
+static void dq_q8_0(const uint8_t *b, int K, float *out) {
+    for (int i = 0; i < K / 32; i++, b += 34, out += 32) {
         const float d = fp16_to_fp32(b);
         const int8_t *q = (const int8_t *)(b + 2);
 #ifdef __AVX512F__
@@ -86,21 +123,103 @@ static void dequant_row_q8_0(const uint8_t *b, int n_blocks, float *out) {
         _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), vd));
         _mm512_storeu_ps(out + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), vd));
 #else
-        for (int j = 0; j < QK; j++) out[j] = (float)q[j] * d;
+        for (int j = 0; j < 32; j++) out[j] = (float)q[j] * d;
 #endif
     }
 }
+
+/* Q4_K/Q5_K: 8 sub-blocks of 32, 6-bit scale and min each, packed in 12 bytes. */
+static inline void k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 2) & 0x30);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30);
+    }
+}
+
+static void dq_q4_k(const uint8_t *b, int K, float *out) {
+    for (int i = 0; i < K / 256; i++, b += 144, out += 256) {
+        const float d = fp16_to_fp32(b), dmin = fp16_to_fp32(b + 2);
+        const uint8_t *sc6 = b + 4, *qs = b + 16;
+        for (int s = 0; s < 8; s++) {
+            int sc, mn;
+            k_scale_min(sc6, s, &sc, &mn);
+            const float ds = d * (float)sc, dm = dmin * (float)mn;
+            const uint8_t *q = qs + (s / 2) * 32;
+            const int shift = (s & 1) * 4;
+            for (int l = 0; l < 32; l++) out[s * 32 + l] = ds * (float)((q[l] >> shift) & 15) - dm;
+        }
+    }
+}
+
+static void dq_q5_k(const uint8_t *b, int K, float *out) {
+    for (int i = 0; i < K / 256; i++, b += 176, out += 256) {
+        const float d = fp16_to_fp32(b), dmin = fp16_to_fp32(b + 2);
+        const uint8_t *sc6 = b + 4, *qh = b + 16, *qs = b + 48;
+        for (int s = 0; s < 8; s++) {
+            int sc, mn;
+            k_scale_min(sc6, s, &sc, &mn);
+            const float ds = d * (float)sc, dm = dmin * (float)mn;
+            const uint8_t *q = qs + (s / 2) * 32;
+            const int shift = (s & 1) * 4;
+            for (int l = 0; l < 32; l++) {
+                const int v = ((q[l] >> shift) & 15) | (((qh[l] >> s) & 1) << 4);
+                out[s * 32 + l] = ds * (float)v - dm;
+            }
+        }
+    }
+}
+
+static void dq_q6_k(const uint8_t *b, int K, float *out) {
+    for (int i = 0; i < K / 256; i++, b += 210, out += 256) {
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *scales = (const int8_t *)(b + 192);
+        const float d = fp16_to_fp32(b + 208);
+        for (int c = 0; c < 8; c++) {  /* chunks of 32 values */
+            const uint8_t *lo = ql + (c / 4) * 64 + (c % 2) * 32, *hi = qh + (c / 4) * 32;
+            const int lshift = ((c / 2) % 2) * 4, hshift = 2 * (c % 4);
+            for (int l = 0; l < 32; l++) {
+                const int e = c * 32 + l;
+                const int q = (((lo[l] >> lshift) & 15) | (((hi[l] >> hshift) & 3) << 4)) - 32;
+                out[e] = (d * (float)scales[e / 16]) * (float)q;
+            }
+        }
+    }
+}
+
+typedef void (*dequant_fn)(const uint8_t *, int, float *);
+
+static dequant_fn pick(int type) {
+    switch (type) {
+    case 0: return dq_f32;
+    case 1: return dq_f16;
+    case 2: return dq_q4_0;
+    case 3: return dq_q4_1;
+    case 8: return dq_q8_0;
+    case 12: return dq_q4_k;
+    case 13: return dq_q5_k;
+    case 14: return dq_q6_k;
+    case 30: return dq_bf16;
+    default: return 0;
+    }
+}
+
+/* ---- dot products -------------------------------------------------------------------------- */
 
 /* y[i*ldy + j] = dot(x[i*K ..], w[j*K ..]) for i < mr, j < nr (compile-time sizes when
  * inlined with constants, so the accumulators stay in registers). */
 static inline __attribute__((always_inline)) void micro(const int mr, const int nr,
                                                         const float *x, const float *w, int K,
                                                         float *y, int ldy) {
-#ifdef __AVX512F__
+    int k = 0;
+    float tail[MR][NR] = {{0}};
+#if defined(__AVX512F__)
     __m512 acc[MR][NR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 16) {
+    for (; k + 16 <= K; k += 16) {
         __m512 wv[NR];
         for (int j = 0; j < nr; j++) wv[j] = _mm512_loadu_ps(w + (size_t)j * K + k);
         for (int i = 0; i < mr; i++) {
@@ -109,76 +228,118 @@ static inline __attribute__((always_inline)) void micro(const int mr, const int 
         }
     }
     for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) y[(size_t)i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+        for (int j = 0; j < nr; j++) tail[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[MR][NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[NR];
+        for (int j = 0; j < nr; j++) wv[j] = _mm256_loadu_ps(w + (size_t)j * K + k);
+        for (int i = 0; i < mr; i++) {
+            const __m256 xv = _mm256_loadu_ps(x + (size_t)i * K + k);
+            for (int j = 0; j < nr; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]),
+                                  _mm256_extractf128_ps(acc[i][j], 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            tail[i][j] = _mm_cvtss_f32(s);
+        }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    float32x4_t acc[MR][NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) acc[i][j] = vdupq_n_f32(0.0f);
+    for (; k + 4 <= K; k += 4) {
+        float32x4_t wv[NR];
+        for (int j = 0; j < nr; j++) wv[j] = vld1q_f32(w + (size_t)j * K + k);
+        for (int i = 0; i < mr; i++) {
+            const float32x4_t xv = vld1q_f32(x + (size_t)i * K + k);
+            for (int j = 0; j < nr; j++) acc[i][j] = vfmaq_f32(acc[i][j], xv, wv[j]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) tail[i][j] = vaddvq_f32(acc[i][j]);
 #else
-    /* 16 independent lanes per output, summed at the end: vectorizes without reassociation. */
+    /* 16 independent lanes per output, summed at the end: vectorizes without reassociation */
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) {
             float lane[16] = {0};
             const float *xi = x + (size_t)i * K, *wj = w + (size_t)j * K;
-            for (int k = 0; k < K; k += 16)
-                for (int l = 0; l < 16; l++) lane[l] += xi[k + l] * wj[k + l];
-            float s = 0.0f;
-            for (int l = 0; l < 16; l++) s += lane[l];
+            for (int kk = 0; kk + 16 <= K; kk += 16)
+                for (int l = 0; l < 16; l++) lane[l] += xi[kk + l] * wj[kk + l];
+            for (int l = 0; l < 16; l++) tail[i][j] += lane[l];
+        }
+    k = K - K % 16;
+#endif
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            float s = tail[i][j];
+            for (int kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * w[(size_t)j * K + kk];
             y[(size_t)i * ldy + j] = s;
         }
-#endif
 }
 
 /* All rows of x against one tile of nr dequantized weight rows. */
-static void tile_rows(const float *x, int M, int K, const float *w, int nr, float *y, int N) {
+static void tile_rows(const float *x, int M, int K, const float *w, int nr, float *y, int ldy) {
     int i = 0;
     if (nr == NR) {
-        for (; i + MR <= M; i += MR) micro(MR, NR, x + (size_t)i * K, w, K, y + (size_t)i * N, N);
+        for (; i + MR <= M; i += MR) micro(MR, NR, x + (size_t)i * K, w, K, y + (size_t)i * ldy, ldy);
         switch (M - i) {
-        case 3: micro(3, NR, x + (size_t)i * K, w, K, y + (size_t)i * N, N); break;
-        case 2: micro(2, NR, x + (size_t)i * K, w, K, y + (size_t)i * N, N); break;
-        case 1: micro(1, NR, x + (size_t)i * K, w, K, y + (size_t)i * N, N); break;
+        case 3: micro(3, NR, x + (size_t)i * K, w, K, y + (size_t)i * ldy, ldy); break;
+        case 2: micro(2, NR, x + (size_t)i * K, w, K, y + (size_t)i * ldy, ldy); break;
+        case 1: micro(1, NR, x + (size_t)i * K, w, K, y + (size_t)i * ldy, ldy); break;
         }
         return;
     }
     for (int j = 0; j < nr; j++)
         for (i = 0; i < M; i++)
-            micro(1, 1, x + (size_t)i * K, w + (size_t)j * K, K, y + (size_t)i * N + j, N);
+            micro(1, 1, x + (size_t)i * K, w + (size_t)j * K, K, y + (size_t)i * ldy + j, ldy);
 }
 
-typedef void (*dequant_fn)(const uint8_t *, int, float *);
+/* ---- public entry points (ctypes); x, y row-major; returns 0, or -1 for an unknown type ---- */
 
-static void gemm(dequant_fn dq, size_t block_bytes, const float *x, int M, int K,
-                 const uint8_t *w, int N, float *y, int n_threads) {
-    const int n_blocks = K / QK;
-    const size_t row_bytes = (size_t)n_blocks * block_bytes;
+int gguf_gemm(int type, const float *x, int M, int K, const uint8_t *base, const int64_t *offsets,
+              int N, float *y, int ldy, int n_threads) {
+    const dequant_fn dq = pick(type);
+    if (!dq) return -1;
     const int n_tiles = (N + NR - 1) / NR;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *buf = (float *)aligned_alloc(64, sizeof(float) * NR * (size_t)K);
+        float *buf = (float *)malloc(sizeof(float) * NR * (size_t)K);
 #pragma omp for schedule(static)
         for (int t = 0; t < n_tiles; t++) {
             const int n0 = t * NR, nr = N - n0 < NR ? N - n0 : NR;
-            for (int j = 0; j < nr; j++)
-                dq(w + (size_t)(n0 + j) * row_bytes, n_blocks, buf + (size_t)j * K);
-            tile_rows(x, M, K, buf, nr, y + n0, N);
+            for (int j = 0; j < nr; j++) dq(base + offsets[n0 + j], K, buf + (size_t)j * K);
+            tile_rows(x, M, K, buf, nr, y + n0, ldy);
         }
         free(buf);
     }
+    return 0;
 }
 
-/* Public entry points (ctypes). K must be a multiple of 32; x, y are contiguous row-major. */
-void gguf_gemm_q4_1(const float *x, int M, int K, const uint8_t *w, int N, float *y, int nt) {
-    gemm(dequant_row_q4_1, Q4_1_BYTES, x, M, K, w, N, y, nt);
+/* out[n, K] = the fp32 weights of rows offsets[0..N-1] (prefill panels, embeddings, tests). */
+int gguf_dequant_rows(int type, const uint8_t *base, const int64_t *offsets, int N, int K,
+                      float *out, int n_threads) {
+    const dequant_fn dq = pick(type);
+    if (!dq) return -1;
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (N > 8)
+    for (int n = 0; n < N; n++) dq(base + offsets[n], K, out + (size_t)n * K);
+    return 0;
 }
 
-void gguf_gemm_q8_0(const float *x, int M, int K, const uint8_t *w, int N, float *y, int nt) {
-    gemm(dequant_row_q8_0, Q8_0_BYTES, x, M, K, w, N, y, nt);
-}
-
-/* Dequantize N rows (for tests: must equal the dense weights bit for bit). */
-void gguf_dequant_q4_1(const uint8_t *w, int N, int K, float *out) {
-    for (int n = 0; n < N; n++)
-        dequant_row_q4_1(w + (size_t)n * (K / QK) * Q4_1_BYTES, K / QK, out + (size_t)n * K);
-}
-
-void gguf_dequant_q8_0(const uint8_t *w, int N, int K, float *out) {
-    for (int n = 0; n < N; n++)
-        dequant_row_q8_0(w + (size_t)n * (K / QK) * Q8_0_BYTES, K / QK, out + (size_t)n * K);
+/* Which instruction set this build's dot products use (tests check the variant they asked). */
+const char *gguf_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    return "neon";
+#else
+    return "portable";
+#endif
 }
