@@ -59,4 +59,6 @@ class SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
-            await self._events.aclose()
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:  # _guarded leaves it suspended when the send was cut
+                await aclose()

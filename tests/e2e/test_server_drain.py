@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 
@@ -96,3 +97,50 @@ def test_sigterm_during_a_long_step_with_a_short_drain_exits_cleanly():
         else:  # still in prefill when the drain ran out: a JSON 503
             assert result["status"] == 503, result
             assert json.loads(result["body"])["error"]["code"] == "shutting_down"
+
+
+def _open_stream(port: int, body: dict) -> socket.socket:
+    """Send a streaming request on a raw socket (closing it is a client that goes away)."""
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: corral\r\nContent-Type: application/json"
+              b"\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+    return s
+
+
+def _wait_health(srv, cond, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        h = httpx.get(srv.url + "/health", timeout=5).json()
+        if cond(h):
+            return h
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+
+
+def test_queued_streaming_client_that_disconnects_frees_its_slot():
+    """Over real sockets: one slot, one queue place. A client queued behind a long request
+    closes its connection; its queue place is free at once, so the next client is queued
+    instead of refused with 429."""
+    srv = ServerProcess(["--model", "default", "--max-concurrent-requests", "1",
+                         "--max-queue", "1"])
+    with srv:
+        long = {"model": "default", "prompt": "the quick brown fox jumps " * 600,
+                "max_tokens": 200, "ignore_eos": True, "stream": True}
+        short = {"model": "default", "prompt": "hi", "max_tokens": 2, "stream": True}
+        a = _open_stream(srv.port, long)
+        _wait_health(srv, lambda h: h["running_requests"] == 1)
+        b = _open_stream(srv.port, short)
+        _wait_health(srv, lambda h: h["queued_requests"] == 1)
+        r = httpx.post(srv.url + "/v1/completions", json=short, timeout=10)
+        assert r.status_code == 429 and r.headers.get("retry-after")
+        b.close()
+        h = _wait_health(srv, lambda h: h["queued_requests"] == 0, timeout=5)
+        assert h["running_requests"] == 1  # the long request still runs
+        c = _open_stream(srv.port, short)
+        h = _wait_health(srv, lambda h: h["queued_requests"] == 1, timeout=5)
+        assert h["running_requests"] == 1  # c waits for the slot: queued, not refused
+        a.close()
+        c.close()
+        _wait_health(srv, lambda h: h["running_requests"] == 0 and h["queued_requests"] == 0
+                     and h["num_free_blocks"] == h["num_total_blocks"])

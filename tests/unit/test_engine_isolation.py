@@ -15,6 +15,7 @@ from corral import SamplingParams
 from corral.engine import core as core_module
 from corral.engine.config import EngineConfig
 from corral.engine.core import EngineCore
+from corral.errors import CorralError
 
 
 def raw_params(**values) -> SamplingParams:
@@ -222,7 +223,7 @@ def test_llm_generate_returns_the_failed_request_and_goes_on(tiny_model_dir):
     assert outs[1].error is None and len(outs[1].token_ids) == 3
     assert llm.core.bm.num_free_blocks == start
     # a refused batch leaves nothing queued behind it
-    with pytest.raises(Exception):  # noqa: B017 - the engine's own refusal
+    with pytest.raises(CorralError, match="empty"):
         llm.generate([[5, 6], []], SamplingParams(max_tokens=2), use_tqdm=False)
     assert not llm.core.has_work()
 
