@@ -53,12 +53,12 @@ class Gate:
         path, cfg = scope["path"], self.serving.config
         rec = RequestRecord(id=new_id(), method=scope["method"], path=path)
         scope.setdefault("state", {})["record"] = rec
-        status = 500
+        status, started = 500, False
 
         async def send_logged(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message.setdefault("headers", []).append((b"x-request-id", rec.id.encode()))
             await send(message)
 
@@ -85,7 +85,16 @@ class Gate:
                 resp = error_response(path, ApiError(413, str(BodyTooLarge(cfg.max_body_bytes)
                                                                .detail)))
                 return await resp(scope, receive, send_logged)
-            await self.app(scope, receive_limited, send_logged)
+            try:
+                await self.app(scope, receive_limited, send_logged)
+            except Exception as e:
+                # Answered here, not re-raised: an exception that reaches uvicorn makes it
+                # close the keep-alive connection after every 500.
+                if status != 500 or started:
+                    raise  # mid-response: nothing better than closing the connection
+                log.exception("request failed")
+                resp = error_response(path, ApiError(500, f"internal error: {e}"))
+                await resp(scope, receive, send_logged)
         finally:
             self._done(rec, status)
 

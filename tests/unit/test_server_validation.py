@@ -295,3 +295,18 @@ def test_logprob_bytes_rebuild_the_text(app):
     content = out["choices"][0]["logprobs"]["content"]
     assert bytes(b for c in content for b in c["bytes"]).decode(errors="replace") == \
         out["choices"][0]["message"]["content"]
+
+
+def test_an_unexpected_error_is_a_json_500_that_keeps_the_connection(engine, monkeypatch):
+    """Nothing escapes the app (uvicorn would close the keep-alive connection after it)."""
+    app = make_app(engine)
+
+    def broken(prompt):
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(app.state.serving, "encode", broken)
+    r = post(app, "/v1/completions", GOOD_CMPL)  # ASGITransport re-raises what escapes
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    r = post(app, "/generate", GOOD_TGI)
+    assert r.status_code == 500 and r.json()["error_type"] == "generation", r.text
+    ok(app)
