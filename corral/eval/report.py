@@ -81,7 +81,8 @@ def warnings(overall: dict) -> list[str]:
     truncated = overall.get("truncated_rate")
     if truncated is not None and truncated > 0.5:
         out.append(f"warning: {truncated:.0%} of the answers hit max_tokens: the model does not "
-                   "stop (a tuned model that never learned its end token?)")
+                   "stop (a tuned model that never learned its end token?) or max_tokens is "
+                   "too small")
     if overall.get("turn_marker_answers"):
         out.append(f"warning: {overall['turn_marker_answers']} of {answered} answers contain "
                    "another chat turn's marker (the model wrote the next turn itself)")

@@ -24,7 +24,7 @@ QUESTIONS = ["北京是哪个国家的首都？", "一个星期有几天？", "�
 MAX_TOKENS = 48
 
 
-def corral(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def corral(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "corral.cli", *args], capture_output=True,
                           text=True, timeout=timeout, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
