@@ -20,8 +20,8 @@ from corral.engine.detokenizer import (
     streamable_text_end,
 )
 from corral.engine.kv_cache import BlockManager
-from corral.engine.runner import ModelRunner, kv_bytes_per_block
-from corral.engine.sampler import apply_penalties, block_stop_tokens, sample, top_logprobs
+from corral.engine.runner import ModelRunner, kv_bytes_per_block, profiled_kv_budget
+from corral.engine.sampler import apply_penalties, batch_top_logprobs, block_stop_tokens, sample
 from corral.engine.scheduler import Scheduler, SchedulerConfig
 from corral.engine.sequence import Sequence
 from corral.errors import CorralError
@@ -119,8 +119,10 @@ class EngineCore:
             return self.config.num_kv_blocks
         per_block = kv_bytes_per_block(self.model_config, block_size, self.dtype)
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * self.config.gpu_memory_utilization - (total - free) - 2 * 2**30
+            budget = profiled_kv_budget(
+                self.model, self.device, self.dtype, self.config.gpu_memory_utilization,
+                self.config.max_num_batched_tokens or 8192, self.config.max_num_seqs or 256,
+                self.max_model_len, block_size)
             if self.config.kv_cache_memory_gb:
                 budget = min(budget, self.config.kv_cache_memory_gb * 2**30)
         else:
@@ -298,12 +300,8 @@ class EngineCore:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.bm.commit_full_blocks(seq)
-        for row, (logits, first) in out.prompt_logits.items():
-            seq = batch.seqs[row]
-            lp = torch.log_softmax(logits, dim=-1)
-            for j in range(lp.shape[0]):
-                tok = seq.token_ids[first + j]
-                seq.prompt_logprobs.append(top_logprobs(lp[j], tok, seq.params.prompt_logprobs))
+        for row, lps in out.prompt_logprobs.items():
+            batch.seqs[row].prompt_logprobs.extend(lps)
         if out.sample_rows:
             self._sample(batch, out)
         results = []
@@ -322,11 +320,15 @@ class EngineCore:
         apply_penalties(logits, seqs)
         block_stop_tokens(logits, seqs, self.eos_token_ids)
         tokens = sample(logits, seqs)
+        if raw_lp is not None:
+            rows = [j for j, s in enumerate(seqs) if s.params.logprobs is not None]
+            lps = batch_top_logprobs(raw_lp[rows], [tokens[j] for j in rows],
+                                     [seqs[j].params.logprobs for j in rows])
+            for j, lp in zip(rows, lps):
+                seqs[j].logprobs.append(lp)
         now = time.time()
-        for j, (seq, tok) in enumerate(zip(seqs, tokens)):
+        for seq, tok in zip(seqs, tokens):
             seq.token_ids.append(tok)
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(top_logprobs(raw_lp[j], tok, seq.params.logprobs))
             m = self.requests[seq.request_id].metrics
             m.first_token_time = m.first_token_time or now
             m.last_token_time = now

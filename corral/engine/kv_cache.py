@@ -75,6 +75,7 @@ class BlockManager:
             seq.block_table.append(block_id)
             parent = h
             hits += 1
+        seq.num_hashed_blocks = hits
         self.prefix_queries += seq.num_prompt_tokens
         self.prefix_hits += min(hits * bs, seq.num_prompt_tokens)
         return hits * bs
@@ -99,8 +100,11 @@ class BlockManager:
             return
         bs = self.block_size
         full = seq.num_computed_tokens // bs
-        parent = None
-        for i in range(full):
+        start = seq.num_hashed_blocks  # incremental: only the blocks completed since last time
+        if full <= start:
+            return
+        parent = self.blocks[seq.block_table[start - 1]].hash if start else None
+        for i in range(start, full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
@@ -108,6 +112,7 @@ class BlockManager:
                 block.token_ids = tokens
                 self.cached.setdefault(block.hash, block.block_id)
             parent = block.hash
+        seq.num_hashed_blocks = full
 
     def free_seq(self, seq: Sequence) -> None:
         """Drop the sequence's references; blocks reaching zero become free (tail first, so
@@ -122,6 +127,7 @@ class BlockManager:
                 else:
                     self.free[block_id] = None
         seq.block_table = []
+        seq.num_hashed_blocks = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
