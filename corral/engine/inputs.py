@@ -39,6 +39,7 @@ class BlockTables:
             if got is None or got[1] != s.num_preemptions:  # new, or recomputed after preemption
                 got = (self._take_row(seqs), s.num_preemptions)
                 self.row_of[s.seq_id] = got
+                arr = self.arr  # taking a row may have grown the array
             row, table = got[0], s.block_table
             n = len(table)
             f = filled[row]
