@@ -50,7 +50,7 @@ PY
   THROUGHPUT=(--num-requests 8 --prompt-len 16 48 --output-len 8 24 --hf-num-requests 4
               --hf-batch-size 4)
   LATENCY=(--num-requests 2 --prompt-len 32 --output-len 16)
-  SERVE=(--concurrency 8 --requests 16 --max-tokens 16)
+  SERVE=(--concurrency 8 --requests 16 --max-tokens 16 --token-prompts)  # vocab 256
   LIMIT=240
 else
   DEV=cuda
