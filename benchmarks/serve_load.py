@@ -21,7 +21,11 @@ import time
 import httpx
 
 
-def prompts(n: int) -> list[str]:
+def prompts(n: int, token_ids: bool = False) -> list[str] | list[list[int]]:
+    """Short story prompts; `token_ids`: 24-token id lists instead, ids 3..252 so any vocabulary
+    takes them (random:NAME models have no tokenizer; the completions API takes token ids)."""
+    if token_ids:
+        return [[3 + (i * 31 + j * 7) % 250 for j in range(24)] for i in range(n)]
     topics = ["the sea", "a robot", "mountains", "a city at night", "an old library",
               "the first snow", "a lost key", "a long train ride"]
     return [f"Story {i}: write a short story about {topics[i % len(topics)]}." for i in range(n)]
@@ -51,7 +55,7 @@ def offline(args, work: list[str], max_num_seqs: int | None = None) -> float:
     return tokens / elapsed
 
 
-async def one(http: httpx.AsyncClient, url: str, prompt: str, args, stats: dict) -> None:
+async def one(http: httpx.AsyncClient, url: str, prompt: str | list[int], args, stats: dict) -> None:
     body = {"model": args.model, "prompt": prompt, "max_tokens": args.max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -109,8 +113,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--url", default=None, help="use a running server instead of starting one")
+    ap.add_argument("--token-prompts", action="store_true",
+                    help="send token-id prompts (automatic for random:NAME models)")
     args = ap.parse_args()
-    work = prompts(args.requests)
+    work = prompts(args.requests, token_ids=args.token_prompts or args.model.startswith("random:"))
 
     base = offline(args, work)
     print(f"offline LLM.generate: {base:.1f} output tok/s (engine defaults)")

@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import corral_run, hardware, hf_generate_static, load_hf, make_workload
+from common import Workload, corral_run, hardware, hf_generate_static, load_hf, make_workload
 
 
 def main() -> None:
@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--hf-batch-size", type=int, help="static batch size for transformers")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-num-requests", type=int,
+                    help="run transformers on the workload's first N requests only (its tok/s "
+                         "is compared; keeps a slow baseline inside a time budget)")
     args = ap.parse_args()
 
     from corral.engine.config import EngineConfig
@@ -67,7 +70,13 @@ def main() -> None:
         hf = load_hf(args.model, resolve_dtype(args.dtype, device), device)
         hf_generate_static(hf, make_workload(2, (8, 16), (4, 4), hf.config.vocab_size, 99), 2,
                            device)  # warm-up
-        base = hf_generate_static(hf, work, bsz, device, timed=True)
+        sub = work
+        if args.hf_num_requests and args.hf_num_requests < n:
+            sub = Workload(work.prompts[:args.hf_num_requests],
+                           work.output_lens[:args.hf_num_requests])
+            print(f"transformers runs the first {args.hf_num_requests} of the {n} requests")
+            result["hf_num_requests"] = args.hf_num_requests
+        base = hf_generate_static(hf, sub, bsz, device, timed=True)
         ratio = ours["useful_tokens_per_s"] / base["useful_tokens_per_s"]
         print(f"transformers: {base['useful_tokens_per_s']:8.1f} useful tok/s  "
               f"({base['seconds']:.1f}s, static batches of {bsz}, left padding)  "

@@ -22,7 +22,7 @@ from corral.engine.detokenizer import (
     streamable_text_end,
 )
 from corral.engine.kv_cache import BlockManager
-from corral.engine.runner import ModelRunner, StepLogits, kv_bytes_per_block
+from corral.engine.runner import ModelRunner, StepLogits, kv_bytes_per_block, profiled_kv_budget
 from corral.engine.sampler import apply_penalties, block_stop_tokens, sample, top_logprobs
 from corral.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from corral.engine.sequence import Sequence
@@ -140,8 +140,10 @@ class EngineCore:
             return self.config.num_kv_blocks
         per_block = kv_bytes_per_block(self.model_config, block_size, self.dtype)
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * self.config.gpu_memory_utilization - (total - free) - 2 * 2**30
+            budget = profiled_kv_budget(
+                self.model, self.device, self.dtype, self.config.gpu_memory_utilization,
+                self.config.max_num_batched_tokens or 8192, self.config.max_num_seqs or 256,
+                self.max_model_len, block_size)
             if self.lora is not None:  # room for max_loras adapters of max_lora_rank
                 budget -= self.lora.budget_bytes
             if self.config.kv_cache_memory_gb:
@@ -479,16 +481,8 @@ class EngineCore:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.bm.commit_full_blocks(seq)
-        for row, (logits, first) in out.prompt_logits.items():
-            seq = batch.seqs[row]
-            try:
-                lp = torch.log_softmax(logits, dim=-1)
-                for j in range(lp.shape[0]):
-                    tok = seq.token_ids[first + j]
-                    seq.prompt_logprobs.append(top_logprobs(lp[j], tok,
-                                                            seq.params.prompt_logprobs))
-            except Exception as e:  # noqa: BLE001 - this request's values
-                self._fault(self.requests[seq.request_id], "prompt logprobs failed", e)
+        for row, lps in out.prompt_logprobs.items():
+            batch.seqs[row].prompt_logprobs.extend(lps)
         if out.sample_rows:
             self._sample(batch, out)
 

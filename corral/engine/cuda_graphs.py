@@ -23,8 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
+from corral.engine.inputs import Staging
 from corral.engine.scheduler import ScheduledBatch
 from corral.model.attention import AttentionMetadata, build_decode_mask, decode_needs_mask
 
@@ -107,23 +109,27 @@ class DecodeGraphs:
             and len(s.block_table) <= self.max_blocks
             for s, n in zip(batch.seqs, batch.num_new_tokens))
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+    def run(self, batch: ScheduledBatch, tables: np.ndarray, staging: Staging) -> torch.Tensor:
         """Copy the step into the static buffers, replay, return hidden states [B, D] (a view
-        of the graph's output: valid until the next replay)."""
+        of the graph's output: valid until the next replay). tables: the rows' block tables
+        [B, width] (host, from the runner's BlockTables); staging sends them in one copy."""
         b = len(batch.seqs)
         size = next(s for s in self.sizes if s >= b)
         bs = self.block_size
-        rows = []
-        for seq in batch.seqs:
-            p = seq.num_computed_tokens
-            rows.append([seq.token_ids[p], p, seq.block_table[p // bs] * bs + p % bs, p + 1])
-        rows += [self.pad_row] * (size - b)
+        pos = np.fromiter((s.num_computed_tokens for s in batch.seqs), dtype=np.int64, count=b)
+        vec = np.empty((4, size), dtype=np.int64)
+        vec[:] = np.array(self.pad_row, dtype=np.int64)[:, None]
+        vec[0, :b] = [s.token_ids[p] for s, p in zip(batch.seqs, pos.tolist())]
+        vec[1, :b] = pos
+        vec[2, :b] = tables[np.arange(b), pos // bs] * bs + pos % bs
+        vec[3, :b] = pos + 1
         # only the widest table's columns are copied; later columns keep older block ids,
         # which lie past every row's context: the kernel never reads them, the mask hides them
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [self.pad_block] * (width - len(s.block_table))
-                  for s in batch.seqs] + [[self.pad_block] * width] * (size - b)
-        self.vectors[:, :size].copy_(torch.tensor(rows).T, non_blocking=True)
-        self.tables[:size, :width].copy_(torch.tensor(tables), non_blocking=True)
+        width = tables.shape[1]
+        padded = np.full((size, width), self.pad_block, dtype=np.int64)
+        padded[:b] = tables
+        flat = staging.to_device(np.concatenate([vec.reshape(-1), padded.reshape(-1)]))
+        self.vectors[:, :size].copy_(flat[:4 * size].view(4, size))
+        self.tables[:size, :width].copy_(flat[4 * size:].view(size, width))
         self.num_replays += 1
         return self.graphs[size]()[:b]

@@ -81,6 +81,7 @@ class BlockManager:
             seq.block_table.append(block_id)
             parent = h
             hits += 1
+        seq.num_hashed_blocks = hits
         self.prefix_queries += seq.num_prompt_tokens
         self.prefix_hits += min(hits * bs, seq.num_prompt_tokens)
         return hits * bs
@@ -105,8 +106,11 @@ class BlockManager:
             return
         bs = self.block_size
         full = seq.num_computed_tokens // bs
-        parent = self.root_hash(seq)
-        for i in range(full):
+        start = seq.num_hashed_blocks  # incremental: only the blocks completed since last time
+        if full <= start:
+            return
+        parent = self.blocks[seq.block_table[start - 1]].hash if start else self.root_hash(seq)
+        for i in range(start, full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
@@ -114,6 +118,7 @@ class BlockManager:
                 block.token_ids = tokens
                 self.cached.setdefault(block.hash, block.block_id)
             parent = block.hash
+        seq.num_hashed_blocks = full
 
     def free_seq(self, seq: Sequence) -> None:
         """Drop the sequence's references; blocks reaching zero become free (tail first, so
@@ -128,6 +133,7 @@ class BlockManager:
                 else:
                     self.free[block_id] = None
         seq.block_table = []
+        seq.num_hashed_blocks = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

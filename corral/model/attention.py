@@ -10,8 +10,9 @@ Each sequence owns a block table: its KV lives in fixed-size blocks of the share
 Decode sequences (one new token each) come first in the batch and are batched together: on CUDA
 the Triton kernel (triton_attention.py), on the CPU in fp32 a C kernel (cpu_attention.py), both
 reading the blocks in place; otherwise gather each one's blocks, one batched matmul per head
-group. Prefill chunks follow and run per sequence with a causal mask offset by the tokens
-already in the cache (chunked prefill, prefix-cache hits).
+group. Prefill chunks follow: consecutive chunks are packed into one attention call with a
+block-diagonal causal mask offset by the tokens already in the cache (chunked prefill,
+prefix-cache hits); a lone chunk with nothing cached runs plain causal attention.
 """
 
 from __future__ import annotations
@@ -67,20 +68,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.empty_like(q)
     if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
-    start = nd
-    bs = k_cache.shape[1]
-    for i in range(nd, len(meta.query_lens)):
-        qlen, ctx = meta.query_lens[i], meta.context_lens_host[i]
-        end = start + qlen
-        if ctx == qlen:  # nothing cached before this chunk: use the fresh K/V directly
-            ks, vs = k[start:end], v[start:end]
+    qls, ctxs = meta.query_lens[nd:], meta.context_lens_host[nd:]
+    firsts = [nd]
+    for ql in qls:
+        firsts.append(firsts[-1] + ql)
+    area = PACK_AREA.get(q.device.type, PACK_AREA["cuda"])
+    for g in pack_groups(qls, ctxs, area):
+        a, b = firsts[g.start], firsts[g.stop]
+        i = nd + g.start
+        if len(g) == 1 and ctxs[g.start] == qls[g.start]:
+            # nothing cached before this chunk: the fresh K/V directly, causal (flash on CUDA)
+            out[a:b] = _prefill_one(q[a:b], k[a:b], v[a:b], 0, scale)
         else:
-            nblk = (ctx + bs - 1) // bs
-            blocks = meta.block_tables[i, :nblk]
-            ks = gather_blocks(k_cache, blocks[None])[0, :ctx]  # [ctx, nkv, hd]
-            vs = gather_blocks(v_cache, blocks[None])[0, :ctx]
-        out[start:end] = _prefill_one(q[start:end], ks, vs, ctx - qlen, scale)
-        start = end
+            out[a:b] = _prefill_packed(q[a:b], k_cache, v_cache,
+                                       meta.block_tables[i:nd + g.stop],
+                                       qls[g.start:g.stop], ctxs[g.start:g.stop], scale)
     return out
 
 
@@ -91,6 +93,72 @@ def gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     b, n = tables.shape
     rows = cache.view(nb, bs * nkv * hd).index_select(0, tables.reshape(-1))
     return rows.view(b, n * bs, nkv, hd)
+
+
+def _prefill_packed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
+                    scale: float) -> torch.Tensor:
+    """Prefill chunks of several sequences in one attention call (varlen through a packed layout).
+
+    q: [Tq, nh, hd], the chunks' queries one after another; block_tables [P, w] and the host
+    lengths describe the same P sequences. Each sequence's keys (its cached prefix followed by
+    this chunk, already written to the cache) are gathered into one packed [Tk, nkv, hd]; a
+    block-diagonal causal mask lets query i of sequence s see keys 0..offset_s+i of s only:
+
+        keys ->   s0 s0 s0 | s1 s1
+        q s0      x  .  .  | .  .        (s0 had 1 token cached: its 2 queries see 2, 3 keys)
+        q s0      x  x  x  | .  .
+        q s1      .  .  .  | x  .
+        q s1      .  .  .  | x  x
+    """
+    dev = q.device
+    nb, bs, nkv, hd = k_cache.shape
+    nh = q.shape[1]
+    p = len(query_lens)
+    qlen = torch.tensor(query_lens, dtype=torch.long)
+    ctx = torch.tensor(context_lens, dtype=torch.long)
+    # keys: flat cache slot of every position 0..ctx-1 of every sequence
+    k_row = torch.repeat_interleave(torch.arange(p), ctx)
+    k_first = torch.cumsum(ctx, 0) - ctx
+    k_pos = torch.arange(int(ctx.sum())) - k_first[k_row]
+    k_row_d, k_pos_d = k_row.to(dev), k_pos.to(dev)
+    slots = block_tables[k_row_d, k_pos_d // bs] * bs + k_pos_d % bs
+    ks = k_cache.view(nb * bs, nkv, hd).index_select(0, slots)
+    vs = v_cache.view(nb * bs, nkv, hd).index_select(0, slots)
+    # queries: their sequence and absolute position
+    q_row = torch.repeat_interleave(torch.arange(p), qlen)
+    q_first = torch.cumsum(qlen, 0) - qlen
+    q_pos = (ctx - qlen)[q_row] + torch.arange(int(qlen.sum())) - q_first[q_row]
+    allowed = (q_row[:, None] == k_row[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+    gqa = nh != nkv
+    if gqa and dev.type == "cuda":
+        # expanded heads keep SDPA on its memory-efficient masked kernel (with enable_gqa it
+        # can fall back to the math path, which materializes [nh, Tq, Tk] scores)
+        ks, vs = ks.repeat_interleave(nh // nkv, dim=1), vs.repeat_interleave(nh // nkv, dim=1)
+        gqa = False
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                       attn_mask=allowed.to(dev), scale=scale, enable_gqa=gqa)
+    return o.transpose(0, 1)
+
+
+def pack_groups(query_lens: list[int], context_lens: list[int], max_area: int) -> list[range]:
+    """Split prefill chunks into runs of consecutive sequences attended together: a run grows
+    while its packed score matrix (total queries x total keys) stays under `max_area` or at most
+    twice the work of attending them one by one (the block-diagonal mask wastes the rest)."""
+    groups, start, tq, tk, useful = [], 0, 0, 0, 0
+    for i, (ql, cl) in enumerate(zip(query_lens, context_lens)):
+        ntq, ntk, nuse = tq + ql, tk + cl, useful + ql * cl
+        if i > start and ntq * ntk > max(max_area, 2 * nuse):
+            groups.append(range(start, i))
+            start, ntq, ntk, nuse = i, ql, cl, ql * cl
+        tq, tk, useful = ntq, ntk, nuse
+    groups.append(range(start, len(query_lens)))
+    return groups
+
+
+# Packed score matrices up to this many elements run as one call: on CUDA the launches saved
+# outweigh the masked-out work; on the CPU the masked work is real time, so pack only small runs.
+PACK_AREA = {"cuda": 1 << 24, "cpu": 1 << 14}
 
 
 def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
