@@ -44,6 +44,8 @@ FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
 PART_OF = {p: (mod, i) for mod, parts in FUSED.items() for i, p in enumerate(parts)}
 
 _ids = itertools.count(1)  # process-unique adapter ids: 0 is the base
+# steps of at most this many tokens with 2+ adapters run stacked (LoRAManager._stack)
+STACK_MAX_TOKENS = 64
 
 
 class LoRAError(CorralError):
@@ -217,9 +219,13 @@ class LoRAStep:
 
     def __init__(self):
         self.groups: list[tuple[dict, int, int]] = []  # (slot weights by module, row range)
+        # small steps with several adapters: one stacked matmul pair per module instead of
+        # two per adapter (see LoRAManager.set_step); module -> (A_cat, B_cat, layout)
+        self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor, tuple]] | None = None
+        self.masks: dict[tuple, torch.Tensor] = {}  # layout -> [T, sum R] row/column mask
 
     def clear(self) -> None:
-        self.groups = []
+        self.groups, self.stacked, self.masks = [], None, {}
 
 
 class LoRALinear(nn.Module):
@@ -242,6 +248,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # a fresh tensor (every base computes one), so adding in place is safe
+        stacked = self.step.stacked
+        if stacked is not None:
+            entry = stacked.get(self.name)
+            if entry is not None:
+                a, b, layout = entry
+                h = (x @ a.T).mul_(self.step.masks[layout])  # each row keeps its adapter's part
+                y.addmm_(h, b.T)
+            return y
         for weights, start, end in self.step.groups:
             ab = weights.get(self.name)
             if ab is None:  # this adapter does not target this module (or layer)
@@ -272,6 +286,7 @@ class LoRAManager:
         self.resident: OrderedDict[int, tuple[Adapter, dict]] = OrderedDict()
         self.step = LoRAStep()
         self.num_loads = 0
+        self._stack_cache: tuple[tuple, dict] | None = None  # (adapter ids, stacked weights)
         self.install(model)
 
     def install(self, model) -> None:
@@ -326,6 +341,7 @@ class LoRAManager:
             del self.resident[victim]
         weights = {k: (a.to(self.device), b.to(self.device)) for k, (a, b) in
                    adapter.weights.items()}
+        weights["__id__"] = adapter.id  # lets a step name the slot it reads
         self.resident[adapter.id] = (adapter, weights)
         self.num_loads += 1
         return True
@@ -351,8 +367,37 @@ class LoRAManager:
                     groups.append((self.resident[seq.lora.id][1], pos, pos + n))
             prev = seq.lora
             pos += n
-        self.step.groups = groups
+        self.step.groups, self.step.stacked, self.step.masks = groups, None, {}
+        ids = tuple(dict.fromkeys(g[0]["__id__"] for g in groups))
+        if len(ids) > 1 and pos <= STACK_MAX_TOKENS:
+            self._stack(ids, groups, pos)
         return True
+
+    def _stack(self, ids: tuple, groups, num_tokens: int) -> None:
+        """Decode-sized steps are bound by the number of small ops, not their flops: stack
+        the step's adapters per module (A_cat [sum R, in], B_cat [out, sum R], cached for the
+        last combination of adapters) and mask each row to its own adapter's columns."""
+        if self._stack_cache is None or self._stack_cache[0] != ids:
+            slots = [self.resident[i][1] for i in ids]
+            stacked = {}
+            for name in {n for s in slots for n in s if n != "__id__"}:
+                parts = [s.get(name) for s in slots]
+                ranks = tuple(0 if p is None else p[0].shape[0] for p in parts)
+                a_cat = torch.cat([p[0] for p in parts if p is not None], 0)
+                b_cat = torch.cat([p[1] for p in parts if p is not None], 1)
+                stacked[name] = (a_cat, b_cat.contiguous(), ranks)
+            self._stack_cache = (ids, stacked)
+        stacked = self._stack_cache[1]
+        col_of = {i: k for k, i in enumerate(ids)}
+        masks = {}
+        for ranks in {entry[2] for entry in stacked.values()}:
+            offsets = [sum(ranks[:k]) for k in range(len(ranks) + 1)]
+            mask = torch.zeros(num_tokens, offsets[-1], dtype=self.dtype, device=self.device)
+            for weights, start, end in groups:
+                k = col_of[weights["__id__"]]
+                mask[start:end, offsets[k]:offsets[k + 1]] = 1
+            masks[ranks] = mask
+        self.step.stacked, self.step.masks = stacked, masks
 
     def listing(self) -> list[dict]:
         return [{"name": a.name, "path": a.path, "rank": a.rank, "bytes": a.nbytes,

@@ -58,7 +58,11 @@ def setup(tmp_path_factory, default_folder):
     return base_dir, a, b
 
 
-def test_mixed_batch_matches_peft(setup):
+@pytest.mark.parametrize("stack_max", [64, 0], ids=["stacked-small-steps", "ranges-only"])
+def test_mixed_batch_matches_peft(setup, stack_max, monkeypatch):
+    import corral.model.lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "STACK_MAX_TOKENS", stack_max)
     base_dir, a_dir, b_dir = setup
     gen = torch.Generator().manual_seed(0)
     system = torch.randint(3, 256, (40,), generator=gen).tolist()  # shared: prefix-cache hits
