@@ -105,7 +105,10 @@ def sample_tensor(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if not rand:
         return greedy
     sub_params = [params[i] for i in rand]
-    host = torch.tensor([[p.temperature, p.top_p, p.min_p, p.top_k] for p in sub_params],
+    # top_k over the vocabulary keeps every token (and never overflows the float row)
+    vocab = logits.shape[1]
+    host = torch.tensor([[p.temperature, p.top_p, p.min_p, min(p.top_k, vocab)]
+                         for p in sub_params],
                         dtype=torch.float32)
     if dev.type == "cuda":
         host = host.pin_memory()

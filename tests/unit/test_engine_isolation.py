@@ -106,13 +106,20 @@ ENGINE_KILLERS = {
     "temperature=1e-300": {"temperature": 1e-300},
     "repetition_penalty=1e-38": {"repetition_penalty": 1e-38},
     "repetition_penalty=nan": {"repetition_penalty": math.nan},
-    "top_k=2**63": {"top_k": 2**63},
     "stop_token_ids=[1000000]+min_tokens=2": {"stop_token_ids": [1000000], "min_tokens": 2},
     "temperature=nan": {"temperature": math.nan},
     "temperature=inf": {"temperature": math.inf},
     "frequency_penalty=nan": {"frequency_penalty": math.nan},
     "logprobs=10**6": {"logprobs": 10**6},
 }
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token(core):
+    """top_k = 2**63 (it used to overflow the sampler) means what top_k >= vocab means: off."""
+    huge = run(core, {"huge": ([30, 31, 32], raw_params(temperature=1.0, top_k=2**63))})
+    off = run(core, {"off": ([30, 31, 32], raw_params(temperature=1.0, top_k=0))})
+    assert huge["huge"].error is None
+    assert huge["huge"].outputs[0].token_ids == off["off"].outputs[0].token_ids
 
 
 @pytest.mark.parametrize("values", ENGINE_KILLERS.values(), ids=ENGINE_KILLERS.keys())
@@ -217,7 +224,7 @@ def test_llm_generate_returns_the_failed_request_and_goes_on(tiny_model_dir):
     llm = LLM(model=str(tiny_model_dir), block_size=8, num_kv_blocks=64, max_model_len=256)
     start = llm.core.bm.num_free_blocks
     outs = llm.generate([[5, 6, 7], [8, 9, 10]],
-                        [raw_params(top_k=2**63), SamplingParams(max_tokens=3, ignore_eos=True)],
+                        [raw_params(temperature=math.nan), SamplingParams(max_tokens=3, ignore_eos=True)],
                         use_tqdm=False)
     assert outs[0].error and outs[0].finish_reason == "error"
     assert outs[1].error is None and len(outs[1].token_ids) == 3
