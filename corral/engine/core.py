@@ -351,7 +351,8 @@ class EngineCore:
         apply_penalties(logits, seqs)
         block_stop_tokens(logits, seqs, self.eos_token_ids)
         if any(s.matcher is not None for s in seqs):
-            self.structured.apply_masks(logits, [s.matcher for s in seqs])
+            blocked = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+            self.structured.apply_masks(logits, [s.matcher for s in seqs], blocked)
         tokens = sample(logits, seqs)
         now = time.time()
         for j, (seq, tok) in enumerate(zip(seqs, tokens)):
