@@ -556,7 +556,8 @@ class EngineCore:
         apply_penalties(logits, seqs)
         block_stop_tokens(logits, seqs, self.eos_token_ids)
         if any(s.matcher is not None for s in seqs):
-            self.structured.apply_masks(logits, [s.matcher for s in seqs])
+            blocked = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+            self.structured.apply_masks(logits, [s.matcher for s in seqs], blocked)
         bad = _unsampleable_rows(logits, seqs)
         tokens = sample(logits, seqs)
         lps = [raw_lp[j] if raw_lp is not None and s.params.logprobs is not None else None

@@ -153,9 +153,10 @@ class StructuredCompiler:
         """A fresh GrammarMatcher for one sequence (the constraint must be compiled)."""
         return self._xgr.GrammarMatcher(self.compile(so))
 
-    def apply_masks(self, logits, matchers: list) -> None:
+    def apply_masks(self, logits, matchers: list, blocked_rows: list[int] = ()) -> None:
         """In place: -inf on every token the row's matcher forbids. logits [N, V] (a torch
-        tensor); matchers[i] is None for an unconstrained row."""
+        tensor); matchers[i] is None for an unconstrained row; blocked_rows: rows whose end
+        tokens were forbidden (min_tokens), which may be left with no token at all."""
         import torch  # here: importing SamplingParams must stay light for the CLI
 
         rows = [i for i, m in enumerate(matchers) if m is not None]
@@ -170,11 +171,13 @@ class StructuredCompiler:
         xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size, indices=rows)
         # A row left with no token (min_tokens forbade the only allowed one, the end token)
         # would sample NaN: let it end instead.
-        dead = torch.isneginf(logits[rows]).all(dim=-1)
-        if bool(dead.any()):
+        check = [i for i in blocked_rows if matchers[i] is not None]
+        if check:  # only then: a full-row check costs more than the mask itself on a busy CPU
+            dead = torch.isneginf(logits[check]).all(dim=-1).tolist()
             stops = torch.tensor(self.stop_token_ids, device=logits.device)
-            for j in dead.nonzero().flatten().tolist():
-                logits[rows[j], stops] = 0.0
+            for i, d in zip(check, dead):
+                if d:
+                    logits[i, stops] = 0.0
 
 
 def accept(matcher, token: int) -> bool:
