@@ -103,7 +103,7 @@ def test_padded_decode_matches_eager(prompt_lens, rope):
     out = runner.execute(decode)
     assert graphs.num_replays == 1
     assert out.sample_rows == eager.sample_rows == list(range(len(seqs)))
-    assert out.prompt_logits == {}
+    assert out.prompt_logprobs == {}
     torch.testing.assert_close(out.logits, eager.logits, rtol=1e-4, atol=1e-4)
     assert out.logits.argmax(-1).tolist() == eager.logits.argmax(-1).tolist()
 
