@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess(["--model", "default", "--max-total-tokens", "1024"]) as srv:
+    with ServerProcess(["--model", "default", "--max-total-tokens", "1024", "--max-n", "24"]) as srv:
         yield srv
 
 
