@@ -164,21 +164,12 @@ def gguf_metadata_folder(path: Path) -> Path:
                           f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    def save(tmp: Path) -> None:
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "corral_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return _write_cache_folder(out, path, save)
 
 
 def materialize_gguf(path: Path) -> Path:
@@ -203,12 +194,21 @@ def materialize_gguf(path: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _write_cache_folder(out, path, save)
+
+
+def _write_cache_folder(out: Path, gguf: Path, save) -> Path:
+    """Fill a temporary folder beside `out` with `save(tmp)` and the source note, then rename
+    it into place atomically (a process that finished first wins; ours is dropped)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "corral_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+        save(tmp)
+        (tmp / "corral_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
         try:
             tmp.rename(out)
         except OSError:  # another process finished first
