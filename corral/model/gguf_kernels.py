@@ -7,20 +7,31 @@ first use with the system C compiler, loaded with ctypes, which releases the GIL
 (q|k|v, gate|up) and the rotary row order are tables of row offsets into the mapping, not
 copies, so the resident memory is the file plus the KV cache plus small buffers.
 
-- steps of at most `max_rows` tokens (decode): the C kernel dequantizes 4 weight rows at a time
-  into L1 and dots every token against them;
-- larger steps (prefill): panels of weight rows are dequantized into one small fp32 buffer and
-  multiplied with torch's GEMM, so prefill runs at dense GEMM speed on quantized storage.
+Two kinds of arithmetic, chosen per model (`math`, default from $CORRAL_GGUF_MATH, else
+"int8"):
 
-Each weight is rebuilt exactly as gguf's numpy dequantizer (and transformers, which uses it)
-does, so logits differ from transformers' dequantized model only by the order of the sums.
-The dot products are compiled per instruction set (AVX-512, AVX2+FMA+F16C, NEON on ARM, a
-portable build) and the variant is picked at run time from the CPU's flags.
+- "int8" (Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K, as llama.cpp does it): each activation row is
+  quantized once per matmul to 8-bit blocks (per 32 values for the 32-value types, per 256 with
+  16/32-value sums for the K-quants) and dotted against the weight blocks in exact int32, the
+  block scales applied in fp32; steps of every size (decode and prefill) run this kernel, tiles
+  of 4 weight rows x 4 tokens. The activations' rounding changes the numbers: logits differ
+  from the dequantized fp32 reference by ~1e-2 of their spread (tests bound it). All SIMD
+  variants and the portable build give bit-identical results.
+- "fp32" (the exact rebuild, and F32/F16/BF16 weights in either mode): steps of at most
+  `max_rows` tokens dequantize 4 weight rows at a time into L1 and dot fp32 activations
+  against them; larger steps dequantize panels of rows for torch's GEMM. Each weight is rebuilt
+  exactly as gguf's numpy dequantizer (and transformers, which uses it) does, so logits differ
+  from transformers' dequantized model only by the order of the sums.
+
+The kernels are compiled per instruction set (AVX-512+VNNI, AVX-512, AVX2+FMA+F16C, a portable
+build; -march=native elsewhere, e.g. ARM) and the variant is picked at run time from the CPU's
+flags.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import struct
 import sys
@@ -51,6 +62,7 @@ OTHER_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_
 # -ffp-contract=off: weights rebuilt with the same separate roundings as gguf's numpy
 COMMON_CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off"]
 VARIANT_CFLAGS = {
+    "avx512vnni": ["-march=x86-64-v4", "-mavx512vnni", "-mtune=native"],
     "avx512": ["-march=x86-64-v4", "-mtune=native"],
     "avx2": ["-march=x86-64-v3", "-mtune=native"],
     "portable": ["-march=x86-64", "-mtune=generic"],  # SSE2 only: software fp16
@@ -61,6 +73,9 @@ VARIANT_CFLAGS = {
 # panels at every step size up to 1024 rows (32 rows: 3.9 vs 21.9 ms; 512: 48.6 vs 63.4 ms).
 DEFAULT_MAX_ROWS = 512
 PANEL_BYTES = 2 << 20  # fp32 panel buffer for large steps (fits L2/L3 beside the activations)
+MATH_MODES = ("int8", "fp32")
+# types with an integer (int8-activation) kernel, and their activation block size
+INT_BLOCK = {2: 32, 3: 32, 8: 32, 12: 256, 13: 256, 14: 256}
 
 _libs: dict[str, ctypes.CDLL | None] = {}
 
@@ -81,6 +96,8 @@ def cpu_variants() -> list[str]:
         flags = set()
     out = []
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"} <= flags:
+        if "avx512_vnni" in flags:
+            out.append("avx512vnni")
         out.append("avx512")
     if {"avx2", "fma", "f16c"} <= flags:
         out.append("avx2")
@@ -113,12 +130,22 @@ def load_library(variant: str | None = None) -> ctypes.CDLL | None:
     p, i32 = ctypes.c_void_p, ctypes.c_int
     lib.gguf_gemm.argtypes = [i32, p, i32, i32, p, p, i32, p, i32, i32]
     lib.gguf_gemm.restype = i32
+    lib.gguf_gemm_int.argtypes = [i32, p, i32, i32, p, p, i32, p, i32, i32]
+    lib.gguf_gemm_int.restype = i32
     lib.gguf_dequant_rows.argtypes = [i32, p, p, i32, i32, p, i32]
     lib.gguf_dequant_rows.restype = i32
     lib.gguf_isa.argtypes = []
     lib.gguf_isa.restype = ctypes.c_char_p
     _libs[variant] = lib
     return lib
+
+
+def default_math() -> str:
+    """The arithmetic of quantized matmuls: $CORRAL_GGUF_MATH ("int8" or "fp32"), else "int8"."""
+    math = os.environ.get("CORRAL_GGUF_MATH", "int8").strip().lower() or "int8"
+    if math not in MATH_MODES:
+        raise CorralError(f"CORRAL_GGUF_MATH={math!r}: expected one of {', '.join(MATH_MODES)}")
+    return math
 
 
 def _warn(reason: str) -> None:
@@ -154,6 +181,16 @@ class PackedWeight:
         offsets = np.arange(n, dtype=np.int64) * row_bytes
         return cls(tid, arr, offsets, n, row_bytes // block_bytes * per_block)
 
+    def __post_init__(self) -> None:
+        # raw addresses for the ctypes calls, taken once (numpy's .ctypes costs ~1 us a call)
+        self.base_ptr = self.base.ctypes.data
+        self.offsets_ptr = self.offsets.ctypes.data
+
+    def int_path(self) -> bool:
+        """Whether the integer kernel runs this weight (its type has one and K fits its blocks)."""
+        block = INT_BLOCK.get(self.type_id)
+        return block is not None and self.k % block == 0
+
     @property
     def nbytes(self) -> int:
         _, per_block, block_bytes = TYPES[self.type_id]
@@ -161,22 +198,26 @@ class PackedWeight:
 
 
 def _check(rc: int, w: PackedWeight) -> None:
+    if rc == -3:
+        raise MemoryError("GGUF kernel: no memory for the quantized activations")
     if rc != 0:
-        raise CorralError(f"GGUF kernel: unsupported type id {w.type_id}")
+        raise CorralError(f"GGUF kernel: unsupported type id {w.type_id} (or K={w.k})")
 
 
 def gguf_matmul(lib: ctypes.CDLL, x: torch.Tensor, parts: PackedWeight | list[PackedWeight],
-                num_threads: int | None = None) -> torch.Tensor:
-    """x [M, K] fp32 @ W^T -> [M, N] fp32 with the tile kernel; W = the parts' rows in order."""
+                num_threads: int | None = None, math: str = "fp32") -> torch.Tensor:
+    """x [M, K] fp32 @ W^T -> [M, N] fp32, W = the parts' rows in order: the fp32 tile kernel,
+    or with math="int8" the integer kernel for the parts that have one."""
     parts = [parts] if isinstance(parts, PackedWeight) else parts
     x = x.contiguous()
     m, n = x.shape[0], sum(p.n for p in parts)
     y = torch.empty(m, n, dtype=torch.float32)
     nt = num_threads or torch.get_num_threads()
+    xp, yp = x.data_ptr(), y.data_ptr()
     col = 0
     for w in parts:
-        _check(lib.gguf_gemm(w.type_id, x.data_ptr(), m, w.k, w.base.ctypes.data,
-                             w.offsets.ctypes.data, w.n, y.data_ptr() + 4 * col, n, nt), w)
+        fn = lib.gguf_gemm_int if math == "int8" and w.int_path() else lib.gguf_gemm
+        _check(fn(w.type_id, xp, m, w.k, w.base_ptr, w.offsets_ptr, w.n, yp + 4 * col, n, nt), w)
         col += w.n
     return y
 
@@ -221,15 +262,22 @@ def panel_matmul(lib: ctypes.CDLL, x: torch.Tensor, parts: list[PackedWeight]) -
 
 @dataclass
 class PackedLinear:
-    """y = x @ W^T + b on packed parts: the tile kernel for steps of at most `max_rows` rows,
-    dequantized panels above. `weight`, when given, is a dense copy used above `max_rows`
-    instead (kept only by callers that hold one anyway)."""
+    """y = x @ W^T + b on packed parts. math="int8" with every part an integer-kernel type:
+    that kernel at every step size. Otherwise the fp32 tile kernel for steps of at most
+    `max_rows` rows, dequantized panels above; `weight`, when given, is a dense copy used above
+    `max_rows` instead (kept only by callers that hold one anyway)."""
 
     parts: list[PackedWeight]
     lib: ctypes.CDLL
     max_rows: int
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    math: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.math not in MATH_MODES:
+            raise CorralError(f"GGUF math {self.math!r}: expected one of {', '.join(MATH_MODES)}")
+        self.all_int = self.math == "int8" and all(p.int_path() for p in self.parts)
 
     @property
     def packed(self) -> PackedWeight:
@@ -237,16 +285,19 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        if x2.shape[0] <= self.max_rows:
-            y = gguf_matmul(self.lib, x2, self.parts)
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        if self.all_int or x2.shape[0] <= self.max_rows:
+            y = gguf_matmul(self.lib, x2, self.parts, math=self.math)
         elif self.weight is not None:
             return F.linear(x, self.weight, self.bias)
         else:
             y = panel_matmul(self.lib, x2, self.parts)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
+        y = y.reshape(*shape[:-1], y.shape[-1])
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 class GGUFLinear(nn.Linear):
@@ -255,17 +306,17 @@ class GGUFLinear(nn.Linear):
     weight at all."""
 
     def __init__(self, dense: nn.Linear | None, packed, lib: ctypes.CDLL, max_rows: int,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, math: str = "fp32"):
         nn.Module.__init__(self)
         parts = [packed] if isinstance(packed, PackedWeight) else list(packed)
         self.in_features, self.out_features = parts[0].k, sum(p.n for p in parts)
         if dense is not None:
             self.weight, self.bias = dense.weight, dense.bias
-            self.fast = PackedLinear(parts, lib, max_rows, dense.weight, dense.bias)
+            self.fast = PackedLinear(parts, lib, max_rows, dense.weight, dense.bias, math)
         else:
             self.register_parameter("weight", None)
             self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-            self.fast = PackedLinear(parts, lib, max_rows, None, self.bias)
+            self.fast = PackedLinear(parts, lib, max_rows, None, self.bias, math)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fast(x)
@@ -420,11 +471,13 @@ def read_gguf_weights(path: Path, config) -> dict[str, list[PackedWeight]]:
 
 
 def load_gguf_model(path: Path, config, lib: ctypes.CDLL, max_len: int | None = None,
-                    max_rows: int = DEFAULT_MAX_ROWS):
+                    max_rows: int = DEFAULT_MAX_ROWS, math: str | None = None):
     """A LlamaForCausalLM whose weights are views of the memory-mapped GGUF file: no dense
-    copy. Returns (model, one-line description of the weight path)."""
+    copy. `math`: "int8" or "fp32" (default: `default_math()`). Returns (model, one-line
+    description of the weight path)."""
     from corral.model.llama import LlamaForCausalLM, Rotary
 
+    math = math or default_math()
     packed = read_gguf_weights(path, config)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_len)
@@ -439,12 +492,12 @@ def load_gguf_model(path: Path, config, lib: ctypes.CDLL, max_len: int | None = 
         elif name == "embed":
             model.model.embed_tokens = GGUFEmbedding(parts[0], lib)
         elif name == "lm_head":
-            model.packed_lm_head = PackedLinear(parts, lib, max_rows)
+            model.packed_lm_head = PackedLinear(parts, lib, max_rows, math=math)
         else:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             dense = getattr(parent, attr)
-            layer = GGUFLinear(None, parts, lib, max_rows)
+            layer = GGUFLinear(None, parts, lib, max_rows, math=math)
             if (layer.out_features, layer.in_features) != tuple(dense.weight.shape):
                 raise CorralError(f"{path.name}: {name} is {layer.out_features}x"
                                   f"{layer.in_features}, the config expects "
@@ -466,9 +519,18 @@ def load_gguf_model(path: Path, config, lib: ctypes.CDLL, max_len: int | None = 
                          if not (tied and name == "lm_head"))
     isa = lib.gguf_isa().decode()
     desc = (f"GGUF {'/'.join(kinds)} memory-mapped ({size / 2**20:.0f} MiB, no dense copy), "
-            f"{isa} kernels for all {len(matmuls)} matmul parts (tile kernel for steps <= "
-            f"{max_rows} tokens, dequantized panels above)")
+            f"{isa} kernels for all {len(matmuls)} matmul parts ({_math_desc(matmuls, math, max_rows)})")
     return model, desc
+
+
+def _math_desc(parts: list[PackedWeight], math: str, max_rows: int) -> str:
+    fp32 = f"fp32 tile kernel for steps <= {max_rows} tokens, dequantized panels above"
+    n_int = sum(p.int_path() for p in parts) if math == "int8" else 0
+    if n_int == 0:
+        return fp32
+    if n_int == len(parts):
+        return "int8 activations x quantized blocks"
+    return f"int8 activations for {n_int}, {fp32} for the rest"
 
 
 # ---- dense models with packed weights (quantize.py) ------------------------------------------
@@ -479,7 +541,7 @@ def lm_head_weight(model) -> torch.Tensor:
 
 
 def install_packed(model, packed: dict[str, PackedWeight], lib: ctypes.CDLL,
-                   max_rows: int, keep_dense: bool = False) -> list[str]:
+                   max_rows: int, keep_dense: bool = False, math: str = "fp32") -> list[str]:
     """Route the named Linear layers (and "lm_head") of a dense model through their packed
     weights; a layer whose shape differs stays dense. Without `keep_dense` the dense weights
     are dropped (their memory is freed); the tied embedding then reads the packed rows too.
@@ -491,7 +553,8 @@ def install_packed(model, packed: dict[str, PackedWeight], lib: ctypes.CDLL,
             if tuple(weight.shape) != (w.n, w.k):
                 continue
             # a plain attribute, not a module: the state_dict keeps its names
-            model.packed_lm_head = PackedLinear([w], lib, max_rows, weight if keep_dense else None)
+            model.packed_lm_head = PackedLinear([w], lib, max_rows, weight if keep_dense else None,
+                                                math=math)
             if not keep_dense:
                 if model.tie:
                     model.model.embed_tokens = GGUFEmbedding(w, lib)
@@ -505,10 +568,10 @@ def install_packed(model, packed: dict[str, PackedWeight], lib: ctypes.CDLL,
             if tuple(dense.weight.shape) != (w.n, w.k):
                 continue
             if keep_dense:
-                layer = GGUFLinear(dense, w, lib, max_rows)
+                layer = GGUFLinear(dense, w, lib, max_rows, math=math)
             else:
                 bias = None if dense.bias is None else dense.bias.detach()
-                layer = GGUFLinear(None, w, lib, max_rows, bias)
+                layer = GGUFLinear(None, w, lib, max_rows, bias, math)
             setattr(parent, attr, layer)
         installed.append(name)
     return installed

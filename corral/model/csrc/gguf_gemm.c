@@ -333,7 +333,9 @@ int gguf_dequant_rows(int type, const uint8_t *base, const int64_t *offsets, int
 
 /* Which instruction set this build's dot products use (tests check the variant they asked). */
 const char *gguf_isa(void) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    return "avx512vnni";
+#elif defined(__AVX512F__)
     return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
     return "avx2";
@@ -342,4 +344,385 @@ const char *gguf_isa(void) {
 #else
     return "portable";
 #endif
+}
+
+/* ==== integer path: int8 activations x quantized weights ======================================
+ *
+ * As llama.cpp does it: each activation row is quantized once per call to 8 bits, then every
+ * weight block is dotted against it in integers and the block's scales are applied in fp32.
+ *   32-value types (Q4_0, Q4_1, Q8_0): per 32 activations dx = amax/127, q = round(x*127/amax),
+ *     and the block's integer sum xs;
+ *   K-quants (Q4_K, Q5_K, Q6_K): per 256 activations one dx (Q8_K-like), sums per 16 and per 32.
+ * Per (row, token) and weight block b, with isum the exact int32 dot product of the block:
+ *   Q4_0: acc = acc + (dw*dx) * (float)(isum - 8*xs)
+ *   Q4_1: acc = acc + ((dw*dx) * (float)isum + (mw*dx) * (float)xs)
+ *   Q8_0: acc = acc + (dw*dx) * (float)isum
+ *   Q4_K/Q5_K: acc = acc + (d*dx) * (float)sum_s(sc_s*isum_s) - (dmin*dx) * (float)sum_s(mn_s*xs_s)
+ *   Q6_K: acc = acc + (d*dx) * (float)sum_16(sc*(isum_16 - 32*xs_16))
+ * The integer sums are exact whatever the SIMD width or instruction (maddubs+madd, VNNI dpbusd,
+ * scalar C), and the fp32 operations above run in this order, one rounding each, in every
+ * variant (SIMD lanes hold different rows, never different parts of one sum): AVX-512+VNNI,
+ * AVX-512, AVX2 and the portable build give bit-identical results.
+ *
+ * Tiles: NR=4 weight rows x up to MR=4 tokens; the rows' blocks are unpacked once per token
+ * group, tokens run in chunks of TCHUNK so their int8 rows stay in L2.
+ */
+
+#define TCHUNK 128
+
+typedef struct {
+    int K, nb;       /* nb: activation blocks per row (K/32 or K/256) */
+    const int8_t *q; /* [M][K] */
+    const float *d;  /* [M][nb] */
+    const int32_t *s; /* [M][K/32]: sums of 32 quantized values */
+    const int16_t *s16; /* [M][K/16]: sums of 16 (K-quants) */
+} xq_t;
+
+static void quant_row(const float *x, int K, int B, int8_t *q, float *d, int32_t *s, int16_t *s16) {
+    for (int b = 0; b < K / B; b++) {
+        const float *xb = x + (size_t)b * B;
+        float amax = 0.0f;
+        for (int i = 0; i < B; i++) {
+            const float a = xb[i] < 0 ? -xb[i] : xb[i];
+            amax = a > amax ? a : amax;
+        }
+        const float id = amax > 0 ? 127.0f / amax : 0.0f;
+        d[b] = amax / 127.0f;
+        for (int i = 0; i < B; i++) {
+            const float v = xb[i] * id;
+            int iv = (int)(v >= 0 ? v + 0.5f : v - 0.5f);
+            iv = iv > 127 ? 127 : (iv < -127 ? -127 : iv);
+            q[(size_t)b * B + i] = (int8_t)iv;
+        }
+    }
+    for (int j = 0; j < K / 32; j++) {
+        int t = 0;
+        for (int i = 0; i < 32; i++) t += q[j * 32 + i];
+        s[j] = t;
+    }
+    if (s16)
+        for (int j = 0; j < K / 16; j++) {
+            int t = 0;
+            for (int i = 0; i < 16; i++) t += q[j * 16 + i];
+            s16[j] = (int16_t)t;
+        }
+}
+
+#if defined(__AVX2__)
+#define INT_SIMD 1
+/* exact int32 lanes: lane l = sum of the products of bytes 4l..4l+3 (a unsigned, b signed) */
+static inline __m256i dot_u8s8(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
+/* [sum(v0), sum(v1), sum(v2), sum(v3)] of four int32x8 vectors */
+static inline __m128i reduce4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+static inline int hsum8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline __m128 fp16x4(const uint8_t *const *w, size_t at) {
+    uint16_t h[4];
+    for (int r = 0; r < 4; r++) memcpy(h + r, w[r] + at, 2);
+    return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)h));
+}
+
+static inline __m256i nibbles32(const uint8_t *p) { /* 16 bytes -> lo nibbles | hi nibbles */
+    const __m128i q = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
+}
+#endif
+
+/* acc[t][r] over all blocks of a 32-value type, rows w[0..3], tokens t0..t0+mt-1 */
+static void idot32(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt,
+                   float acc[MR][NR]) {
+    const int nb = X->nb, bb = type == 2 ? 18 : (type == 3 ? 20 : 34);
+#if INT_SIMD
+    __m128 a[MR];
+    for (int t = 0; t < MR; t++) a[t] = _mm_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const size_t at = (size_t)b * bb;
+        const __m128 dw = fp16x4(w, at);
+        __m256i wv[NR];
+        __m128 mw = _mm_setzero_ps();
+        if (type == 8) {
+            for (int r = 0; r < NR; r++) wv[r] = _mm256_loadu_si256((const __m256i *)(w[r] + at + 2));
+        } else {
+            const int off = type == 2 ? 2 : 4;
+            for (int r = 0; r < NR; r++) wv[r] = nibbles32(w[r] + at + off);
+            if (type == 3) mw = fp16x4(w, at + 2);
+        }
+        __m256i aw[NR];
+        if (type == 8)
+            for (int r = 0; r < NR; r++) aw[r] = _mm256_abs_epi8(wv[r]);
+        for (int t = 0; t < mt; t++) {
+            const size_t row = (size_t)(t0 + t);
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(X->q + row * X->K + b * 32));
+            __m256i p[NR];
+            if (type == 8) {
+                for (int r = 0; r < NR; r++) p[r] = dot_u8s8(aw[r], _mm256_sign_epi8(xv, wv[r]));
+            } else {
+                for (int r = 0; r < NR; r++) p[r] = dot_u8s8(wv[r], xv);
+            }
+            __m128i is = reduce4(p[0], p[1], p[2], p[3]);
+            const float dx = X->d[row * nb + b];
+            const int xs = X->s[row * nb + b];
+            const __m128 s = _mm_mul_ps(dw, _mm_set1_ps(dx));
+            if (type == 2) is = _mm_sub_epi32(is, _mm_set1_epi32(8 * xs));
+            __m128 term = _mm_mul_ps(s, _mm_cvtepi32_ps(is));
+            if (type == 3)
+                term = _mm_add_ps(term, _mm_mul_ps(_mm_mul_ps(mw, _mm_set1_ps(dx)),
+                                                   _mm_set1_ps((float)xs)));
+            a[t] = _mm_add_ps(a[t], term);
+        }
+    }
+    for (int t = 0; t < mt; t++) _mm_storeu_ps(acc[t], a[t]);
+#else
+    for (int t = 0; t < mt; t++)
+        for (int r = 0; r < NR; r++) acc[t][r] = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const size_t at = (size_t)b * bb;
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *blk = w[r] + at;
+            const float dw = fp16_to_fp32(blk);
+            const float mw = type == 3 ? fp16_to_fp32(blk + 2) : 0.0f;
+            for (int t = 0; t < mt; t++) {
+                const size_t row = (size_t)(t0 + t);
+                const int8_t *xq = X->q + row * X->K + b * 32;
+                const float dx = X->d[row * nb + b];
+                const int xs = X->s[row * nb + b];
+                int is = 0;
+                if (type == 8) {
+                    const int8_t *q = (const int8_t *)(blk + 2);
+                    for (int j = 0; j < 32; j++) is += q[j] * xq[j];
+                } else {
+                    const uint8_t *q = blk + (type == 2 ? 2 : 4);
+                    for (int j = 0; j < 16; j++) is += (q[j] & 15) * xq[j] + (q[j] >> 4) * xq[j + 16];
+                }
+                if (type == 2) is -= 8 * xs;
+                float term = (dw * dx) * (float)is;
+                if (type == 3) term = term + (mw * dx) * (float)xs;
+                acc[t][r] = acc[t][r] + term;
+            }
+        }
+    }
+#endif
+}
+
+/* one K-quant weight block's integer sums against one token's block: *isum (scaled by the
+ * sub-block scales) and *imin (Q4_K/Q5_K: the mins against the 32-sums) */
+typedef struct {
+    int sc[16], mn[8];
+    float d, dmin;
+} kscales;
+
+static inline void k_scales(int type, const uint8_t *blk, kscales *k) {
+    if (type == 14) {
+        for (int j = 0; j < 16; j++) k->sc[j] = ((const int8_t *)(blk + 192))[j];
+        k->d = fp16_to_fp32(blk + 208);
+        k->dmin = 0.0f;
+    } else {
+        for (int s = 0; s < 8; s++) k_scale_min(blk + 4, s, &k->sc[s], &k->mn[s]);
+        k->d = fp16_to_fp32(blk);
+        k->dmin = fp16_to_fp32(blk + 2);
+    }
+}
+
+/* unpacked weight values of one 256-block: 8 x 32 bytes, unsigned (Q6_K: q + 32) */
+static inline void k_unpack(int type, const uint8_t *blk, uint8_t *out) {
+#if INT_SIMD
+    const __m256i m4 = _mm256_set1_epi8(15);
+    if (type == 14) {
+        const uint8_t *ql = blk, *qh = blk + 128;
+        for (int c = 0; c < 8; c++) {
+            const __m256i lo = _mm256_loadu_si256((const __m256i *)(ql + (c / 4) * 64 + (c % 2) * 32));
+            const __m256i hi = _mm256_loadu_si256((const __m256i *)(qh + (c / 4) * 32));
+            const __m256i l4 = _mm256_and_si256(_mm256_srli_epi16(lo, ((c / 2) % 2) * 4), m4);
+            const __m256i h2 = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * (c % 4)), _mm256_set1_epi8(3));
+            _mm256_storeu_si256((__m256i *)(out + c * 32), _mm256_or_si256(l4, _mm256_slli_epi16(h2, 4)));
+        }
+        return;
+    }
+    const uint8_t *qs = blk + (type == 12 ? 16 : 48);
+    const __m256i qh = type == 13 ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+    for (int p = 0; p < 4; p++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + p * 32));
+        __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        if (type == 13) {
+            const __m256i one = _mm256_set1_epi8(1);
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * p), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * p + 1), one), 4));
+        }
+        _mm256_storeu_si256((__m256i *)(out + 2 * p * 32), lo);
+        _mm256_storeu_si256((__m256i *)(out + (2 * p + 1) * 32), hi);
+    }
+#else
+    if (type == 14) {
+        const uint8_t *ql = blk, *qh = blk + 128;
+        for (int c = 0; c < 8; c++) {
+            const uint8_t *lo = ql + (c / 4) * 64 + (c % 2) * 32, *hi = qh + (c / 4) * 32;
+            const int lshift = ((c / 2) % 2) * 4, hshift = 2 * (c % 4);
+            for (int l = 0; l < 32; l++)
+                out[c * 32 + l] = (uint8_t)(((lo[l] >> lshift) & 15) | (((hi[l] >> hshift) & 3) << 4));
+        }
+        return;
+    }
+    const uint8_t *qs = blk + (type == 12 ? 16 : 48), *qh = blk + 16;
+    for (int s = 0; s < 8; s++) {
+        const uint8_t *q = qs + (s / 2) * 32;
+        const int shift = (s & 1) * 4;
+        for (int l = 0; l < 32; l++) {
+            int v = (q[l] >> shift) & 15;
+            if (type == 13) v |= ((qh[l] >> s) & 1) << 4;
+            out[s * 32 + l] = (uint8_t)v;
+        }
+    }
+#endif
+}
+
+static void idot256(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt,
+                    float acc[MR][NR]) {
+    const int nb = X->nb, bb = type == 12 ? 144 : (type == 13 ? 176 : 210);
+    uint8_t u[256] __attribute__((aligned(32)));
+    for (int t = 0; t < mt; t++)
+        for (int r = 0; r < NR; r++) acc[t][r] = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *blk = w[r] + (size_t)b * bb;
+            kscales k;
+            k_scales(type, blk, &k);
+            k_unpack(type, blk, u);
+#if INT_SIMD
+            __m256i scv[8];
+            if (type == 14)
+                for (int c = 0; c < 8; c++)
+                    scv[c] = _mm256_set_m128i(_mm_set1_epi16((short)k.sc[2 * c + 1]), _mm_set1_epi16((short)k.sc[2 * c]));
+            else
+                for (int s = 0; s < 8; s++) scv[s] = _mm256_set1_epi16((short)k.sc[s]);
+            __m256i sc16 = _mm256_setzero_si256();
+            __m128i mn8 = _mm_setzero_si128();
+            if (type == 14) {
+                int16_t tmp[16];
+                for (int j = 0; j < 16; j++) tmp[j] = (int16_t)k.sc[j];
+                sc16 = _mm256_loadu_si256((const __m256i *)tmp);
+            } else {
+                int16_t tmp[8];
+                for (int j = 0; j < 8; j++) tmp[j] = (int16_t)k.mn[j];
+                mn8 = _mm_loadu_si128((const __m128i *)tmp);
+            }
+#endif
+            for (int t = 0; t < mt; t++) {
+                const size_t row = (size_t)(t0 + t);
+                const int8_t *xq = X->q + row * X->K + (size_t)b * 256;
+                const float dx = X->d[row * nb + b];
+                int is = 0, im = 0;
+#if INT_SIMD
+                __m256i lanes = _mm256_setzero_si256();
+                for (int c = 0; c < 8; c++) {
+                    const __m256i p = _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(u + c * 32)),
+                                                           _mm256_loadu_si256((const __m256i *)(xq + c * 32)));
+                    lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(p, scv[c]));
+                }
+                if (type == 14) {
+                    const __m256i bs = _mm256_loadu_si256((const __m256i *)(X->s16 + row * (X->K / 16) + (size_t)b * 16));
+                    lanes = _mm256_sub_epi32(lanes, _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
+                } else {
+                    const int32_t *xs = X->s + row * (X->K / 32) + (size_t)b * 8;
+                    const __m256i xs8 = _mm256_loadu_si256((const __m256i *)xs);
+                    /* 32-sums fit int16: pack to 8 x int16 for one madd with the mins */
+                    const __m128i x16 = _mm_packs_epi32(_mm256_castsi256_si128(xs8), _mm256_extracti128_si256(xs8, 1));
+                    __m128i m = _mm_madd_epi16(mn8, x16);
+                    m = _mm_add_epi32(m, _mm_shuffle_epi32(m, 0x4e));
+                    m = _mm_add_epi32(m, _mm_shuffle_epi32(m, 0xb1));
+                    im = _mm_cvtsi128_si32(m);
+                }
+                is = hsum8(lanes);
+#else
+                if (type == 14) {
+                    const int16_t *bs = X->s16 + row * (X->K / 16) + (size_t)b * 16;
+                    for (int j = 0; j < 16; j++) {
+                        int d16 = 0;
+                        for (int l = 0; l < 16; l++) d16 += u[j * 16 + l] * xq[j * 16 + l];
+                        is += k.sc[j] * (d16 - 32 * bs[j]);
+                    }
+                } else {
+                    const int32_t *xs = X->s + row * (X->K / 32) + (size_t)b * 8;
+                    for (int s = 0; s < 8; s++) {
+                        int d32 = 0;
+                        for (int l = 0; l < 32; l++) d32 += u[s * 32 + l] * xq[s * 32 + l];
+                        is += k.sc[s] * d32;
+                        im += k.mn[s] * xs[s];
+                    }
+                }
+#endif
+                if (type == 14)
+                    acc[t][r] = acc[t][r] + (k.d * dx) * (float)is;
+                else
+                    acc[t][r] = acc[t][r] + (k.d * dx) * (float)is - (k.dmin * dx) * (float)im;
+            }
+        }
+    }
+}
+
+static int int_type(int type) { /* activation block size for the integer path, 0: none */
+    switch (type) {
+    case 2: case 3: case 8: return 32;
+    case 12: case 13: case 14: return 256;
+    default: return 0;
+    }
+}
+
+/* y = x @ W^T like gguf_gemm, with x quantized to int8 first (see above). Returns -1 for a
+ * type without an integer path (F32/F16/BF16: use gguf_gemm), -2 if K is not a multiple of
+ * the activation block, -3 if out of memory. */
+int gguf_gemm_int(int type, const float *x, int M, int K, const uint8_t *base,
+                  const int64_t *offsets, int N, float *y, int ldy, int n_threads) {
+    const int B = int_type(type);
+    if (!B) return -1;
+    if (K % B) return -2;
+    const int nb = K / B;
+    int8_t *q = (int8_t *)malloc((size_t)M * K);
+    float *d = (float *)malloc(sizeof(float) * (size_t)M * nb);
+    int32_t *s = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * (K / 32));
+    int16_t *s16 = B == 256 ? (int16_t *)malloc(sizeof(int16_t) * (size_t)M * (K / 16)) : 0;
+    if (!q || !d || !s || (B == 256 && !s16)) {
+        free(q); free(d); free(s); free(s16);
+        return -3;
+    }
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (M >= 16)
+    for (int i = 0; i < M; i++)
+        quant_row(x + (size_t)i * K, K, B, q + (size_t)i * K, d + (size_t)i * nb,
+                  s + (size_t)i * (K / 32), s16 ? s16 + (size_t)i * (K / 16) : 0);
+    const xq_t X = {K, nb, q, d, s, s16};
+    const int n_tiles = (N + NR - 1) / NR;
+    for (int c0 = 0; c0 < M; c0 += TCHUNK) {
+        const int c1 = M - c0 < TCHUNK ? M : c0 + TCHUNK;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int tile = 0; tile < n_tiles; tile++) {
+            const int n0 = tile * NR, nr = N - n0 < NR ? N - n0 : NR;
+            const uint8_t *w[NR];
+            for (int r = 0; r < NR; r++) w[r] = base + offsets[n0 + (r < nr ? r : nr - 1)];
+            float acc[MR][NR];
+            for (int t0 = c0; t0 < c1; t0 += MR) {
+                const int mt = c1 - t0 < MR ? c1 - t0 : MR;
+                if (B == 32) idot32(type, w, &X, t0, mt, acc);
+                else idot256(type, w, &X, t0, mt, acc);
+                for (int t = 0; t < mt; t++)
+                    for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + n0 + r] = acc[t][r];
+            }
+        }
+    }
+    free(q); free(d); free(s); free(s16);
+    return 0;
 }
