@@ -675,6 +675,243 @@ static void idot256(int type, const uint8_t *const w[NR], const xq_t *X, int t0,
     }
 }
 
+#if INT_SIMD
+/* ---- steps of several tokens: 8 weight rows in the 8 lanes --------------------------------
+ * A tile of 8 rows is unpacked once for all its blocks and transposed so that lane r of a
+ * vector holds 4 consecutive bytes of row r; each token's 4-byte group is broadcast and
+ * dotted against it (dpbusd / maddubs+madd), so lane r accumulates row r's block sum with no
+ * horizontal reduction, and the fp32 scale step runs on 8 rows at once. Same integers, same
+ * fp32 operations per row as above: bit-identical to the small-step and portable code. */
+#define NR8 8
+#define MT 4
+
+typedef struct { __m256i t[8], a[8]; __m256 dw, mw; } prep32;
+typedef struct { __m256i t[64], sc[16], mnp[4]; __m256 d, dmin; } prep256;
+
+static inline void transpose8x8(__m256i *r) {
+    const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+    const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+    const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+    const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+    r[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+    r[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+    r[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+    r[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+    r[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+    r[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+    r[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+    r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
+
+static inline __m256i dot_acc(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+
+static inline __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+static inline __m256 fp16x8(const uint8_t *const *w, size_t at) {
+    uint16_t h[8];
+    for (int r = 0; r < 8; r++) memcpy(h + r, w[r] + at, 2);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+}
+
+static void prep32_block(int type, const uint8_t *const w[NR8], size_t at, prep32 *p) {
+    __m256i r[8];
+    p->dw = fp16x8(w, at);
+    p->mw = type == 3 ? fp16x8(w, at + 2) : _mm256_setzero_ps();
+    for (int i = 0; i < 8; i++)
+        r[i] = type == 8 ? _mm256_loadu_si256((const __m256i *)(w[i] + at + 2))
+                         : nibbles32(w[i] + at + (type == 2 ? 2 : 4));
+    transpose8x8(r);
+    for (int g = 0; g < 8; g++) {
+        if (type == 8) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            p->t[g] = _mm256_xor_si256(r[g], _mm256_set1_epi8((char)0x80)); /* w + 128, unsigned */
+#else
+            p->t[g] = r[g];
+            p->a[g] = _mm256_abs_epi8(r[g]);
+#endif
+        } else {
+            p->t[g] = r[g];
+        }
+    }
+}
+
+static void prep256_block(int type, const uint8_t *const w[NR8], size_t at, prep256 *p) {
+    uint8_t u[NR8][256] __attribute__((aligned(32)));
+    kscales k[NR8];
+    float d[8], dm[8];
+    for (int i = 0; i < NR8; i++) {
+        k_scales(type, w[i] + at, &k[i]);
+        k_unpack(type, w[i] + at, u[i]);
+        d[i] = k[i].d;
+        dm[i] = k[i].dmin;
+    }
+    p->d = _mm256_loadu_ps(d);
+    p->dmin = _mm256_loadu_ps(dm);
+    for (int c = 0; c < 8; c++) {
+        __m256i r[8];
+        for (int i = 0; i < 8; i++) r[i] = _mm256_load_si256((const __m256i *)(u[i] + c * 32));
+        transpose8x8(r);
+        for (int g = 0; g < 8; g++) p->t[c * 8 + g] = r[g];
+    }
+    int32_t v[8];
+    for (int j = 0; j < (type == 14 ? 16 : 8); j++) {
+        for (int i = 0; i < 8; i++) v[i] = k[i].sc[j];
+        p->sc[j] = _mm256_loadu_si256((const __m256i *)v);
+    }
+    if (type != 14)
+        for (int q = 0; q < 4; q++) {
+            for (int i = 0; i < 8; i++)
+                v[i] = (int32_t)((uint32_t)(uint16_t)k[i].mn[2 * q] | ((uint32_t)k[i].mn[2 * q + 1] << 16));
+            p->mnp[q] = _mm256_loadu_si256((const __m256i *)v);
+        }
+}
+
+static void tdot32(int type, const prep32 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+    const int nb = X->nb;
+    for (int t = 0; t < mt; t++) a[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const prep32 *p = P + b;
+        __m256i is0[MT], is1[MT];
+        for (int t = 0; t < mt; t++) is0[t] = is1[t] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g += 2) {
+            for (int t = 0; t < mt; t++) {
+                const int8_t *xr = X->q + (size_t)(t0 + t) * X->K + (size_t)b * 32;
+                const __m256i x0 = bcast4(xr + 4 * g), x1 = bcast4(xr + 4 * g + 4);
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
+                if (type == 8) {
+                    const __m256i one = _mm256_set1_epi16(1);
+                    is0[t] = _mm256_add_epi32(is0[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g], _mm256_sign_epi8(x0, p->t[g])), one));
+                    is1[t] = _mm256_add_epi32(is1[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g + 1], _mm256_sign_epi8(x1, p->t[g + 1])), one));
+                    continue;
+                }
+#endif
+                is0[t] = dot_acc(is0[t], p->t[g], x0);
+                is1[t] = dot_acc(is1[t], p->t[g + 1], x1);
+            }
+        }
+        for (int t = 0; t < mt; t++) {
+            const size_t row = (size_t)(t0 + t);
+            const float dx = X->d[row * nb + b];
+            const int xs = X->s[row * nb + b];
+            __m256i is = _mm256_add_epi32(is0[t], is1[t]);
+            if (type == 2) is = _mm256_sub_epi32(is, _mm256_set1_epi32(8 * xs));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            if (type == 8) is = _mm256_sub_epi32(is, _mm256_set1_epi32(128 * xs));
+#endif
+            __m256 term = _mm256_mul_ps(_mm256_mul_ps(p->dw, _mm256_set1_ps(dx)), _mm256_cvtepi32_ps(is));
+            if (type == 3)
+                term = _mm256_add_ps(term, _mm256_mul_ps(_mm256_mul_ps(p->mw, _mm256_set1_ps(dx)),
+                                                         _mm256_set1_ps((float)xs)));
+            a[t] = _mm256_add_ps(a[t], term);
+        }
+    }
+}
+
+static void tdot256(int type, const prep256 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+    const int nb = X->nb;
+    for (int t = 0; t < mt; t++) a[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const prep256 *p = P + b;
+        __m256i tot[MT], sub[MT];
+        const int8_t *xr[MT];
+        for (int t = 0; t < mt; t++) {
+            tot[t] = _mm256_setzero_si256();
+            xr[t] = X->q + (size_t)(t0 + t) * X->K + (size_t)b * 256;
+        }
+        const int nsub = type == 14 ? 16 : 8, per = type == 14 ? 4 : 8;
+        for (int j = 0; j < nsub; j++) {
+            for (int t = 0; t < mt; t++) sub[t] = _mm256_setzero_si256();
+            for (int g = j * per; g < (j + 1) * per; g++) { /* g: 4-byte group in the block */
+                const __m256i tv = p->t[g];
+                for (int t = 0; t < mt; t++) sub[t] = dot_acc(sub[t], tv, bcast4(xr[t] + 4 * g));
+            }
+            for (int t = 0; t < mt; t++) {
+                __m256i v = sub[t];
+                if (type == 14) {
+                    const size_t row = (size_t)(t0 + t);
+                    const int bs = X->s16[row * (X->K / 16) + (size_t)b * 16 + j];
+                    v = _mm256_sub_epi32(v, _mm256_set1_epi32(32 * bs));
+                }
+                tot[t] = _mm256_add_epi32(tot[t], _mm256_mullo_epi32(v, p->sc[j]));
+            }
+        }
+        for (int t = 0; t < mt; t++) {
+            const size_t row = (size_t)(t0 + t);
+            const __m256 dx = _mm256_set1_ps(X->d[row * nb + b]);
+            a[t] = _mm256_add_ps(a[t], _mm256_mul_ps(_mm256_mul_ps(p->d, dx), _mm256_cvtepi32_ps(tot[t])));
+            if (type != 14) {
+                const int32_t *xs = X->s + row * (X->K / 32) + (size_t)b * 8;
+                __m256i im = _mm256_setzero_si256();
+                for (int q = 0; q < 4; q++) {
+                    const __m256i xp = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)xs[2 * q] | ((uint32_t)xs[2 * q + 1] << 16)));
+                    im = _mm256_add_epi32(im, _mm256_madd_epi16(p->mnp[q], xp));
+                }
+                a[t] = _mm256_sub_ps(a[t], _mm256_mul_ps(_mm256_mul_ps(p->dmin, dx), _mm256_cvtepi32_ps(im)));
+            }
+        }
+    }
+}
+
+/* the 8-row path over all tiles of N (a parallel region of its own) */
+static int gemm_t8(int type, int B, const xq_t *X, int M, const uint8_t *base,
+                   const int64_t *offsets, int N, float *y, int ldy, int n_threads) {
+    const int nb = X->nb, n_tiles = (N + NR8 - 1) / NR8;
+    const size_t psize = B == 32 ? sizeof(prep32) : sizeof(prep256);
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads)
+    {
+        void *buf = aligned_alloc(32, psize * nb);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int tile = 0; tile < n_tiles; tile++) {
+            if (!buf) continue;
+            const int n0 = tile * NR8, nr = N - n0 < NR8 ? N - n0 : NR8;
+            const uint8_t *w[NR8];
+            for (int r = 0; r < NR8; r++) w[r] = base + offsets[n0 + (r < nr ? r : nr - 1)];
+            const size_t bb = (size_t)(B == 32 ? (type == 2 ? 18 : (type == 3 ? 20 : 34))
+                                                : (type == 12 ? 144 : (type == 13 ? 176 : 210)));
+            for (int b = 0; b < nb; b++) {
+                if (B == 32) prep32_block(type, w, b * bb, (prep32 *)buf + b);
+                else prep256_block(type, w, b * bb, (prep256 *)buf + b);
+            }
+            __m256 a[MT];
+            for (int t0 = 0; t0 < M; t0 += MT) {
+                const int mt = M - t0 < MT ? M - t0 : MT;
+                if (B == 32) tdot32(type, (const prep32 *)buf, X, t0, mt, a);
+                else tdot256(type, (const prep256 *)buf, X, t0, mt, a);
+                for (int t = 0; t < mt; t++) {
+                    float o[8];
+                    _mm256_storeu_ps(o, a[t]);
+                    for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + n0 + r] = o[r];
+                }
+            }
+        }
+        free(buf);
+    }
+    return failed ? -3 : 0;
+}
+#endif
+
+/* steps of at least this many tokens take the 8-row path (SIMD builds) */
+#define T8_MIN_ROWS 4
+
 static int int_type(int type) { /* activation block size for the integer path, 0: none */
     switch (type) {
     case 2: case 3: case 8: return 32;
@@ -705,6 +942,13 @@ int gguf_gemm_int(int type, const float *x, int M, int K, const uint8_t *base,
         quant_row(x + (size_t)i * K, K, B, q + (size_t)i * K, d + (size_t)i * nb,
                   s + (size_t)i * (K / 32), s16 ? s16 + (size_t)i * (K / 16) : 0);
     const xq_t X = {K, nb, q, d, s, s16};
+#if INT_SIMD
+    if (M >= T8_MIN_ROWS) {
+        const int rc = gemm_t8(type, B, &X, M, base, offsets, N, y, ldy, n_threads);
+        free(q); free(d); free(s); free(s16);
+        return rc;
+    }
+#endif
     const int n_tiles = (N + NR - 1) / NR;
     for (int c0 = 0; c0 < M; c0 += TCHUNK) {
         const int c1 = M - c0 < TCHUNK ? M : c0 + TCHUNK;
