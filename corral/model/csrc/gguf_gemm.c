@@ -445,7 +445,7 @@ static inline __m256i nibbles32(const uint8_t *p) { /* 16 bytes -> lo nibbles | 
 #endif
 
 /* acc[t][r] over all blocks of a 32-value type, rows w[0..3], tokens t0..t0+mt-1 */
-static void idot32(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt,
+static inline __attribute__((always_inline)) void idot32_n(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt,
                    float acc[MR][NR]) {
     const int nb = X->nb, bb = type == 2 ? 18 : (type == 3 ? 20 : 34);
 #if INT_SIMD
@@ -520,6 +520,36 @@ static void idot32(int type, const uint8_t *const w[NR], const xq_t *X, int t0, 
 #endif
 }
 
+/* constant token counts (and types) so the accumulators stay in registers */
+static void idot32(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt, float acc[MR][NR]) {
+    switch (type) {
+    case 2:
+        switch (mt) {
+        case 4: idot32_n(2, w, X, t0, 4, acc); break;
+        case 3: idot32_n(2, w, X, t0, 3, acc); break;
+        case 2: idot32_n(2, w, X, t0, 2, acc); break;
+        case 1: idot32_n(2, w, X, t0, 1, acc); break;
+        }
+        break;
+    case 3:
+        switch (mt) {
+        case 4: idot32_n(3, w, X, t0, 4, acc); break;
+        case 3: idot32_n(3, w, X, t0, 3, acc); break;
+        case 2: idot32_n(3, w, X, t0, 2, acc); break;
+        case 1: idot32_n(3, w, X, t0, 1, acc); break;
+        }
+        break;
+    case 8:
+        switch (mt) {
+        case 4: idot32_n(8, w, X, t0, 4, acc); break;
+        case 3: idot32_n(8, w, X, t0, 3, acc); break;
+        case 2: idot32_n(8, w, X, t0, 2, acc); break;
+        case 1: idot32_n(8, w, X, t0, 1, acc); break;
+        }
+        break;
+    }
+}
+
 /* one K-quant weight block's integer sums against one token's block: *isum (scaled by the
  * sub-block scales) and *imin (Q4_K/Q5_K: the mins against the 32-sums) */
 typedef struct {
@@ -591,7 +621,7 @@ static inline void k_unpack(int type, const uint8_t *blk, uint8_t *out) {
 #endif
 }
 
-static void idot256(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt,
+static inline __attribute__((always_inline)) void idot256_n(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt,
                     float acc[MR][NR]) {
     const int nb = X->nb, bb = type == 12 ? 144 : (type == 13 ? 176 : 210);
     uint8_t u[256] __attribute__((aligned(32)));
@@ -672,6 +702,36 @@ static void idot256(int type, const uint8_t *const w[NR], const xq_t *X, int t0,
                     acc[t][r] = acc[t][r] + (k.d * dx) * (float)is - (k.dmin * dx) * (float)im;
             }
         }
+    }
+}
+
+/* constant token counts (and types) so the accumulators stay in registers */
+static void idot256(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt, float acc[MR][NR]) {
+    switch (type) {
+    case 12:
+        switch (mt) {
+        case 4: idot256_n(12, w, X, t0, 4, acc); break;
+        case 3: idot256_n(12, w, X, t0, 3, acc); break;
+        case 2: idot256_n(12, w, X, t0, 2, acc); break;
+        case 1: idot256_n(12, w, X, t0, 1, acc); break;
+        }
+        break;
+    case 13:
+        switch (mt) {
+        case 4: idot256_n(13, w, X, t0, 4, acc); break;
+        case 3: idot256_n(13, w, X, t0, 3, acc); break;
+        case 2: idot256_n(13, w, X, t0, 2, acc); break;
+        case 1: idot256_n(13, w, X, t0, 1, acc); break;
+        }
+        break;
+    case 14:
+        switch (mt) {
+        case 4: idot256_n(14, w, X, t0, 4, acc); break;
+        case 3: idot256_n(14, w, X, t0, 3, acc); break;
+        case 2: idot256_n(14, w, X, t0, 2, acc); break;
+        case 1: idot256_n(14, w, X, t0, 1, acc); break;
+        }
+        break;
     }
 }
 
@@ -780,7 +840,7 @@ static void prep256_block(int type, const uint8_t *const w[NR8], size_t at, prep
         }
 }
 
-static void tdot32(int type, const prep32 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+static inline __attribute__((always_inline)) void tdot32_n(int type, const prep32 *P, const xq_t *X, int t0, int mt, __m256 *a) {
     const int nb = X->nb;
     for (int t = 0; t < mt; t++) a[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
@@ -821,7 +881,37 @@ static void tdot32(int type, const prep32 *P, const xq_t *X, int t0, int mt, __m
     }
 }
 
-static void tdot256(int type, const prep256 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+/* constant token counts (and types) so the accumulators stay in registers */
+static void tdot32(int type, const prep32 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+    switch (type) {
+    case 2:
+        switch (mt) {
+        case 4: tdot32_n(2, P, X, t0, 4, a); break;
+        case 3: tdot32_n(2, P, X, t0, 3, a); break;
+        case 2: tdot32_n(2, P, X, t0, 2, a); break;
+        case 1: tdot32_n(2, P, X, t0, 1, a); break;
+        }
+        break;
+    case 3:
+        switch (mt) {
+        case 4: tdot32_n(3, P, X, t0, 4, a); break;
+        case 3: tdot32_n(3, P, X, t0, 3, a); break;
+        case 2: tdot32_n(3, P, X, t0, 2, a); break;
+        case 1: tdot32_n(3, P, X, t0, 1, a); break;
+        }
+        break;
+    case 8:
+        switch (mt) {
+        case 4: tdot32_n(8, P, X, t0, 4, a); break;
+        case 3: tdot32_n(8, P, X, t0, 3, a); break;
+        case 2: tdot32_n(8, P, X, t0, 2, a); break;
+        case 1: tdot32_n(8, P, X, t0, 1, a); break;
+        }
+        break;
+    }
+}
+
+static inline __attribute__((always_inline)) void tdot256_n(int type, const prep256 *P, const xq_t *X, int t0, int mt, __m256 *a) {
     const int nb = X->nb;
     for (int t = 0; t < mt; t++) a[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
@@ -863,6 +953,36 @@ static void tdot256(int type, const prep256 *P, const xq_t *X, int t0, int mt, _
                 a[t] = _mm256_sub_ps(a[t], _mm256_mul_ps(_mm256_mul_ps(p->dmin, dx), _mm256_cvtepi32_ps(im)));
             }
         }
+    }
+}
+
+/* constant token counts (and types) so the accumulators stay in registers */
+static void tdot256(int type, const prep256 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+    switch (type) {
+    case 12:
+        switch (mt) {
+        case 4: tdot256_n(12, P, X, t0, 4, a); break;
+        case 3: tdot256_n(12, P, X, t0, 3, a); break;
+        case 2: tdot256_n(12, P, X, t0, 2, a); break;
+        case 1: tdot256_n(12, P, X, t0, 1, a); break;
+        }
+        break;
+    case 13:
+        switch (mt) {
+        case 4: tdot256_n(13, P, X, t0, 4, a); break;
+        case 3: tdot256_n(13, P, X, t0, 3, a); break;
+        case 2: tdot256_n(13, P, X, t0, 2, a); break;
+        case 1: tdot256_n(13, P, X, t0, 1, a); break;
+        }
+        break;
+    case 14:
+        switch (mt) {
+        case 4: tdot256_n(14, P, X, t0, 4, a); break;
+        case 3: tdot256_n(14, P, X, t0, 3, a); break;
+        case 2: tdot256_n(14, P, X, t0, 2, a); break;
+        case 1: tdot256_n(14, P, X, t0, 1, a); break;
+        }
+        break;
     }
 }
 
