@@ -97,6 +97,11 @@ def add_kernel_args(group) -> None:
     group.add_argument("--no-gguf-kernels", action="store_true",
                        help="CPU: dequantize the .gguf once into a dense fp32 copy (cached "
                             "on disk) instead of running its memory-mapped blocks")
+    group.add_argument("--gguf-math", choices=["int8", "fp32"], default=None,
+                       help="CPU quantized weights: int8 = activations quantized to 8 bits and "
+                            "integer dot products (llama.cpp's arithmetic, fastest); fp32 = "
+                            "weights rebuilt exactly, fp32 dot products (matches transformers "
+                            "on the dequantized model). Default: $CORRAL_GGUF_MATH, else int8")
     group.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None,
                        help="CPU fp32 HF model: run on Q8_0/Q4_0 weights made at load (faster, "
                             "less memory, numerics change; no dense copy kept)")
@@ -158,6 +163,8 @@ def kernel_kwargs_from_args(args: argparse.Namespace) -> dict:
         kw["gguf_kernels"] = False
     if args.quantize:
         kw["quantization"] = args.quantize
+    if args.gguf_math:
+        kw["gguf_math"] = args.gguf_math
     return kw
 
 

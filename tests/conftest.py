@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The suite's parity tests compare the default (GGUF) model with transformers on the same
+# weights dequantized, which only the exact "fp32" arithmetic matches token for token; the
+# product default, "int8" (activations quantized as llama.cpp does), has its own tests in
+# tests/unit/test_gguf_kernels.py and test_quantize.py, which ask for it by name. Subprocesses
+# (CLI, server) inherit this.
+os.environ.setdefault("CORRAL_GGUF_MATH", "fp32")
 
 
 def tiny_config(rope: dict | None = None, **overrides):

@@ -23,6 +23,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     quantization: str | None = None  # "q8_0": CPU fp32 decode on Q8_0 weights made at load
     gguf_kernels: bool = True  # CPU fp32 .gguf model: small steps read the quantized blocks
+    # quantized matmuls on CPU: "int8" (activations quantized to 8 bits, integer dot products,
+    # as llama.cpp) or "fp32" (weights rebuilt exactly, fp32 dot products); None: the
+    # CORRAL_GGUF_MATH environment variable, else "int8"
+    gguf_math: str | None = None
     cuda_graphs: bool = True  # CUDA: replay recorded graphs for decode steps (False: eager)
     seed: int = 0  # seeds the generator of requests that give no seed
     enable_lora: bool = False  # serve LoRA adapters on the base (implied by lora_modules)

@@ -204,7 +204,8 @@ class EngineCore:
             src.folder = materialize_gguf(src.gguf)
             return None
         self.model, desc = gk.load_gguf_model(src.gguf, self.model_config, lib,
-                                              max_len=self.max_model_len)
+                                              max_len=self.max_model_len,
+                                              math=self.config.gguf_math)
         return desc
 
     def _attach_kernels(self, src) -> str:
@@ -214,7 +215,8 @@ class EngineCore:
         if self.config.quantization:  # checked by _check_quantization
             from corral.model.quantize import attach_quantized
 
-            return attach_quantized(self.model, self.config.quantization)
+            return attach_quantized(self.model, self.config.quantization,
+                                    math=self.config.gguf_math)
         if src.gguf and self.config.gguf_kernels and self.device.type == "cpu" \
                 and self.dtype == torch.float32:
             return f"{dense} (GGUF kernels unavailable)"

@@ -3,8 +3,9 @@
 CPU decode is memory-bound: each token reads every weight. Quantizing the decoder's Linear
 weights and the lm_head (and a tied embedding) to ggml's blocks lets every step run the kernels
 of `gguf_kernels.py` on 3.8x (Q8_0) or 7x (Q4_0) fewer bytes. The dense fp32 weights are
-dropped once packed: decode and prefill both read the blocks (prefill through dequantized
-panels). Numerics change: greedy output may differ from the fp32 model's.
+dropped once packed: decode and prefill both read the blocks. Numerics change: greedy output
+may differ from the fp32 model's (the weights are rounded, and with math="int8", the default,
+the activations too, as in llama.cpp).
 
   Q8_0, per 32 weights: fp16 d = max|w| / 127, int8 q = round(w / d)
   Q4_0, per 32 weights: fp16 d = w_absmax_signed / -8, q = clamp(trunc(w / d + 8.5), 0, 15)
@@ -62,13 +63,16 @@ def quantize_q4_0(weight: torch.Tensor) -> gk.PackedWeight:
 QUANTIZERS = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
 
 
-def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_ROWS) -> str:
+def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_ROWS,
+                     math: str | None = None) -> str:
     """Quantize `model`'s decoder Linear weights and its lm_head to `kind` for the kernels,
-    one layer at a time, dropping each dense weight once packed.
+    one layer at a time, dropping each dense weight once packed. `math`: "int8" (activations
+    quantized too, integer dot products) or "fp32"; default `gk.default_math()`.
 
     Matmuls whose K is not a multiple of 32 stay dense. Returns a one-line description of the
     weight path, for `info["weights"]`.
     """
+    math = math or gk.default_math()
     lib = gk.load_library()
     if lib is None:
         return f"dense fp32 ({kind.upper()} kernels unavailable)"
@@ -81,7 +85,8 @@ def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_R
         if w.shape[1] % 32:
             continue
         # packed and installed one at a time: peak memory stays the dense model + one layer
-        n += len(gk.install_packed(model, {name: QUANTIZERS[kind](w)}, lib, max_rows))
+        n += len(gk.install_packed(model, {name: QUANTIZERS[kind](w)}, lib, max_rows,
+                                   math=math))
     total = 4 * len(model.model.layers) + 1
     dense_note = f"; {total - n} with K not a multiple of 32 stay dense" if n < total else ""
     return (f"{kind.upper()} (quantized at load, no dense copy) {lib.gguf_isa().decode()} "
