@@ -97,6 +97,8 @@ def main() -> None:
     for kind in args.types.split(","):
         for shape in args.shapes.split(","):
             for label, k, n in SHAPES[shape]:
+                if k % gk.TYPES[gk.TYPE_IDS[kind]][1]:
+                    continue  # rows must hold whole blocks (llama.cpp picks another type)
                 w = gk.PackedWeight.from_rows(kind, random_rows(kind, n, k, seed=k + n))
                 dense = gk.gguf_dequantize(lib, w)
                 x1 = torch.randn(1, k, generator=g)

@@ -446,13 +446,16 @@ static inline __m256i nibbles32(const uint8_t *p) { /* 16 bytes -> lo nibbles | 
 
 /* acc[t][r] over all blocks of a 32-value type, rows w[0..3], tokens t0..t0+mt-1 */
 static inline __attribute__((always_inline)) void idot32_n(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt,
-                   float acc[MR][NR]) {
+                   float acc[MR][NR], const uint8_t *const nw[NR]) {
     const int nb = X->nb, bb = type == 2 ? 18 : (type == 3 ? 20 : 34);
 #if INT_SIMD
     __m128 a[MR];
     for (int t = 0; t < MR; t++) a[t] = _mm_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const size_t at = (size_t)b * bb;
+        /* the next tile's rows, block by block: 4 short row streams at a time defeat the
+         * hardware prefetcher once the weights come from DRAM */
+        for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(nw[r] + at), _MM_HINT_T0);
         const __m128 dw = fp16x4(w, at);
         __m256i wv[NR];
         __m128 mw = _mm_setzero_ps();
@@ -521,30 +524,31 @@ static inline __attribute__((always_inline)) void idot32_n(int type, const uint8
 }
 
 /* constant token counts (and types) so the accumulators stay in registers */
-static void idot32(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt, float acc[MR][NR]) {
+static void idot32(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt, float acc[MR][NR],
+                   const uint8_t *const nw[NR]) {
     switch (type) {
     case 2:
         switch (mt) {
-        case 4: idot32_n(2, w, X, t0, 4, acc); break;
-        case 3: idot32_n(2, w, X, t0, 3, acc); break;
-        case 2: idot32_n(2, w, X, t0, 2, acc); break;
-        case 1: idot32_n(2, w, X, t0, 1, acc); break;
+        case 4: idot32_n(2, w, X, t0, 4, acc, nw); break;
+        case 3: idot32_n(2, w, X, t0, 3, acc, nw); break;
+        case 2: idot32_n(2, w, X, t0, 2, acc, nw); break;
+        case 1: idot32_n(2, w, X, t0, 1, acc, nw); break;
         }
         break;
     case 3:
         switch (mt) {
-        case 4: idot32_n(3, w, X, t0, 4, acc); break;
-        case 3: idot32_n(3, w, X, t0, 3, acc); break;
-        case 2: idot32_n(3, w, X, t0, 2, acc); break;
-        case 1: idot32_n(3, w, X, t0, 1, acc); break;
+        case 4: idot32_n(3, w, X, t0, 4, acc, nw); break;
+        case 3: idot32_n(3, w, X, t0, 3, acc, nw); break;
+        case 2: idot32_n(3, w, X, t0, 2, acc, nw); break;
+        case 1: idot32_n(3, w, X, t0, 1, acc, nw); break;
         }
         break;
     case 8:
         switch (mt) {
-        case 4: idot32_n(8, w, X, t0, 4, acc); break;
-        case 3: idot32_n(8, w, X, t0, 3, acc); break;
-        case 2: idot32_n(8, w, X, t0, 2, acc); break;
-        case 1: idot32_n(8, w, X, t0, 1, acc); break;
+        case 4: idot32_n(8, w, X, t0, 4, acc, nw); break;
+        case 3: idot32_n(8, w, X, t0, 3, acc, nw); break;
+        case 2: idot32_n(8, w, X, t0, 2, acc, nw); break;
+        case 1: idot32_n(8, w, X, t0, 1, acc, nw); break;
         }
         break;
     }
@@ -1077,10 +1081,12 @@ int gguf_gemm_int(int type, const float *x, int M, int K, const uint8_t *base,
             const int n0 = tile * NR, nr = N - n0 < NR ? N - n0 : NR;
             const uint8_t *w[NR];
             for (int r = 0; r < NR; r++) w[r] = base + offsets[n0 + (r < nr ? r : nr - 1)];
+            const uint8_t *nw[NR]; /* the next tile's rows, to prefetch */
+            for (int r = 0; r < NR; r++) nw[r] = n0 + NR + r < N ? base + offsets[n0 + NR + r] : w[r];
             float acc[MR][NR];
             for (int t0 = c0; t0 < c1; t0 += MR) {
                 const int mt = c1 - t0 < MR ? c1 - t0 : MR;
-                if (B == 32) idot32(type, w, &X, t0, mt, acc);
+                if (B == 32) idot32(type, w, &X, t0, mt, acc, nw);
                 else idot256(type, w, &X, t0, mt, acc);
                 for (int t = 0; t < mt; t++)
                     for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + n0 + r] = acc[t][r];
