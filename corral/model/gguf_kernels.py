@@ -185,11 +185,12 @@ class PackedWeight:
         # raw addresses for the ctypes calls, taken once (numpy's .ctypes costs ~1 us a call)
         self.base_ptr = self.base.ctypes.data
         self.offsets_ptr = self.offsets.ctypes.data
+        block = INT_BLOCK.get(self.type_id)
+        self.int_ok = block is not None and self.k % block == 0
 
     def int_path(self) -> bool:
         """Whether the integer kernel runs this weight (its type has one and K fits its blocks)."""
-        block = INT_BLOCK.get(self.type_id)
-        return block is not None and self.k % block == 0
+        return self.int_ok
 
     @property
     def nbytes(self) -> int:
@@ -208,17 +209,22 @@ def gguf_matmul(lib: ctypes.CDLL, x: torch.Tensor, parts: PackedWeight | list[Pa
                 num_threads: int | None = None, math: str = "fp32") -> torch.Tensor:
     """x [M, K] fp32 @ W^T -> [M, N] fp32, W = the parts' rows in order: the fp32 tile kernel,
     or with math="int8" the integer kernel for the parts that have one."""
-    parts = [parts] if isinstance(parts, PackedWeight) else parts
-    x = x.contiguous()
-    m, n = x.shape[0], sum(p.n for p in parts)
+    if isinstance(parts, PackedWeight):
+        parts = [parts]
+    if not x.is_contiguous():
+        x = x.contiguous()
+    m = x.shape[0]
+    n = parts[0].n if len(parts) == 1 else sum(p.n for p in parts)
     y = torch.empty(m, n, dtype=torch.float32)
     nt = num_threads or torch.get_num_threads()
     xp, yp = x.data_ptr(), y.data_ptr()
-    col = 0
-    for w in parts:
-        fn = lib.gguf_gemm_int if math == "int8" and w.int_path() else lib.gguf_gemm
-        _check(fn(w.type_id, xp, m, w.k, w.base_ptr, w.offsets_ptr, w.n, yp + 4 * col, n, nt), w)
-        col += w.n
+    use_int = math == "int8"
+    for w in parts:  # a decode step makes ~4 calls a layer: kept lean (ctypes is ~2 us a call)
+        fn = lib.gguf_gemm_int if use_int and w.int_ok else lib.gguf_gemm
+        rc = fn(w.type_id, xp, m, w.k, w.base_ptr, w.offsets_ptr, w.n, yp, n, nt)
+        if rc:
+            _check(rc, w)
+        yp += 4 * w.n
     return y
 
 
@@ -284,8 +290,8 @@ class PackedLinear:
         return self.parts[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, x.shape[-1])
         if x2.dtype != torch.float32:
             x2 = x2.float()
         if self.all_int or x2.shape[0] <= self.max_rows:
@@ -296,7 +302,8 @@ class PackedLinear:
             y = panel_matmul(self.lib, x2, self.parts)
         if self.bias is not None:
             y = y + self.bias
-        y = y.reshape(*shape[:-1], y.shape[-1])
+        if not flat:
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
