@@ -23,7 +23,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import hardware  # noqa: E402
+from common import hardware
 
 
 class Timers:

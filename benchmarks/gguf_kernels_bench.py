@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import hardware  # noqa: E402
+from common import hardware
 
-from corral.model import gguf_kernels as gk  # noqa: E402
+from corral.model import gguf_kernels as gk
 
 SHAPES = {  # name -> [(label, K, N)]
     "smollm2": [("qkv", 576, 1536), ("gate_up", 576, 3072), ("down", 1536, 576),
@@ -106,20 +106,20 @@ def main() -> None:
                 flops = 2 * args.prefill * n * k
                 res = {"type": kind, "shape": f"{shape}.{label}", "k": k, "n": n,
                        "weight_mb": w.nbytes / 1e6}
-                paths = {"int8": lambda x: gk.gguf_matmul(lib, x, w, nt, math="int8"),
-                         "torch": lambda x: torch.nn.functional.linear(x, dense)}
+                paths = {"int8": lambda x, w=w: gk.gguf_matmul(lib, x, w, nt, math="int8"),
+                         "torch": lambda x, d=dense: torch.nn.functional.linear(x, d)}
                 if not args.no_fp32_path:
-                    paths["fp32"] = lambda x: gk.gguf_matmul(lib, x, w, nt, math="fp32")
+                    paths["fp32"] = lambda x, w=w: gk.gguf_matmul(lib, x, w, nt, math="fp32")
                 for name, fn in paths.items():
-                    res[f"decode_ms_{name}"] = 1e3 * best(lambda: fn(x1), 4 * args.reps,
+                    res[f"decode_ms_{name}"] = 1e3 * best(lambda f=fn, x=x1: f(x), 4 * args.reps,
                                                           args.cpu_time)
                     big_reps = max(1, args.reps // 2)
-                    res[f"prefill_gflops_{name}"] = flops / best(lambda: fn(xp), big_reps,
+                    res[f"prefill_gflops_{name}"] = flops / best(lambda f=fn, x=xp: f(x), big_reps,
                                                                  args.cpu_time) / 1e9
                 res["decode_gbs_int8"] = w.nbytes / res["decode_ms_int8"] / 1e6
                 rows.append(res)
 
-                def f(key: str, fmt: str = "6.2f") -> str:
+                def f(key: str, fmt: str = "6.2f", res=res) -> str:
                     return format(res[key], fmt) if key in res else "     -"
                 print(f"{kind:5} {res['shape']:13} |          {f('decode_ms_int8')} "
                       f"{f('decode_ms_fp32')} {f('decode_ms_torch')} | {f('decode_gbs_int8', '5.1f')}"
