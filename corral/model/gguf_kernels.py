@@ -114,9 +114,13 @@ def build_library(variant: str, cache_dir: Path | None = None) -> Path | None:
 
 
 def load_library(variant: str | None = None) -> ctypes.CDLL | None:
-    """The kernel library for `variant` (default: the CPU's fastest), built on first call and
-    cached per process; None if it cannot be built."""
-    variant = variant or cpu_variants()[0]
+    """The kernel library for `variant` (default: $CORRAL_GGUF_VARIANT, else the CPU's
+    fastest), built on first call and cached per process; None if it cannot be built."""
+    if variant is None:
+        variant = os.environ.get("CORRAL_GGUF_VARIANT", "").strip() or cpu_variants()[0]
+        if variant not in cpu_variants():
+            raise CorralError(f"CORRAL_GGUF_VARIANT={variant!r}: this CPU runs "
+                              f"{', '.join(cpu_variants())}")
     if variant in _libs:
         return _libs[variant]
     _libs[variant] = None

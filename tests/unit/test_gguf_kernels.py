@@ -152,6 +152,14 @@ def test_packed_linear_int8_runs_every_step_size(lib):
         gk.PackedLinear([w], lib, max_rows=4, math="int4")
 
 
+def test_variant_from_environment(monkeypatch):
+    monkeypatch.setenv("CORRAL_GGUF_VARIANT", "portable")
+    assert gk.load_library().gguf_isa().decode() == "portable"
+    monkeypatch.setenv("CORRAL_GGUF_VARIANT", "sse9")
+    with pytest.raises(CorralError, match="CORRAL_GGUF_VARIANT='sse9': this CPU runs"):
+        gk.load_library()
+
+
 def test_default_math(monkeypatch):
     monkeypatch.delenv("CORRAL_GGUF_MATH", raising=False)
     assert gk.default_math() == "int8"
