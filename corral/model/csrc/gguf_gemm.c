@@ -567,7 +567,21 @@ static inline void k_scales(int type, const uint8_t *blk, kscales *k) {
         k->d = fp16_to_fp32(blk + 208);
         k->dmin = 0.0f;
     } else {
-        for (int s = 0; s < 8; s++) k_scale_min(blk + 4, s, &k->sc[s], &k->mn[s]);
+        /* the 8 6-bit scales and mins, unpacked with 32-bit masks (as ggml does; the same
+         * values as k_scale_min) */
+        uint32_t u[4];
+        memcpy(u, blk + 4, 12);
+        u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+        const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
+        u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+        u[2] = mins_lo;
+        u[0] &= 0x3f3f3f3fu;
+        uint8_t b[16];
+        memcpy(b, u, 16);
+        for (int s = 0; s < 8; s++) {
+            k->sc[s] = b[s];
+            k->mn[s] = b[8 + s];
+        }
         k->d = fp16_to_fp32(blk);
         k->dmin = fp16_to_fp32(blk + 2);
     }
