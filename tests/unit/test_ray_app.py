@@ -40,7 +40,7 @@ def test_plain_serve_is_the_default(monkeypatch):
 
     args = build_parser("serve").parse_args(["serve"])
     assert args.replicas == 1 and args.ray_address is None
-    import corral.server.ray_app as ray_app
+    from corral.server import ray_app
 
     monkeypatch.setattr(ray_app, "run_cli", lambda a: pytest.fail("Ray path taken"))
     monkeypatch.setattr("corral.AsyncLLM", _no_engine)
