@@ -25,6 +25,16 @@ def test_builder_args_are_corral_serve_flags():
     assert build({"model": "default"}) is not None
 
 
+def test_ray_calls_the_builder_like_serve_run_does():
+    """Ray's own loader for `serve run module:build k=v` and serveConfigV2 `args`."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    app = call_user_app_builder_with_args_if_necessary(build, {"model": "default",
+                                                               "replicas": "2"})
+    assert isinstance(app, Application)
+
+
 def test_bad_builder_args_are_clear_errors():
     with pytest.raises(CorralError, match="invalid corral serve settings"):
         settings_from_dict({"no_such_flag": 1})
