@@ -193,10 +193,21 @@ def run_cli(args: argparse.Namespace) -> int:
         stop.set()
 
     own_cluster = not args.ray_address
+    if args.num_cpus_per_replica < 0 or args.num_gpus_per_replica < 0:
+        raise CorralError("--num-cpus-per-replica and --num-gpus-per-replica must be >= 0")
+    if own_cluster and args.num_gpus_per_replica:
+        import torch
+
+        have, need = torch.cuda.device_count(), args.replicas * args.num_gpus_per_replica
+        if need > have:  # Ray would wait for them forever
+            raise CorralError(f"{args.replicas} replicas x --num-gpus-per-replica "
+                              f"{args.num_gpus_per_replica:g} need {need:g} GPUs; this machine "
+                              f"has {have} (join a larger cluster with --ray-address)")
     if own_cluster:
         need = args.replicas * args.num_cpus_per_replica
         # Ray's CPUs are logical: reserve what the replicas ask for even on a small machine.
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+        # address="local": always a new cluster, never one `ray start` left on this machine
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
                  num_gpus=None if args.num_gpus_per_replica else 0,
                  include_dashboard=False, object_store_memory=100 * 1024 * 1024)
     else:
@@ -204,7 +215,11 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         t0 = time.perf_counter()
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:  # Ray gave up on the replicas (their errors are logged above)
+            raise CorralError(f"the replicas did not start (their errors are above): "
+                              f"{_last_line(e)}") from None
         print(f"corral serve: {args.replicas} replica(s) of {args.model} on Ray Serve, "
               f"http://{args.host}:{args.port} (ready in {time.perf_counter() - t0:.0f} s)",
               flush=True)
@@ -222,3 +237,8 @@ def run_cli(args: argparse.Namespace) -> int:
         finally:
             ray.shutdown()
     return 0
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else type(e).__name__
