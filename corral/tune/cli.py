@@ -165,8 +165,10 @@ def launch_processes(cfg, num_processes: int) -> int:
     import yaml
 
     from corral.server.launch import free_port
+    from corral.tune.sft import checkpoint_to_resume
 
-    cfg.check()
+    cfg.check()  # the errors a process would meet first, said once, before launching
+    checkpoint_to_resume(cfg)
     with tempfile.NamedTemporaryFile("w", prefix="corral-tune-", suffix=".yaml") as f:
         yaml.safe_dump(asdict(cfg), f, allow_unicode=True)
         f.flush()

@@ -112,6 +112,16 @@ def last_checkpoint(output: Path) -> Path | None:
     return best[1] if best else None
 
 
+def checkpoint_to_resume(cfg: TuneConfig) -> Path | None:
+    """The checkpoint --resume continues from; an error if --output holds one without it."""
+    out = Path(cfg.output).expanduser()
+    resume_from = last_checkpoint(out) if out.is_dir() else None
+    if resume_from and not cfg.resume:
+        raise CorralError(f"{out} already holds checkpoints ({resume_from.name}); pass --resume "
+                          "to continue that run or choose another --output")
+    return resume_from
+
+
 # --- model -------------------------------------------------------------------------------------
 
 def load_model(cfg: TuneConfig, device: torch.device):
@@ -405,10 +415,7 @@ def train(cfg: TuneConfig) -> dict:
     examples = load_examples(cfg.data, cfg.data_format)
     train_ex, val_ex = split_validation(cfg, examples)
     out = Path(cfg.output).expanduser()
-    resume_from = last_checkpoint(out) if out.is_dir() else None
-    if resume_from and not cfg.resume:
-        raise CorralError(f"{out} already holds checkpoints ({resume_from.name}); pass --resume "
-                          "to continue that run or choose another --output")
+    resume_from = checkpoint_to_resume(cfg)
     device = resolve_device(cfg.device)
     if cfg.load_in_4bit:
         nf4_config(device, torch.bfloat16)  # clear error on CPU before loading anything
