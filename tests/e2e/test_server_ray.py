@@ -24,6 +24,12 @@ def ray_server():
     args = ["--model", "default", "--replicas", "2", "--max-num-seqs", "8",
             "--max-model-len", "512"]
     with ServerProcess(args, timeout=400, new_session=True) as srv:
+        # the proxy may answer /health from the first replica while the second still loads;
+        # the ready line comes once serve.run has seen both up
+        deadline = time.monotonic() + 300
+        while "replica(s) of default on Ray Serve" not in srv.output():
+            assert time.monotonic() < deadline, srv.output()[-3000:]
+            time.sleep(0.5)
         yield srv
 
 
