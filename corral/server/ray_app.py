@@ -228,15 +228,31 @@ def run_cli(args: argparse.Namespace) -> int:
         while not stop.wait(1.0):
             pass
     finally:
-        # Our own cluster goes away with us; on a shared one only our application does.
-        try:
-            if own_cluster:
-                serve.shutdown()
-            else:
-                serve.delete(APP_NAME)
-        finally:
-            ray.shutdown()
+        # Our own cluster goes away with us; on a shared one only our application does. A
+        # signal sent to the whole process group (systemd, `timeout`) may already have ended
+        # Ray's raylet, and Serve's shutdown would then wait forever: bound it, then
+        # ray.shutdown() ends the processes this command started either way.
+        stop_serve = serve.shutdown if own_cluster else (lambda: serve.delete(APP_NAME))
+        if not _within(stop_serve, args.drain_timeout + 30.0):
+            log.warning("Ray Serve did not shut down in time; stopping Ray")
+        ray.shutdown()
     return 0
+
+
+def _within(fn, seconds: float) -> bool:
+    """Run fn in a helper thread; True if it returned within `seconds`."""
+    done = threading.Event()
+
+    def call():
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - shutting down: report and go on
+            log.warning("shutdown step failed: %r", e)
+        finally:
+            done.set()
+
+    threading.Thread(target=call, name="corral-ray-shutdown", daemon=True).start()
+    return done.wait(seconds)
 
 
 def _last_line(e: BaseException) -> str:
