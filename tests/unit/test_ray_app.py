@@ -67,3 +67,18 @@ class _Stop(Exception):
 
 def _no_engine(*args, **kwargs):
     raise _Stop("the plain server's engine construction was reached")
+
+
+def test_health_check_follows_the_engine_thread():
+    """Ray Serve marks a replica unhealthy (and replaces it) when check_health raises: once
+    the engine thread has died, as /health's 503 says."""
+    from types import SimpleNamespace
+
+    from corral.server.ray_app import CorralReplica
+
+    replica = CorralReplica.__new__(CorralReplica)  # no model: only the check is under test
+    replica.engine = SimpleNamespace(error=None)
+    replica.check_health()
+    replica.engine = SimpleNamespace(error="the engine stopped after an error: boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        replica.check_health()
