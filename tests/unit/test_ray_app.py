@@ -82,3 +82,4 @@ def test_health_check_follows_the_engine_thread():
     replica.engine = SimpleNamespace(error="the engine stopped after an error: boom")
     with pytest.raises(RuntimeError, match="boom"):
         replica.check_health()
+    replica.engine = None  # nothing to shut down when it is collected
