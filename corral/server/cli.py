@@ -17,6 +17,7 @@ from corral.cli_args import (
     kernel_kwargs_from_args,
     lora_kwargs_from_args,
 )
+from corral.errors import CorralError
 from corral.server.config import ServerConfig
 
 
@@ -75,7 +76,23 @@ def register(subparsers) -> None:
                      help="seconds a connection may take to send its request headers")
     lim.add_argument("--keep-alive-timeout", type=float, default=5.0,
                      help="seconds an idle keep-alive connection stays open")
+    add_ray_args(p.add_argument_group(
+        "replicas on Ray Serve (docs/scale.md; needs pip install 'corral[scale]')"))
     p.set_defaults(func=serve)
+
+
+def add_ray_args(g) -> None:
+    g.add_argument("--replicas", type=int, default=1,
+                   help="engine replicas behind Ray Serve's HTTP proxy on --host/--port "
+                        "(default 1: one plain server process, no Ray)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of "
+                        "starting a local one; implies Ray Serve even with --replicas 1")
+    g.add_argument("--num-cpus-per-replica", type=float, default=1.0,
+                   help="Ray CPUs each replica reserves (default 1)")
+    g.add_argument("--num-gpus-per-replica", type=float, default=0.0,
+                   help="Ray GPUs each replica reserves (default 0; with tensor parallelism: "
+                        "the ranks of one replica)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -92,8 +109,25 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tool_parser=getattr(args, "tool_parser", None))
 
 
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """AsyncLLM keyword arguments from the engine and LoRA flags."""
+    check_chat_format(args.chat_format)
+    engine_kw = {k: getattr(args, k) for k in ("dtype", "device", "chat_format", "max_model_len",
+                                               "kv_cache_memory_gb", "max_num_seqs")
+                 if getattr(args, k) is not None}
+    engine_kw.update(kernel_kwargs_from_args(args))
+    engine_kw.update(lora_kwargs_from_args(args))
+    return engine_kw
+
+
 def serve(args: argparse.Namespace) -> int:
     """Load the model, then serve until SIGINT/SIGTERM (draining in-flight requests)."""
+    if args.replicas < 1:
+        raise CorralError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.replicas > 1 or args.ray_address:
+        from corral.server.ray_app import run_cli
+
+        return run_cli(args)
     import uvicorn
 
     from corral import AsyncLLM
@@ -102,12 +136,7 @@ def serve(args: argparse.Namespace) -> int:
     from corral.server.timeouts import h11_with_header_timeout
 
     config = config_from_args(args)
-    check_chat_format(args.chat_format)
-    engine_kw = {k: getattr(args, k) for k in ("dtype", "device", "chat_format", "max_model_len",
-                                               "kv_cache_memory_gb", "max_num_seqs")
-                 if getattr(args, k) is not None}
-    engine_kw.update(kernel_kwargs_from_args(args))
-    engine_kw.update(lora_kwargs_from_args(args))
+    engine_kw = engine_kwargs_from_args(args)
     _setup_logging()
     engine = AsyncLLM(model=args.model, **engine_kw)
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -73,6 +75,11 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=S, help="default 42")
     t.add_argument("--no-progress", action="store_false", dest="progress", default=S,
                    help="no progress bar")
+    d = p.add_argument_group("multi-process (DDP; docs/scale.md)")
+    d.add_argument("--num-processes", type=int, default=1,
+                   help="data-parallel processes on this machine, started through `accelerate "
+                        "launch` (one per GPU on CUDA, gloo on CPU); the effective batch is "
+                        "batch-size x processes x grad-accum (default 1: this process alone)")
     p.set_defaults(func=run_tune)
 
     mp = subparsers.add_parser(
@@ -121,15 +128,53 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from corral.tune.sft import train
+    from corral.tune.sft import is_main_process, train
 
-    summary = train(config_from_args(args))
+    cfg = config_from_args(args)
+    if args.num_processes < 1:
+        raise CorralError(f"--num-processes must be at least 1, got {args.num_processes}")
+    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_processes(cfg, args.num_processes)
+    summary = train(cfg)
+    if not is_main_process():
+        return 0
     keys = ("method", "global_step", "train_loss", "eval_loss_before", "eval_loss_after",
-            "tokens_per_s")
+            "tokens_per_s", "num_processes", "effective_batch_size")
     print(json.dumps({k: summary[k] for k in keys}))
     print(f"adapter saved to {summary['config']['output']}" if summary["method"] != "full"
           else f"model saved to {summary['config']['output']}")
     return 0
+
+
+def accelerate_command(num_processes: int, port: int) -> list[str]:
+    """`accelerate launch` for N local processes. Its multi-GPU launcher (torchrun) is also
+    the one that starts several CPU processes: `--cpu` alone runs one process unless MPI is
+    set up. On CPU the Trainer (use_cpu) then joins them over gloo."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
+def launch_processes(cfg, num_processes: int) -> int:
+    """Run this same tune job in `num_processes` processes: the settings go to them as a
+    tune.yaml (flags and yaml already merged), so every process trains the same job."""
+    import subprocess
+    import tempfile
+    from dataclasses import asdict
+
+    import yaml
+
+    from corral.server.launch import free_port
+    from corral.tune.sft import checkpoint_to_resume
+
+    cfg.check()  # the errors a process would meet first, said once, before launching
+    checkpoint_to_resume(cfg)
+    with tempfile.NamedTemporaryFile("w", prefix="corral-tune-", suffix=".yaml") as f:
+        yaml.safe_dump(asdict(cfg), f, allow_unicode=True)
+        f.flush()
+        cmd = [*accelerate_command(num_processes, free_port()), "-m", "corral.cli", "tune",
+               "--config", f.name]
+        return subprocess.run(cmd, check=False).returncode
 
 
 def run_merge(args: argparse.Namespace) -> int:

@@ -1,6 +1,12 @@
 """Supervised fine-tuning: LoRA (default), QLoRA (4-bit NF4 base, CUDA) or full, on the
 transformers Trainer (schedules, accumulation, checkpoints, resume, TensorBoard) with PEFT.
 
+Multi-process: under `accelerate launch` / `torchrun` (or `corral tune --num-processes N`) every
+process runs this same code; the Trainer wraps the model in DDP (FSDP with accelerate's FSDP
+config) and gives each process its share of every batch. Corral's own writes -- the progress
+bar, tune_log.jsonl, the tokenizer and corral_tune.json -- happen on the main process only; the
+Trainer already saves checkpoints, TensorBoard logs and the adapter from there alone.
+
 Speed and memory: the loss is computed only where labels are trained. With assistant-only
 labels most positions are prompt, so the (tokens x vocab) logits -- the largest activation of a
 small model -- are built for the answer tokens alone. Batches are grouped by length (little
@@ -12,6 +18,8 @@ causal mask (sdpa/eager) or varlen FlashAttention, so samples never attend to ea
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,6 +112,16 @@ def last_checkpoint(output: Path) -> Path | None:
     return best[1] if best else None
 
 
+def checkpoint_to_resume(cfg: TuneConfig) -> Path | None:
+    """The checkpoint --resume continues from; an error if --output holds one without it."""
+    out = Path(cfg.output).expanduser()
+    resume_from = last_checkpoint(out) if out.is_dir() else None
+    if resume_from and not cfg.resume:
+        raise CorralError(f"{out} already holds checkpoints ({resume_from.name}); pass --resume "
+                          "to continue that run or choose another --output")
+    return resume_from
+
+
 # --- model -------------------------------------------------------------------------------------
 
 def load_model(cfg: TuneConfig, device: torch.device):
@@ -179,17 +197,64 @@ def make_trainer_class():
         loss_is_scaled_for_ga = True  # we divide by num_items_in_batch (tokens in the full step)
         tokens_seen = 0
 
+        def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            if (self.args.train_sampling_strategy != "group_by_length"
+                    or "length" not in getattr(ds, "column_names", ())):
+                return super()._get_train_sampler(train_dataset)
+            a = self.args
+            return StepLengthSampler(a.train_batch_size * a.gradient_accumulation_steps
+                                     * a.world_size, ds["length"], a.data_seed or a.seed)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.accelerator.num_processes > 1:  # DDP/FSDP wrap the whole model: plain path
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            distributed = self.accelerator.num_processes > 1
             if model.training:
-                mask = inputs.get("attention_mask")
-                self.tokens_seen += int(mask.sum() if mask is not None
-                                        else inputs["input_ids"].numel())
+                self.tokens_seen += self._tokens(inputs, distributed)
+            if distributed:
+                # DDP/FSDP sync gradients inside the wrapper's forward, so the model runs
+                # whole (logits at every position). The Trainer divides by the step's trained
+                # tokens summed over all processes and multiplies by their number, so DDP's
+                # gradient average equals one process's gradient over the union of the batches.
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = answer_loss(model, inputs, num_items_in_batch)
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        def _tokens(self, inputs: dict, distributed: bool) -> int:
+            """Tokens in this micro-batch; summed over all processes when distributed."""
+            mask = inputs.get("attention_mask")
+            n = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+            if not distributed:
+                return int(n)
+            return int(self.accelerator.gather(n.reshape(1).to(self.accelerator.device)).sum())
+
     return CorralTrainer
+
+
+class StepLengthSampler:
+    """Length-grouped order (transformers' `get_length_grouped_indices`) over whole optimizer
+    steps, seeded by (seed, epoch).
+
+    transformers groups by the per-device batch and draws from the global RNG; here the groups
+    span the step across all processes, and the order depends only on the seed and the epoch.
+    So N processes with batch b (accelerate gives process r the b-slices r, r+N, ...) see in
+    each step exactly the examples one process with batch N*b sees, every process computes the
+    same order, and a resumed run replays its epoch's order before skipping the done steps.
+    """
+
+    def __init__(self, step_size: int, lengths: list[int], seed: int):
+        self.step_size, self.lengths, self.seed, self.epoch = step_size, list(lengths), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by the Trainer through accelerate
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.step_size, generator=g))
 
 
 def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
@@ -212,7 +277,8 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
 
 
 def make_progress_callback(trainer, log_path: Path, show: bool):
-    """tqdm bar with loss, lr and tokens/s; every log line also goes to tune_log.jsonl."""
+    """tqdm bar with loss, lr and tokens/s; every log line also goes to tune_log.jsonl (both on
+    the main process only)."""
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -224,7 +290,8 @@ def make_progress_callback(trainer, log_path: Path, show: bool):
         def on_train_begin(self, args, state, control, **kw):
             self.t0, self.tokens0 = time.perf_counter(), trainer.tokens_seen
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step",
-                            desc="tune", disable=not show, dynamic_ncols=True)
+                            desc="tune", disable=not (show and state.is_world_process_zero),
+                            dynamic_ncols=True)
 
         def on_step_end(self, args, state, control, **kw):
             if self.bar:
@@ -235,6 +302,8 @@ def make_progress_callback(trainer, log_path: Path, show: bool):
             return (trainer.tokens_seen - self.tokens0) / dt if dt > 0 else 0.0
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero:
+                return
             logs = dict(logs or {})
             logs["step"] = state.global_step
             if "loss" in logs:
@@ -253,8 +322,10 @@ def make_progress_callback(trainer, log_path: Path, show: bool):
     return Progress()
 
 
-def build_datasets(cfg: TuneConfig, tokenizer, chat_format, train_examples, val_examples):
-    """HF datasets of input_ids/labels (train packed when asked)."""
+def build_datasets(cfg: TuneConfig, tokenizer, chat_format, train_examples, val_examples,
+                   say=print):
+    """HF datasets of input_ids/labels (train packed when asked); `say` reports dropped
+    examples (None: quiet, as on the processes other than the main one)."""
     from datasets import Dataset
 
     from corral.tune.data import encode_examples
@@ -265,8 +336,8 @@ def build_datasets(cfg: TuneConfig, tokenizer, chat_format, train_examples, val_
         if not encoded:
             raise CorralError(f"no {name} example keeps a trained token within --max-seq-len "
                               f"{cfg.max_seq_len}")
-        if dropped:
-            print(f"corral tune: {dropped} {name} example(s) dropped: no answer token within "
+        if dropped and say:
+            say(f"corral tune: {dropped} {name} example(s) dropped: no answer token within "
                   f"--max-seq-len {cfg.max_seq_len}")
         return Dataset.from_dict({"input_ids": [e.input_ids for e in encoded],
                                   "labels": [e.labels for e in encoded],
@@ -344,15 +415,21 @@ def train(cfg: TuneConfig) -> dict:
     examples = load_examples(cfg.data, cfg.data_format)
     train_ex, val_ex = split_validation(cfg, examples)
     out = Path(cfg.output).expanduser()
-    resume_from = last_checkpoint(out) if out.is_dir() else None
-    if resume_from and not cfg.resume:
-        raise CorralError(f"{out} already holds checkpoints ({resume_from.name}); pass --resume "
-                          "to continue that run or choose another --output")
-    if cfg.resume and not resume_from:
-        print(f"corral tune: no complete checkpoint in {out} yet; starting at step 0")
+    resume_from = checkpoint_to_resume(cfg)
     device = resolve_device(cfg.device)
     if cfg.load_in_4bit:
         nf4_config(device, torch.bfloat16)  # clear error on CPU before loading anything
+    # The Trainer's arguments set up the process group under accelerate launch / torchrun.
+    args = training_args(cfg, out, device, bool(val_ex))
+    world, main = args.world_size, args.process_index == 0
+    if world > 1:
+        device = args.device  # this process's GPU (cuda:LOCAL_RANK), or the CPU
+    say = print if main else None
+    if cfg.resume and not resume_from and main:
+        print(f"corral tune: no complete checkpoint in {out} yet; starting at step 0")
+    batch = describe_batch(cfg, world)
+    if main and (world > 1 or cfg.grad_accum > 1):
+        print(f"corral tune: {batch['description']}", file=sys.stderr)
     # 2. tokenizer, chat format, token ids
     src = resolve_source(cfg.model)
     tokenizer = load_tokenizer(src) or _stand_in_tokenizer()
@@ -366,7 +443,7 @@ def train(cfg: TuneConfig) -> dict:
                               f"--chat-format must be {written_in} (or left out)")
         fmt_name = written_in
     chat_format = get_chat_format(fmt_name, tokenizer)
-    train_ds, val_ds = build_datasets(cfg, tokenizer, chat_format, train_ex, val_ex)
+    train_ds, val_ds = build_datasets(cfg, tokenizer, chat_format, train_ex, val_ex, say)
     # 3. model and trainer
     torch.manual_seed(cfg.seed)
     model, src = load_model(cfg, device)
@@ -376,7 +453,7 @@ def train(cfg: TuneConfig) -> dict:
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
                                                padding_free=cfg.packing)
     trainer = make_trainer_class()(
-        model=model, args=training_args(cfg, out, device, val_ds is not None),
+        model=model, args=args,
         train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
         processing_class=tokenizer)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -393,9 +470,9 @@ def train(cfg: TuneConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - t0
     eval_after = trainer.evaluate()["eval_loss"] if val_ds is not None else None
-    # 5. save: adapter (or full model), tokenizer with the chat template, summary
+    # 5. save: adapter (or full model), tokenizer with the chat template, summary (the
+    # Trainer writes the model from the main process; every process takes part for FSDP)
     trainer.save_model(str(out))
-    save_tokenizer(tokenizer, chat_format, out)
     summary = {
         "base_model": cfg.model, "base_folder": str(src.folder) if src.folder else None,
         "method": "full" if cfg.full else ("qlora" if cfg.load_in_4bit else "lora"),
@@ -407,10 +484,40 @@ def train(cfg: TuneConfig) -> dict:
         "eval_loss_before": eval_before, "eval_loss_after": eval_after,
         "train_seconds": round(seconds, 2), "tokens_seen": trainer.tokens_seen,
         "tokens_per_s": round(trainer.tokens_seen / seconds, 1) if seconds > 0 else None,
+        "num_processes": world, "distributed": str(args.distributed_state.distributed_type.value),
+        "per_device_batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "effective_batch_size": batch["effective"],
         "config": asdict(cfg),
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    if main:
+        save_tokenizer(tokenizer, chat_format, out)
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    finish_processes(args)
     return summary
+
+
+def describe_batch(cfg: TuneConfig, world: int) -> dict:
+    """The optimizer step's size: per-device batch x processes x accumulation."""
+    effective = cfg.batch_size * world * cfg.grad_accum
+    unit = "packed rows" if cfg.packing else "examples"
+    return {"effective": effective,
+            "description": f"{world} process(es) x batch {cfg.batch_size} x accumulation "
+                           f"{cfg.grad_accum} = {effective} {unit} per optimizer step"}
+
+
+def is_main_process() -> bool:
+    """True outside a multi-process launch and on its global rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def finish_processes(args) -> None:
+    """Let every process reach the end (the main one writes last), then leave the process
+    group so torch does not warn about it at exit."""
+    if args.world_size <= 1:
+        return
+    args.distributed_state.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def save_tokenizer(tokenizer, chat_format, out: Path) -> None:
