@@ -77,6 +77,7 @@ class EngineCore:
             raise
 
     def _build(self, config: EngineConfig) -> None:
+        from corral.engine.tp import check_tp_config
         from corral.loading import (
             load_config,
             load_tokenizer,
@@ -86,8 +87,6 @@ class EngineCore:
             resolve_source,
         )
         from corral.model.llama import LlamaForCausalLM, context_length
-
-        from corral.engine.tp import check_tp_config
 
         self.config = config
         self.device = resolve_device(config.device)
@@ -520,7 +519,7 @@ class EngineCore:
             return [(batch, self.runner.execute(batch))]
         except TensorParallelError:
             raise  # a rank is gone or out of step: no request is to blame, the engine stops
-        except Exception as e:  # noqa: BLE001 - isolated below
+        except Exception as e:
             if self.tp is not None:  # a fault part-way through desynchronizes the ranks
                 self.tp.failed = f"the forward failed on rank 0 ({_describe(e)})"
                 self.tp.close(kill=True)

@@ -146,7 +146,7 @@ class LLM(_Frontend):
         """Stop the tensor-parallel worker processes, if any (they also exit with this one)."""
         self.core.close()
 
-    def __enter__(self) -> LLM:
+    def __enter__(self) -> LLM:  # noqa: PYI034 - Python 3.10 has no typing.Self
         return self
 
     def __exit__(self, *exc) -> None:

@@ -214,8 +214,8 @@ class TPDriver:
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         # -c rather than -m: corral.engine.tp is already imported by the package's __init__
-        cmd = [sys.executable, "-c", "import sys; from corral.engine.tp import main; "
-               "sys.exit(main(sys.argv[1:]))", "--rank", str(rank),
+        boot = "import sys; from corral.engine.tp import main; sys.exit(main(sys.argv[1:]))"
+        cmd = [sys.executable, "-c", boot, "--rank", str(rank),
                "--world", str(self.world), "--port", str(self.port),
                "--parent", str(os.getpid()), "--config", json.dumps(asdict(config))]
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
