@@ -1,5 +1,5 @@
 """`corral serve --tensor-parallel-size 2`: a chat completion through the real `openai` client
-answers the same greedy tokens as one process; killing a worker rank ends the server, with
+answers what one process (in-process LLM) answers; killing a worker rank ends the server, with
 /health and the log naming the rank, within a bounded time."""
 
 from __future__ import annotations
@@ -14,10 +14,22 @@ import openai
 import pytest
 
 from corral.server.launch import ServerProcess
+from tests.conftest import save_tiny_model, tiny_config
 
 pytestmark = pytest.mark.slow
 
 MESSAGES = [{"role": "user", "content": "Say something about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, default_folder):
+    """A tiny random Llama with SmolLM2's tokenizer and vocabulary (chat text tokenizes)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tp-serve")
+    save_tiny_model(path, tiny_config(max_position_embeddings=256, vocab_size=49152), seed=2)
+    AutoTokenizer.from_pretrained(default_folder).save_pretrained(path)
+    return path
 
 
 def _children(pid: int) -> list[int]:
@@ -35,11 +47,15 @@ def _greedy(url: str) -> tuple[str, str]:
     return r.choices[0].message.content, r.choices[0].finish_reason
 
 
-def test_serve_tp2_answers_then_stops_when_a_rank_dies(tiny_model_dir):
-    common = ["--model", str(tiny_model_dir), "--served-model-name", "tiny",
+def test_serve_tp2_answers_then_stops_when_a_rank_dies(model_dir):
+    common = ["--model", str(model_dir), "--served-model-name", "tiny",
               "--kv-cache-memory-gb", "0.05"]
-    with ServerProcess(common) as one:
-        want = _greedy(one.url)
+    from corral import LLM, SamplingParams
+
+    with LLM(str(model_dir), kv_cache_memory_gb=0.05) as one:  # the same answer, one process
+        out = one.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+        want = (out.text, out.finish_reason)
     with ServerProcess([*common, "--tensor-parallel-size", "2"]) as srv:
         assert _greedy(srv.url) == want
         info = httpx.get(srv.url + "/info", timeout=10).json()
