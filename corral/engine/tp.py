@@ -28,6 +28,7 @@ import datetime
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -187,6 +188,7 @@ class TPDriver:
         self.device = device
         self.failed: str | None = None
         self.closed = False
+        self._stopping = False  # workers exit on purpose from here on
         self._threads_before = torch.get_num_threads()
         store = dist.TCPStore("127.0.0.1", 0, self.world, True, timeout=CONNECT_TIMEOUT,
                               wait_for_workers=False)
@@ -196,7 +198,7 @@ class TPDriver:
                                        daemon=True)
         self._watch.start()
         try:
-            self.comm = Comm(0, self.world, store, device)
+            self.comm = Comm(0, self.world, store, rank_device(device, 0))
         except RuntimeError as e:
             self.close(kill=True)
             raise TensorParallelError(f"tensor-parallel ranks did not connect: "
@@ -224,7 +226,7 @@ class TPDriver:
         while not self.closed:
             for rank, p in enumerate(self.procs, start=1):
                 code = p.poll()
-                if code is not None and not self.closed and self.failed is None:
+                if code is not None and not self._stopping and self.failed is None:
                     self.failed = self._describe(rank, p, code)
                     log.critical("%s", self.failed)
             time.sleep(0.2)
@@ -284,6 +286,7 @@ class TPDriver:
         """Stop the workers (a STOP step, then wait; kill what does not exit)."""
         if self.closed:
             return
+        self._stopping = True
         if not kill and self.failed is None:
             try:
                 self._header(CMD_STOP)
@@ -325,6 +328,8 @@ def worker_main(rank: int, world: int, port: int, parent: int, config: EngineCon
     from corral.model.tp_layers import make_shard
 
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    # Ctrl-C reaches the whole process group: rank 0 drains, then stops this rank itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     base = resolve_device(config.device)
     device = rank_device(base, rank)
     dtype = resolve_dtype(config.dtype, base)
