@@ -17,7 +17,9 @@ through LLM(..., tensor_parallel_size=N) after a warm-up. Reported per N:
 
 On the CPU every rank gets cores / N torch threads (engine.tp.threads_per_rank): with fewer
 cores than ranks the processes share cores and TP cannot be faster; the figures then measure
-the overhead, not a speed-up. The machine's load average is printed with the results because
+the overhead, not a speed-up. A last row runs TP 1 again with one thread: on a loaded machine
+multi-threaded matmuls lose much more to contention than single-threaded ranks do, and that
+row separates the effect from tensor parallelism itself. The machine's load average is printed with the results because
 other processes' load changes them. Ends with one JSON line.
 """
 
@@ -48,9 +50,25 @@ def load_average() -> str:
         return "n/a"
 
 
-def run_one(args, n: int, work) -> dict:
-    from corral import LLM, SamplingParams
+def run_one(args, n: int, work, threads: int | None = None) -> dict:
+    """One TP size; `threads` (TP 1 only) pins torch's thread count for the run."""
+    import torch
+
     from corral.engine.tp import threads_per_rank
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        row = _measure(args, n, work)
+    finally:
+        torch.set_num_threads(before)
+    row["threads_per_rank"] = threads or (threads_per_rank(n) if n > 1 else before)
+    return row
+
+
+def _measure(args, n: int, work) -> dict:
+    from corral import LLM, SamplingParams
 
     kw = {"tensor_parallel_size": n, "device": args.device, "dtype": args.dtype,
           "max_num_seqs": max(len(work.prompts), 1), "num_kv_blocks": args.kv_blocks}
@@ -85,8 +103,7 @@ def run_one(args, n: int, work) -> dict:
         else:
             weights = [sum(p.numel() * p.element_size() for p in core.model.parameters())]
         rss = [rss_mib(p) for p in pids]
-    return {"tp": n, "threads_per_rank": threads_per_rank(n) if n > 1 else None,
-            "load_s": round(load_s, 1), "tokens": generated, "wall_s": round(wall, 2),
+    return {"tp": n, "load_s": round(load_s, 1), "tokens": generated, "wall_s": round(wall, 2),
             "tok_s": round(generated / wall, 2),
             "decode_ms_step": round(1000 * sum(decode_times) / max(len(decode_times), 1), 1),
             "collective_share": round(coll / wall, 3), "collective_calls": calls,
@@ -112,6 +129,9 @@ def main() -> int:
                          (args.output_len, args.output_len), vocab, seed=0)
     load_before = load_average()
     rows = [run_one(args, n, work) for n in args.tp]
+    if 1 in args.tp and args.device == "cpu" and rows[0]["threads_per_rank"] > 1:
+        # the same cores, one thread: shows how much of a TP gain is thread contention
+        rows.append(run_one(args, 1, work, threads=1))
     print(f"model {args.model}, {args.requests} requests x {args.prompt_len} prompt + "
           f"{args.output_len} output tokens, {args.device}; load average {load_before} before, "
           f"{load_average()} after")
@@ -120,7 +140,7 @@ def main() -> int:
     base = rows[0]["tok_s"]
     for r in rows:
         w = r["weights_mib_per_rank"]
-        print(f"{r['tp']:>3} {r['threads_per_rank'] or '-':>8} {r['tok_s']:>8.1f} "
+        print(f"{r['tp']:>3} {r['threads_per_rank']:>8} {r['tok_s']:>8.1f} "
               f"{r['decode_ms_step']:>15.1f} {100 * r['collective_share']:>11.1f}% "
               f"{max(w):>17.1f} {max(r['rss_mib_per_rank']):>20.1f}"
               f"   ({r['tok_s'] / base:.2f}x TP {rows[0]['tp']})")

@@ -73,7 +73,8 @@ class EngineCore:
         try:
             self._build(config)
         except BaseException:
-            self.close()  # tensor-parallel workers already started
+            if self.tp is not None:  # workers already started; they may wait mid-setup
+                self.tp.close(kill=True)
             raise
 
     def _build(self, config: EngineConfig) -> None:

@@ -150,13 +150,15 @@ class TPLlamaForCausalLM(LlamaForCausalLM):
         return super().forward(input_ids, positions, meta, kv_cache, rope_lens)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """[N, D] -> fp32 logits [N, vocab] on rank 0 (None on the other ranks)."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, D] -> fp32 logits [N, vocab] on rank 0; the other ranks get their own slice
+        [N, vocab / world] back (the profiled CUDA step uses it like full logits)."""
         if self.driver is not None:
             self.driver.send_logits(hidden)
-        parts = self.comm.gather(super().compute_logits(hidden).contiguous())
+        local = super().compute_logits(hidden).contiguous()
+        parts = self.comm.gather(local)
         if parts is None:
-            return None
+            return local
         return torch.cat(parts, dim=-1)[:, :self.shard.vocab]
 
     def param_bytes(self) -> int:
