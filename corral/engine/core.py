@@ -191,8 +191,8 @@ class EngineCore:
         n = self.config.tensor_parallel_size
         shard = make_shard(self.model_config, 0, n)  # refuses heads that do not divide first
         if src.gguf:
-            log.info("tensor parallelism shards the dense fp32 copy of %s (the GGUF kernels "
-                     "run unsplit models only)", src.gguf.name)
+            log.warning("tensor parallelism shards the dense copy of %s (the quantized GGUF "
+                        "kernels run unsplit models only)", src.gguf.name)
         self.tp = TPDriver(self.config, self.device)
         try:
             self.model = load_rank_model(self.config, src, self.model_config, shard, self.dtype,

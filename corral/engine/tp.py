@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -61,15 +62,14 @@ class Comm:
 
     def __init__(self, rank: int, world: int, store, device: torch.device):
         self.rank, self.world, self.device = rank, world, device
-        self.ctl = dist.ProcessGroupGloo(dist.PrefixStore("ctl", store), rank, world, CTL_TIMEOUT)
+        self.ctl = _gloo(dist.PrefixStore("ctl", store), rank, world, CTL_TIMEOUT)
         if device.type == "cuda":
             torch.cuda.set_device(device)
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = DATA_TIMEOUT
             self.data = dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank, world, opts)
         else:
-            self.data = dist.ProcessGroupGloo(dist.PrefixStore("data", store), rank, world,
-                                              DATA_TIMEOUT)
+            self.data = _gloo(dist.PrefixStore("data", store), rank, world, DATA_TIMEOUT)
         self.seconds = 0.0
         self.calls = 0
         self.on_error = None  # rank 0: turns a broken collective into TensorParallelError
@@ -134,6 +134,15 @@ class Comm:
         return [o.tolist() for o in out] if self.rank == 0 else None
 
 
+def _gloo(store, rank: int, world: int, timeout: datetime.timedelta):
+    """A gloo group whose sockets listen on 127.0.0.1 only (the default device binds to the
+    host name's address, which may face the network)."""
+    opts = dist.ProcessGroupGloo._Options()
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    opts._timeout = timeout
+    return dist.ProcessGroupGloo(store, rank, world, opts)
+
+
 def rank_device(device: torch.device, rank: int) -> torch.device:
     """cuda:(base + rank) on CUDA (one GPU per rank), the CPU otherwise."""
     if device.type != "cuda":
@@ -190,9 +199,17 @@ class TPDriver:
         self.closed = False
         self._stopping = False  # workers exit on purpose from here on
         self._threads_before = torch.get_num_threads()
-        store = dist.TCPStore("127.0.0.1", 0, self.world, True, timeout=CONNECT_TIMEOUT,
-                              wait_for_workers=False)
-        self.port = store.port
+        # the store's socket is ours, bound to 127.0.0.1 (TCPStore alone listens on every
+        # interface); the store owns the descriptor from here on
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        self.port = sock.getsockname()[1]
+        if device.type == "cuda":  # NCCL's own bootstrap sockets: loopback too (one node)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        store = dist.TCPStore("127.0.0.1", self.port, self.world, True, timeout=CONNECT_TIMEOUT,
+                              wait_for_workers=False, master_listen_fd=sock.detach(),
+                              use_libuv=False)
         self.procs = [self._spawn(config, rank) for rank in range(1, self.world)]
         self._watch = threading.Thread(target=self._watchdog, name="corral-tp-watchdog",
                                        daemon=True)
