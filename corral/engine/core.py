@@ -92,8 +92,7 @@ class EngineCore:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        check_tp_config(config, self.device)
-        # self.tp: engine.tp.TPDriver when the model is split over several processes
+        check_tp_config(config, self.device)  # self.tp: set by _start_tp (a TPDriver)
         # CPU fp32 with kernels: a .gguf stays in its file (config/tokenizer cached only);
         # tensor parallelism shards the dense copy instead
         quantized_gguf = (config.gguf_kernels and self.device.type == "cpu"
@@ -128,6 +127,10 @@ class EngineCore:
         num_blocks = self._num_kv_blocks(bs)
         if self.tp is not None:  # the smallest count any rank's memory holds
             num_blocks = self.tp.comm.min_int(num_blocks)
+            if num_blocks < 2:
+                raise CorralError("no room for the KV cache on one of the tensor-parallel "
+                                  "ranks' GPUs (after its weights and the profiled step); "
+                                  "free memory there or raise gpu_memory_utilization")
         self.max_model_len = min(self.max_model_len, num_blocks * bs)  # the cache must hold one full sequence
         self.bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(

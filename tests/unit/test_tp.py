@@ -170,3 +170,18 @@ def test_a_dead_rank_stops_the_engine_with_a_clear_error(tiny_model_dir, monkeyp
         assert time.monotonic() - start < 10
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("cmd", ["generate", "chat", "eval", "serve"])
+def test_the_flag_reaches_the_engine_kwargs(cmd):
+    from corral.cli import build_parser
+    from corral.cli_args import parallel_kwargs_from_args
+
+    extra = {"generate": ["hi"], "eval": ["--output", "x"]}.get(cmd, [])
+    args = build_parser(cmd).parse_args([cmd, *extra, "--tensor-parallel-size", "3"])
+    assert parallel_kwargs_from_args(args) == {"tensor_parallel_size": 3}
+    args = build_parser(cmd).parse_args([cmd, *extra])
+    assert parallel_kwargs_from_args(args) == {}
+    args = build_parser(cmd).parse_args([cmd, *extra, "--tensor-parallel-size", "0"])
+    with pytest.raises(CorralError, match="at least 1"):
+        parallel_kwargs_from_args(args)
