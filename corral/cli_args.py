@@ -4,7 +4,8 @@ kept as aliases), the same choices and help everywhere.
     generate, chat, eval   add_model_args (model, dtype, device, chat format, kernels...)
                            + add_sampling_args
     prompt                 add_chat_format_arg
-    serve                  add_dtype_arg, add_device_arg, add_chat_format_arg, add_kernel_args
+    serve                  add_dtype_arg, add_device_arg, add_chat_format_arg, add_kernel_args,
+                           add_parallel_args
     ui                     add_dtype_arg, add_device_arg, add_chat_format_arg
     tune                   add_dtype_arg, add_device_arg, add_chat_format_arg
 """
@@ -89,6 +90,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context length in tokens (default: the model's)")
     add_kernel_args(g)
+    add_parallel_args(g)
     add_lora_args(g)
 
 
@@ -107,6 +109,24 @@ def add_kernel_args(group) -> None:
                             "less memory, numerics change; no dense copy kept)")
     group.add_argument("--no-cuda-graphs", action="store_true",
                        help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+
+
+def add_parallel_args(group) -> None:
+    """--tensor-parallel-size (shared by `corral serve` and the model flags)."""
+    group.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int,
+                       default=None, metavar="N",
+                       help="split the weights over N processes (one per GPU on CUDA; on the "
+                            "CPU the cores are shared out); the heads must divide by N")
+
+
+def parallel_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """EngineConfig keyword arguments for `add_parallel_args`."""
+    n = getattr(args, "tensor_parallel_size", None)
+    if n is None:
+        return {}
+    if n < 1:
+        raise CorralError(f"--tensor-parallel-size must be at least 1, got {n}")
+    return {"tensor_parallel_size": n}
 
 
 def add_lora_args(group, serving: bool = False) -> None:
@@ -180,7 +200,8 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
         rope = parse_rope_scaling(args.rope_scaling)
     kw = {"model": args.model, "dtype": args.dtype, "device": args.device,
           "chat_format": args.chat_format, "max_model_len": args.max_model_len,
-          "rope_scaling": rope, **kernel_kwargs_from_args(args), **lora_kwargs_from_args(args)}
+          "rope_scaling": rope, **kernel_kwargs_from_args(args), **lora_kwargs_from_args(args),
+          **parallel_kwargs_from_args(args)}
     if kw.get("lora_modules"):  # generate/chat/eval answer under the first adapter
         kw["default_lora"] = next(iter(kw["lora_modules"]))
     return kw

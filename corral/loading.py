@@ -54,6 +54,14 @@ RANDOM_PRESETS: dict[str, dict] = {
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
     },
+    # a mid-size model whose heads split 1, 2, 4 and 8 ways (benchmarks/tp_scaling.py)
+    "llama-300m": {
+        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 16,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 32000,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+    },
     "smollm2-135m": {
         "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
         "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,

@@ -34,6 +34,7 @@ class EngineConfig:
     max_loras: int = 4  # adapters resident at once (LRU beyond that)
     max_lora_rank: int = 64  # larger adapters are refused
     default_lora: str | None = None  # adapter for requests that name none (the CLI's --lora)
+    tensor_parallel_size: int = 1  # ranks (processes) the weights are split over (engine.tp)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:

@@ -27,6 +27,7 @@ from corral.engine.sampler import apply_penalties, block_stop_tokens, sample, to
 from corral.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from corral.engine.sequence import Sequence
 from corral.engine.structured import StructuredCompiler
+from corral.engine.tp import TensorParallelError
 from corral.errors import CorralError
 from corral.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from corral.sampling_params import SamplingParams
@@ -68,6 +69,16 @@ class Request:
 
 class EngineCore:
     def __init__(self, config: EngineConfig):
+        self.tp = None
+        try:
+            self._build(config)
+        except BaseException:
+            if self.tp is not None:  # workers already started; they may wait mid-setup
+                self.tp.close(kill=True)
+            raise
+
+    def _build(self, config: EngineConfig) -> None:
+        from corral.engine.tp import check_tp_config
         from corral.loading import (
             load_config,
             load_tokenizer,
@@ -81,9 +92,11 @@ class EngineCore:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        # CPU fp32 with kernels: a .gguf stays in its file (config/tokenizer cached only)
+        check_tp_config(config, self.device)  # self.tp: set by _start_tp (a TPDriver)
+        # CPU fp32 with kernels: a .gguf stays in its file (config/tokenizer cached only);
+        # tensor parallelism shards the dense copy instead
         quantized_gguf = (config.gguf_kernels and self.device.type == "cpu"
-                          and self.dtype == torch.float32)
+                          and self.dtype == torch.float32 and config.tensor_parallel_size == 1)
         src = resolve_source(config.model, config.revision, weights=not quantized_gguf)
         self._check_quantization(src)
         rope = config.rope_scaling
@@ -94,7 +107,9 @@ class EngineCore:
         limit = context_length(self.model_config)
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.weights = None
-        if src.gguf and quantized_gguf:
+        if config.tensor_parallel_size > 1:
+            self.weights = self._start_tp(src)
+        elif src.gguf and quantized_gguf:
             self.weights = self._load_gguf(src)  # None: no kernel library, src is now dense
         if self.weights is None and src.folder is None:
             self.model = LlamaForCausalLM.random(self.model_config, self.dtype, self.device,
@@ -110,6 +125,12 @@ class EngineCore:
         cuda = self.device.type == "cuda"
         bs = config.block_size
         num_blocks = self._num_kv_blocks(bs)
+        if self.tp is not None:  # the smallest count any rank's memory holds
+            num_blocks = self.tp.comm.min_int(num_blocks)
+            if num_blocks < 2:
+                raise CorralError("no room for the KV cache on one of the tensor-parallel "
+                                  "ranks' GPUs (after its weights and the profiled step); "
+                                  "free memory there or raise gpu_memory_utilization")
         self.max_model_len = min(self.max_model_len, num_blocks * bs)  # the cache must hold one full sequence
         self.bm = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -123,7 +144,7 @@ class EngineCore:
         if self.lora is not None:
             self.runner.lora = self.lora
             self.scheduler.can_admit = self._lora_slot_ready
-        if cuda and config.cuda_graphs:
+        if cuda and config.cuda_graphs and self.tp is None:  # graphs cannot hold collectives
             self._capture_decode_graphs()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -138,12 +159,18 @@ class EngineCore:
     def _num_kv_blocks(self, block_size: int) -> int:
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks
-        per_block = kv_bytes_per_block(self.model_config, block_size, self.dtype)
+        # the model's own config: under tensor parallelism, this rank's share of the KV heads
+        per_block = kv_bytes_per_block(self.model.config, block_size, self.dtype)
         if self.device.type == "cuda":
-            budget = profiled_kv_budget(
-                self.model, self.device, self.dtype, self.config.gpu_memory_utilization,
-                self.config.max_num_batched_tokens or 8192, self.config.max_num_seqs or 256,
-                self.max_model_len, block_size)
+            driver, self.model.driver = getattr(self.model, "driver", None), None
+            try:  # TP workers run the same profiled step at the same time (engine.tp)
+                budget = profiled_kv_budget(
+                    self.model, self.device, self.dtype, self.config.gpu_memory_utilization,
+                    self.config.max_num_batched_tokens or 8192, self.config.max_num_seqs or 256,
+                    self.max_model_len, block_size)
+            finally:
+                if driver is not None:
+                    self.model.driver = driver
             if self.lora is not None:  # room for max_loras adapters of max_lora_rank
                 budget -= self.lora.budget_bytes
             if self.config.kv_cache_memory_gb:
@@ -158,6 +185,36 @@ class EngineCore:
             raise CorralError(f"no room for the KV cache ({budget / 2**30:.2f} GiB available, "
                               f"{per_block / 2**20:.1f} MiB per block); raise --kv-cache-memory")
         return num
+
+    def _start_tp(self, src) -> str:
+        """Spawn ranks 1..N-1 and load shard 0 here (engine.tp); returns the weight path."""
+        from corral.engine.tp import TPDriver, load_rank_model
+        from corral.model.tp_layers import make_shard
+
+        n = self.config.tensor_parallel_size
+        shard = make_shard(self.model_config, 0, n)  # refuses heads that do not divide first
+        if src.gguf:
+            log.warning("tensor parallelism shards the dense copy of %s (the quantized GGUF "
+                        "kernels run unsplit models only)", src.gguf.name)
+        self.tp = TPDriver(self.config, self.device)
+        try:
+            self.model = load_rank_model(self.config, src, self.model_config, shard, self.dtype,
+                                         self.device, self.max_model_len)
+            self.model.attach(self.tp.comm)
+            per_rank = self.tp.comm.gather_ints(
+                [self.model.param_bytes(), sum(p.numel() for p in self.model.parameters())])
+        except BaseException:
+            self.tp.close(kill=True)
+            raise
+        self.tp.rank_param_bytes = [b for b, _ in per_rank]
+        self.tp.rank_params = [c for _, c in per_rank]
+        self.model.driver = self.tp
+        return f"dense {str(self.dtype).removeprefix('torch.')}, tensor parallel over {n} ranks"
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do for a one-process engine)."""
+        if getattr(self, "tp", None) is not None:
+            self.tp.close()
 
     def _capture_decode_graphs(self) -> None:
         from corral.model.attention import decode_uses_triton
@@ -287,6 +344,9 @@ class EngineCore:
     def info(self) -> dict:
         n_params = getattr(self.model, "n_params", None) or sum(
             p.numel() for p in self.model.parameters())
+        if self.tp is not None:  # the shards' sum, the replicated norms counted once
+            norms = sum(p.numel() for name, p in self.model.named_parameters() if "norm" in name)
+            n_params = sum(self.tp.rank_params) - (self.tp.world - 1) * norms
         return {
             "name": self.config.model,
             "params": n_params,
@@ -299,6 +359,7 @@ class EngineCore:
             "block_size": self.bm.block_size,
             "weights": self.weights,
             "loras": self.lora.listing() if self.lora is not None else [],
+            "tensor_parallel_size": self.config.tensor_parallel_size,
         }
 
     @property
@@ -462,7 +523,13 @@ class EngineCore:
         for everyone fails every request of this step (the engine keeps running)."""
         try:
             return [(batch, self.runner.execute(batch))]
-        except Exception as e:  # noqa: BLE001 - isolated below
+        except TensorParallelError:
+            raise  # a rank is gone or out of step: no request is to blame, the engine stops
+        except Exception as e:
+            if self.tp is not None:  # a fault part-way through desynchronizes the ranks
+                self.tp.failed = f"the forward failed on rank 0 ({_describe(e)})"
+                self.tp.close(kill=True)
+                raise TensorParallelError(self.tp.failed) from e
             groups = _rows_by_request(batch.seqs)
             if len(groups) == 1:
                 self._fault(self.requests[groups[0][0]], "the model forward failed", e)
@@ -703,3 +770,22 @@ def _eos_ids(src, config, tokenizer) -> list[int]:
         add(tokenizer.eos_token_id)
     return sorted(ids)
 
+
+
+def resolve_engine_source(config: EngineConfig):
+    """(ModelSource with dense weights, LlamaConfig) as a tensor-parallel rank loads them."""
+    from corral.loading import load_config, parse_rope_scaling, resolve_source
+
+    src = resolve_source(config.model, config.revision, weights=True)
+    rope = config.rope_scaling
+    if isinstance(rope, str):
+        rope = parse_rope_scaling(rope)
+    return src, load_config(src, rope)
+
+
+def engine_max_len(config: EngineConfig, model_config) -> int:
+    """The context length the model is built for (before the KV cache bounds it)."""
+    from corral.model.llama import context_length
+
+    limit = context_length(model_config)
+    return min(config.max_model_len or limit, limit)

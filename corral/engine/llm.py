@@ -142,6 +142,16 @@ class LLM(_Frontend):
     def stats(self) -> EngineStats:
         return self.core.stats()
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (they also exit with this one)."""
+        self.core.close()
+
+    def __enter__(self) -> LLM:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class AsyncLLM(_Frontend):
     """The engine in a background thread; `async for out in engine.stream(prompt, params)`.
@@ -251,6 +261,9 @@ class AsyncLLM(_Frontend):
         """None while the engine thread runs; else why it stopped (for /health)."""
         if self._dead is not None:
             return f"the engine stopped after an error: {self._dead!r}"
+        tp = getattr(getattr(self, "core", None), "tp", None)
+        if tp is not None and tp.failed is not None:  # seen by its watchdog, even when idle
+            return f"the engine cannot run: {tp.failed}"
         if not self._thread.is_alive() and not self._stop.is_set():
             return "the engine thread is gone"
         return None
@@ -268,7 +281,10 @@ class AsyncLLM(_Frontend):
         self._stop.set()
         self._commands.put(("wake",))
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if self._thread.is_alive():
+            return False
+        self.core.close()
+        return True
 
     def _check_running(self) -> None:
         if self._dead is not None:
@@ -325,6 +341,7 @@ class AsyncLLM(_Frontend):
             err = EngineDeadError(f"the engine stopped after an error: {e!r}")
             for rid in list(self._streams):
                 self._deliver(rid, err)
+            self.core.close()  # tensor-parallel workers: end the survivors
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 
 from corral.cli_args import (
     add_chat_format_arg,
@@ -13,9 +14,11 @@ from corral.cli_args import (
     add_dtype_arg,
     add_kernel_args,
     add_lora_args,
+    add_parallel_args,
     check_chat_format,
     kernel_kwargs_from_args,
     lora_kwargs_from_args,
+    parallel_kwargs_from_args,
 )
 from corral.errors import CorralError
 from corral.server.config import ServerConfig
@@ -40,6 +43,7 @@ def register(subparsers) -> None:
     eng.add_argument("--kv-cache-memory-gb", type=float, default=None)
     eng.add_argument("--max-num-seqs", type=int, default=None)
     add_kernel_args(eng)
+    add_parallel_args(eng)
     eng.add_argument("--tool-parser", default=None, choices=("hermes", "llama3_json"),
                      help="how tool calls are written and parsed (default: from the chat "
                           "format: llama3 -> llama3_json, others -> hermes)")
@@ -110,13 +114,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
-    """AsyncLLM keyword arguments from the engine and LoRA flags."""
+    """AsyncLLM keyword arguments from the engine, LoRA and parallelism flags."""
     check_chat_format(args.chat_format)
     engine_kw = {k: getattr(args, k) for k in ("dtype", "device", "chat_format", "max_model_len",
                                                "kv_cache_memory_gb", "max_num_seqs")
                  if getattr(args, k) is not None}
     engine_kw.update(kernel_kwargs_from_args(args))
     engine_kw.update(lora_kwargs_from_args(args))
+    engine_kw.update(parallel_kwargs_from_args(args))
     return engine_kw
 
 
@@ -147,7 +152,13 @@ def serve(args: argparse.Namespace) -> int:
             timeout_keep_alive=config.keep_alive_timeout,
             http=h11_with_header_timeout(config.header_timeout)),
             app.state.serving, config.drain_timeout)
+        if engine_kw.get("tensor_parallel_size", 1) > 1:
+            threading.Thread(target=_stop_when_engine_fails, args=(engine, server),
+                             name="corral-tp-supervisor", daemon=True).start()
         server.run()
+        if engine.error is not None and engine_kw.get("tensor_parallel_size", 1) > 1:
+            print(f"corral serve: stopped: {engine.error}", file=sys.stderr, flush=True)
+            return 1
     finally:
         # Join the engine thread between two steps before the interpreter exits: exiting
         # while it is inside a torch kernel aborts the process (SIGABRT).
@@ -157,6 +168,20 @@ def serve(args: argparse.Namespace) -> int:
             sys.stderr.flush()
             os._exit(1)
     return 0
+
+
+def _stop_when_engine_fails(engine, server, interval: float = 0.5) -> None:
+    """Tensor parallelism: a lost rank cannot be replaced in place, so end the server (a
+    supervisor restarts it) rather than answer 503 forever. /health says why meanwhile."""
+    import time
+
+    while not server.should_exit:
+        reason = engine.error
+        if reason is not None:
+            logging.getLogger("corral.server").error("stopping the server: %s", reason)
+            server.should_exit = True
+            return
+        time.sleep(interval)
 
 
 def _setup_logging() -> None:
