@@ -177,7 +177,7 @@ def load_client(port: int, model: str, n_requests: int = 96, streams: int = 32,
 def serve_corral(path: Path, threads: int) -> float:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "corral", "serve", "--model", str(path),
+    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "--model", str(path),
                              "--host", "127.0.0.1", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
