@@ -93,18 +93,29 @@ def make_files(shapes: list[str], types: list[str], have_quantize: bool) -> dict
               "kv_heads": kv, "tie": tie, "context": 4096}
         f16 = FILES / f"{shape}-f16.gguf"
         for t in types:
-            path = FILES / f"{shape}-{t.lower()}.gguf"
+            # files from Corral's writer get their own names: a later run with llama-quantize
+            # must not pick them up as llama.cpp's quantization
+            path = FILES / f"{shape}-{t.lower()}{'' if have_quantize else '-corral'}.gguf"
+            part = path.with_suffix(".part")  # renamed into place once complete
             if not path.exists():
                 if have_quantize:
                     if not f16.exists():
                         print(f"writing {f16.name} ...", flush=True)
-                        write_llama_gguf(f16, types="F16", **kw)
-                    subprocess.run([str(tool("llama-quantize")), str(f16), str(path), t],
-                                   check=True, env=llama_env(), capture_output=True)
+                        write_llama_gguf(f16.with_suffix(".part"), types="F16", **kw)
+                        f16.with_suffix(".part").rename(f16)
+                    print(f"llama-quantize {f16.name} -> {path.name} ...", flush=True)
+                    q = subprocess.run([str(tool("llama-quantize")), str(f16), str(part), t],
+                                       env=llama_env(), capture_output=True, text=True,
+                                       check=False)
+                    if q.returncode:
+                        sys.exit(f"llama-quantize failed:\n{q.stderr[-2000:]}")
                 else:
+                    print(f"writing {path.name} (Corral's writer: no llama-quantize) ...",
+                          flush=True)
                     mix = (lambda n: "Q6_K" if ("attn_v" in n or "ffn_down" in n
                                                 or "output" in n) else "Q4_K")
-                    write_llama_gguf(path, types=mix if t == "Q4_K_M" else t, **kw)
+                    write_llama_gguf(part, types=mix if t == "Q4_K_M" else t, **kw)
+                part.rename(path)
             out[f"{shape}-{t.lower()}"] = path
         if f16.exists() and shape == "7b":
             f16.unlink()  # 13 GB: keep only the quantized files
@@ -120,7 +131,8 @@ from corral import SamplingParams
 from corral.engine.config import EngineConfig
 from corral.engine.core import EngineCore
 t1 = time.perf_counter()
-core = EngineCore(EngineConfig(model=sys.argv[1], max_model_len=1024, kv_cache_memory_gb=0.5))
+# KV for 1024 tokens, as llama-server -c 1024
+core = EngineCore(EngineConfig(model=sys.argv[1], max_model_len=1024, num_kv_blocks=64))
 t2 = time.perf_counter()
 rss_loaded = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status")
                   if x.startswith("VmRSS"))
