@@ -117,8 +117,14 @@ def test_cli_gguf_equals_dequantized_reference(mixed_gguf, tmp_path, capsys, mon
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from corral.cli import main
+    from corral.loading import cache_root
+    from corral.model import gguf_kernels as gk
 
-    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "cache"))
+    assert gk.load_library() is not None  # built once into the usual cache, shared below
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "kernels").symlink_to(cache_root() / "kernels", target_is_directory=True)
+    monkeypatch.setenv("CORRAL_CACHE_DIR", str(cache))  # the file's metadata goes here
     words = ["the", "a", "river", "stone", "light", "north", "paper", "seven", "quiet", "over"]
     text = " ".join(np.random.default_rng(5).choice(words, 400))
     src = tmp_path / "text.txt"
