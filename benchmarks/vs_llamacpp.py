@@ -405,6 +405,7 @@ def main() -> None:
     only = [n for n in args.only.split(",") if n]
     if only:  # write only the files asked for
         shapes = [s for s in shapes if any(n.startswith(s + "-") for n in only)]
+        types = [t for t in types if any(n.endswith("-" + t.lower()) for n in only)]
     use_quantize = tool("llama-quantize").exists() and args.writer != "corral"
     if args.writer == "llama-quantize" and not use_quantize:
         sys.exit("--writer llama-quantize: llama-quantize is missing (run with --install)")
