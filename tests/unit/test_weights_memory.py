@@ -116,28 +116,34 @@ print(json.dumps({{"base": base, "peak": status("VmHWM"), "kv": kv_bytes(core),
     assert sum(files.values()) < 16 * 2**20, files  # SmolLM2's tokenizer.json is ~2 MB
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+@pytest.fixture(scope="module")
 def hf_folder(request, tmp_path_factory, default_folder):
-    """A random fp32 HF Llama (~160-260 MB of safetensors) with SmolLM2's tokenizer."""
+    """A random fp32 HF Llama (~290-390 MB of safetensors: a dense copy must stand out from
+    the tokenizer's ~50 MiB and allocator slack) with SmolLM2's tokenizer."""
     from transformers import AutoTokenizer
 
     from tests.conftest import save_tiny_model, tiny_config
 
     path = tmp_path_factory.mktemp("hf-quant")
-    cfg = tiny_config(hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+    cfg = tiny_config(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=49152,
                       max_position_embeddings=512, tie_word_embeddings=request.param)
     save_tiny_model(path, cfg, seed=1)
     AutoTokenizer.from_pretrained(default_folder).save_pretrained(path)
-    if not request.param:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "known gap: with an untied lm_head, --quantize leaves embed_tokens a dense fp32 "
-            "view of the memory-mapped safetensors, which keeps the mapping and every page "
-            "read from it resident (corral/model/quantize.py quantizes only the Linears)")))
     return path
 
 
-@pytest.mark.parametrize("kind,bits", [("q8_0", 8.5), ("q4_0", 4.5)])
+UNTIED_GAP = pytest.mark.xfail(strict=True, reason=(
+    "known gap: with an untied lm_head, --quantize leaves embed_tokens a dense fp32 view of the "
+    "memory-mapped safetensors, which keeps the mapping and every page read from it resident "
+    "(corral/model/quantize.py quantizes only the Linears)"))
+
+
+@pytest.mark.parametrize("hf_folder,kind,bits", [
+    pytest.param(True, "q8_0", 8.5, id="tied-q8_0"),
+    pytest.param(True, "q4_0", 4.5, id="tied-q4_0"),
+    pytest.param(False, "q8_0", 8.5, id="untied-q8_0", marks=UNTIED_GAP),
+], indirect=["hf_folder"])
 def test_quantize_at_load_keeps_no_dense_copy(hf_folder, kind, bits):
     """Resident memory once loaded (VmRSS, not the peak: the dense weights are read to be
     packed, one layer at a time) grows by the packed weights + KV + the tokenizer."""
@@ -154,5 +160,6 @@ print(json.dumps({{"base": base, "rss": status("VmRSS"), "kv": kv_bytes(core),
     packed = dense / 32 * bits  # fp32 -> bits per weight (the scale included)
     assert res["weights"].startswith(f"{kind.upper()} (quantized at load, no dense copy)")
     grown = res["rss"] - res["base"]
+    # a resident dense copy would add the whole file (>= 290 MB) on top of the packed weights
     assert grown < packed * 1.3 + res["kv"] + SLACK, (grown / 2**20, packed / 2**20)
-    assert sum(res["dense"].values()) < 10_000, res["dense"]  # norms only
+    assert max(res["dense"].values()) <= 512, res["dense"]  # norms only
