@@ -246,6 +246,45 @@ def serve_corral(path: Path, threads: int, load: dict) -> dict:
         stop(proc)
 
 
+CORRAL_PPL_IDS = r"""
+import json, sys
+from corral.engine.llm import LLM
+from corral.eval.perplexity import perplexity_of_ids, tokenizer_adds_bos
+n_ctx, chunks = int(sys.argv[3]), int(sys.argv[4])
+ids = json.load(open(sys.argv[2]))
+llm = LLM(sys.argv[1], max_model_len=n_ctx + 1)
+bos = llm.tokenizer.bos_token_id if tokenizer_adds_bos(llm.tokenizer) else None
+r = perplexity_of_ids(llm, ids, n_ctx, bos, chunks, batch=max(1, 2048 // n_ctx))
+print(json.dumps({"ppl": r.ppl, "stderr": r.stderr, "chunks": r.chunks,
+                  "scored_tokens": r.scored_tokens, "text_tokens": r.text_tokens}))
+"""
+
+
+def llama_token_ids(path: Path, text: Path) -> list[int]:
+    """The text as llama.cpp tokenizes it (llama-tokenize; BOS as llama-perplexity adds it)."""
+    out = subprocess.run([str(tool("llama-tokenize")), "-m", str(path), "-f", str(text), "--ids",
+                          "--log-disable"], capture_output=True, text=True, env=llama_env(),
+                         check=False)
+    if out.returncode:
+        raise RuntimeError(f"llama-tokenize failed on {path.name}:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def corral_ppl_on_ids(path: Path, ids: list[int], threads: int, n_ctx: int,
+                      chunks: int) -> dict:
+    """Corral's perplexity on llama.cpp's token ids: the same chunks exactly, so only the
+    model's numerics differ (the two tokenizers can split some text differently)."""
+    ids_file = FILES / "ppl-ids.json"
+    ids_file.write_text(json.dumps(ids))
+    out = subprocess.run([sys.executable, "-c", CORRAL_PPL_IDS, str(path), str(ids_file),
+                          str(n_ctx), str(chunks)], capture_output=True, text=True,
+                         env=corral_env(threads), check=False)
+    if out.returncode:
+        raise RuntimeError(f"Corral perplexity on ids failed on {path.name}:\n"
+                           f"{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def corral_ppl(path: Path, text: Path, threads: int, n_ctx: int, chunks: int) -> dict:
     out = subprocess.run([sys.executable, "-m", "corral.cli", "eval", "--perplexity", str(text),
                           "--model", str(path), "--context", str(n_ctx), "--chunks", str(chunks),
@@ -332,6 +371,14 @@ def ppl_text() -> tuple[Path, str]:
     return path, hashlib.sha256(text.encode()).hexdigest()
 
 
+def _same_tokens(path: Path, text: Path, ids: list[int]) -> bool:
+    sys.path.insert(0, str(ROOT))
+    from corral.loading import load_tokenizer, resolve_source
+
+    tok = load_tokenizer(resolve_source(str(path), weights=False))
+    return tok.encode(text.read_text(encoding="utf-8")) == ids
+
+
 def ratios(c: dict, ll: dict) -> dict:
     """>1: Corral better (speed: Corral / llama.cpp; time and memory: llama.cpp / Corral)."""
     out = {}
@@ -355,6 +402,9 @@ def describe(name: str, r: dict) -> str:
         line += f", {r['streams']} streams {c['serve32_tok_s']:.1f} tok/s"
     if "ppl" in c:
         line += f", PPL {c['ppl']['ppl']:.4f} +/- {c['ppl']['stderr']:.4f}"
+    if "ppl_own_tokens" in c:
+        line += (f" on llama.cpp's tokens ({c['ppl_own_tokens']['ppl']:.4f} on its own; "
+                 f"tokenizers agree: {r.get('tokenizers_agree')})")
     if "llamacpp" in r:
         ll = r["llamacpp"]
         line += (f"\n    llama.cpp decode {ll.get('decode_tok_s', 0):.1f}, prefill "
@@ -438,6 +488,12 @@ def main() -> None:
             if not args.skip_llamacpp:
                 r["llamacpp"]["ppl"] = llama_ppl(path, text, args.threads, args.ppl_context,
                                                  args.ppl_chunks)
+                ids = llama_token_ids(path, text)
+                r["corral"]["ppl_own_tokens"] = r["corral"]["ppl"]  # Corral's tokenizer
+                r["corral"]["ppl"] = corral_ppl_on_ids(path, ids, args.threads,
+                                                       args.ppl_context, args.ppl_chunks)
+                own = r["corral"]["ppl_own_tokens"]["text_tokens"]
+                r["tokenizers_agree"] = own == len(ids) and _same_tokens(path, text, ids)
         if "llamacpp" in r:
             r["ratio"] = ratios(r["corral"], r["llamacpp"])
         results[name] = r
