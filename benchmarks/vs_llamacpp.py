@@ -16,7 +16,8 @@ llama-server for llama.cpp; a fresh Corral process each), and 32 concurrent stre
 `corral serve` vs `llama-server --parallel 32` with one shared client (96 requests x 64
 tokens). Perplexity anchor: `llama-perplexity` and `corral eval --perplexity` on the same file
 and text (README.md + docs/*.md of this checkout, concatenated; its sha256 is in the JSON),
-n_ctx 512, the same chunks; the target is within 1 %. Only SmolLM2 (real weights) makes that
+n_ctx 512, the same chunks (Corral scored on llama.cpp's token ids from `llama-tokenize`,
+its own tokenization reported beside); the target is within 1 %. Only SmolLM2 (real weights) makes that
 a strong check: a random-weight model predicts nearly uniformly (PPL near the vocabulary size),
 which any implementation matches. Prints the ratios and ends with one JSON line (also written
 to --json-out). Timings on a shared machine are noisy.
