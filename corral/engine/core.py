@@ -272,8 +272,10 @@ class EngineCore:
         if self.config.quantization:  # checked by _check_quantization
             from corral.model.quantize import attach_quantized
 
-            return attach_quantized(self.model, self.config.quantization,
+            desc = attach_quantized(self.model, self.config.quantization,
                                     math=self.config.gguf_math)
+            _release_freed_memory()  # the dense weights just dropped, not kept by malloc
+            return desc
         if src.gguf and self.config.gguf_kernels and self.device.type == "cpu" \
                 and self.dtype == torch.float32:
             return f"{dense} (GGUF kernels unavailable)"
@@ -699,6 +701,18 @@ class EngineCore:
             prompt_lp = [None] + list(first.prompt_logprobs)
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outputs, finished,
                              prompt_lp, req.metrics, req.error)
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the OS (glibc keeps freed heap pages, here
+    ~30 % of a model's dense weights after quantization at load); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _describe(e: BaseException) -> str:

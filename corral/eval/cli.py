@@ -14,7 +14,12 @@ accuracy (references or multiple choice by log-likelihood) and, with --judge, an
 1-10 score. Writes answers.jsonl, summary.json, report.md and report.html into --output;
 re-running into the same folder asks only what is missing.
 
-Compare two runs (before/after tuning): corral eval compare RUN_A RUN_B [--output DIR]"""
+Compare two runs (before/after tuning): corral eval compare RUN_A RUN_B [--output DIR]
+
+Perplexity of a text file, chunked as llama.cpp's llama-perplexity does (non-overlapping
+chunks of --context tokens, BOS first where the tokenizer adds one, the second half of each
+chunk scored): corral eval --perplexity FILE --model MODEL [--context 512] [--chunks N]
+[--json OUT]"""
 
 
 def register(subparsers) -> None:
@@ -47,6 +52,15 @@ def register(subparsers) -> None:
                    help="requests in flight against an endpoint (default 8)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="questions per batch (saved after each; default 32)")
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--perplexity", type=Path, default=None, metavar="FILE",
+                   help="compute the model's perplexity on this UTF-8 text file instead")
+    g.add_argument("--context", type=int, default=512, metavar="N",
+                   help="tokens per chunk (llama-perplexity's -c; default 512)")
+    g.add_argument("--chunks", type=int, default=None, metavar="N",
+                   help="score only the first N chunks (llama-perplexity's --chunks)")
+    g.add_argument("--json", type=Path, default=None, metavar="OUT",
+                   help="also write the result as JSON to this file ('-': stdout)")
     add_model_args(p)
     add_sampling_args(p)
     # Evals should be reproducible: greedy unless asked otherwise.
@@ -56,6 +70,8 @@ def register(subparsers) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.compare:
         return cmd_compare(args)
+    if args.perplexity is not None:
+        return cmd_perplexity(args)
     from corral.cli_args import engine_kwargs_from_args, sampling_params_from_args
     from corral.eval.backends import open_backend
     from corral.eval.data import load_questions
@@ -91,6 +107,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        judge_max_tokens=args.judge_max_tokens, batch_size=args.batch_size)
     print_summary(summary)
     print(f"wrote {args.output}/answers.jsonl, summary.json, report.md, report.html")
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from corral.cli_args import engine_kwargs_from_args
+    from corral.engine.llm import LLM
+    from corral.eval.perplexity import perplexity
+
+    if args.context < 4:
+        raise CorralError(f"--context must be at least 4, got {args.context}")
+    if args.chunks is not None and args.chunks < 1:
+        raise CorralError(f"--chunks must be at least 1, got {args.chunks}")
+    try:
+        text = args.perplexity.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorralError(f"cannot read {args.perplexity}: {e}") from None
+    kwargs = engine_kwargs_from_args(args)
+    if kwargs.get("max_model_len") is None:
+        kwargs["max_model_len"] = args.context + 1  # a chunk plus the one token generate adds
+    llm = LLM(**kwargs)
+    log = sys.stderr if args.json is not None and str(args.json) == "-" else sys.stdout
+    print(f"perplexity: {args.perplexity}, n_ctx={args.context}, model {args.model} "
+          f"({llm.info.get('weights', '')})", file=log, flush=True)
+    res = perplexity(llm, text, n_ctx=args.context, max_chunks=args.chunks,
+                     batch=max(1, 2048 // args.context),
+                     progress=lambda s: print(s, end="", file=log, flush=True))
+    print(file=log)
+    print(f"{res.chunks} chunks, {res.scored_tokens} tokens scored of {res.text_tokens}, "
+          f"{res.seconds:.1f} s", file=log)
+    print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.stderr:.5f}", file=log, flush=True)
+    if args.json is not None:
+        out = json.dumps({"file": str(args.perplexity), "model": args.model, **res.to_dict()})
+        if str(args.json) == "-":
+            print(out)
+        else:
+            args.json.write_text(out + "\n")
     return 0
 
 

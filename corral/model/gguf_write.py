@@ -56,6 +56,7 @@ def write_llama_gguf(path: Path, hidden: int, intermediate: int, layers: int, he
     """A random Llama GGUF with SmolLM2's tokenizer. `types(name)` gives each 2-D weight's
     ggml type (a string means one type for all); norms are F32 ones."""
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import quant_shape_to_byte_shape
 
     from corral.models import smollm2_gguf_path
 
@@ -81,33 +82,42 @@ def write_llama_gguf(path: Path, hidden: int, intermediate: int, layers: int, he
             sub = field.types[1] if vtype == GGUFValueType.ARRAY else None
             writer.add_key_value(key, field.contents(), vtype, sub)
 
-    def add(name: str, shape: tuple[int, int], kind: str) -> None:
-        data = tensor_bytes(kind, shape, rng, std)
-        # uint8 block data: gguf takes its byte shape and the type; F32/F16 arrays carry both
-        writer.add_tensor(name, data, raw_dtype=None if kind in ("F32", "F16") else
-                          GGMLQuantizationType[kind])
-
-    def norm(name: str) -> None:
-        writer.add_tensor(name, np.ones(hidden, np.float32))  # 1-D, as converters write them
-
+    # Tensor infos first, then each tensor's data made and written one at a time (in the same
+    # order, so the same random stream): a 7B file never sits in memory whole.
+    plan: list[tuple[str, tuple[int, int] | None, str]] = []
     hd = hidden // heads
-    add("token_embd.weight", (VOCAB, hidden), pick("token_embd.weight"))
+    plan.append(("token_embd.weight", (VOCAB, hidden), pick("token_embd.weight")))
     for i in range(layers):
         b = f"blk.{i}."
-        norm(b + "attn_norm.weight")
-        norm(b + "ffn_norm.weight")
+        plan += [(b + "attn_norm.weight", None, "F32"), (b + "ffn_norm.weight", None, "F32")]
         for name, shape in (("attn_q", (heads * hd, hidden)), ("attn_k", (kv_heads * hd, hidden)),
                             ("attn_v", (kv_heads * hd, hidden)),
                             ("attn_output", (hidden, heads * hd)),
                             ("ffn_gate", (intermediate, hidden)), ("ffn_up", (intermediate, hidden)),
                             ("ffn_down", (hidden, intermediate))):
-            add(f"{b}{name}.weight", shape, pick(f"{b}{name}.weight"))
-    norm("output_norm.weight")
+            plan.append((f"{b}{name}.weight", shape, pick(f"{b}{name}.weight")))
+    plan.append(("output_norm.weight", None, "F32"))  # norms: 1-D ones, as converters write
     if not tie:
-        add("output.weight", (VOCAB, hidden), pick("output.weight"))
+        plan.append(("output.weight", (VOCAB, hidden), pick("output.weight")))
+    for name, shape, kind in plan:
+        if shape is None:
+            writer.add_tensor_info(name, (hidden,), np.dtype(np.float32), 4 * hidden)
+        elif kind in ("F32", "F16"):
+            dt = np.dtype(np.float32 if kind == "F32" else np.float16)
+            writer.add_tensor_info(name, shape, dt, shape[0] * shape[1] * dt.itemsize)
+        else:  # block data: the byte shape and the ggml type
+            qt = GGMLQuantizationType[kind]
+            byte_shape = quant_shape_to_byte_shape(shape, qt)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8),
+                                   byte_shape[0] * byte_shape[1], raw_dtype=qt)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for _name, shape, kind in plan:
+        data = np.ones(hidden, np.float32) if shape is None else tensor_bytes(kind, shape, rng,
+                                                                               std)
+        writer.write_tensor_data(np.ascontiguousarray(data))
+        del data
     writer.close()
     return path
 

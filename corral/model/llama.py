@@ -254,7 +254,11 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], dtype, device, whe
         if tuple(t.shape) != tuple(p.shape):
             raise CorralError(f"{where}: weight {name} has shape {tuple(t.shape)}, the config "
                               f"expects {tuple(p.shape)}")
-        state[name] = t.to(device=device, dtype=dtype)
+        t = t.to(device=device, dtype=dtype)
+        # small tensors (norms, biases) get their own memory: as views of a memory-mapped
+        # safetensors file they would keep the whole mapping, and every page read from it,
+        # alive after quantization at load has dropped the large weights
+        state[name] = t.clone() if t.dim() == 1 else t
     extra = sorted(set(state) - set(expected))
     for name in extra:
         state.pop(name)
