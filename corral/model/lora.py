@@ -354,8 +354,11 @@ class LoRAManager:
         """Order the batch's rows by adapter (in place; decodes stay first, as attention
         needs) and record each adapter's contiguous token ranges; True when any row has one.
         Callers read batch.seqs after this, so sampled rows follow the new order."""
+        # every step starts from nothing: stacked weights and row masks describe one step's
+        # rows, and a base-only step that kept the last ones added their deltas to base rows
+        # (or failed on a mask of the wrong height)
+        self.step.clear()
         if all(s.lora is None for s in batch.seqs):
-            self.step.groups = []
             return False
         rows = sorted(zip(batch.seqs, batch.num_new_tokens),
                       key=lambda r: (r[1] != 1, r[0].lora.id if r[0].lora is not None else 0))
@@ -371,7 +374,7 @@ class LoRAManager:
                     groups.append((self.resident[seq.lora.id][1], pos, pos + n))
             prev = seq.lora
             pos += n
-        self.step.groups, self.step.stacked, self.step.masks = groups, None, {}
+        self.step.groups = groups
         ids = tuple(dict.fromkeys(g[0]["__id__"] for g in groups))
         if len(ids) > 1 and pos <= STACK_MAX_TOKENS:
             self._stack(ids, groups, pos)

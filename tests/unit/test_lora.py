@@ -288,3 +288,40 @@ def test_unload_frees_the_slot_and_reload_is_a_new_adapter(setup):
     while core.has_work():
         core.step()
     assert req.seqs[0].num_cached_tokens == 0  # a reloaded adapter never reuses old K/V
+
+
+def test_base_only_steps_after_a_stacked_step(setup, monkeypatch):
+    """The stacked path's per-step state (stacked weights and row masks) belongs to one step:
+    a base-only step right after a stacked multi-adapter decode must not see it. Before the
+    fix `set_step` returned early for all-base batches and left the last masks in place, so a
+    base step of the same token count silently got adapter deltas, and one of another size
+    failed on a mask of the old step's rows (what benchmarks/lora_throughput.py hit: 4-row
+    mask, 48-token base prefill right after the adapters' warm-up)."""
+    import corral.model.lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "STACK_MAX_TOKENS", 64)
+    base_dir, a_dir, b_dir = setup
+    core = EngineCore(EngineConfig(model=str(base_dir), block_size=8,
+                                   lora_modules={"a": str(a_dir), "b": str(b_dir)}))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    def run(jobs):
+        outs = {}
+        for rid, prompt, lora in jobs:
+            core.add_request(rid, prompt, params, lora=lora)
+        while core.has_work():
+            for o in core.step():
+                if o.finished:
+                    outs[o.request_id] = o.outputs[0].token_ids
+        return outs
+
+    run([("x", list(range(5, 14)), "a"), ("y", list(range(20, 27)), "b")])
+    assert core.lora.step.stacked is not None  # the last step (2 decodes) ran stacked
+    # two one-token prompts: a 2-token base step, the stale masks' shape
+    got = run([("p", [7], None), ("q", [9], None)])
+    assert got["p"] == peft_greedy(base_dir, None, [7], 3)
+    assert got["q"] == peft_greedy(base_dir, None, [9], 3)
+    run([("x2", list(range(5, 14)), "a"), ("y2", list(range(20, 27)), "b")])
+    prompt = list(range(30, 52))  # a 22-token base prefill after a 2-row stacked step
+    assert run([("z", prompt, None)])["z"] == peft_greedy(base_dir, None, prompt, 3)
+    assert core.lora.step.stacked is None and not core.lora.step.groups
