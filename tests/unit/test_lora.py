@@ -74,6 +74,15 @@ def test_mixed_batch_matches_peft(setup, stack_max, monkeypatch):
                                                                       "b": str(b_dir)},
                                    max_num_batched_tokens=48, block_size=8))
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    paths = []  # per step with adapters: (stacked decode rows?, range groups?)
+    set_step = core.lora.set_step
+
+    def spy(batch):
+        out = set_step(batch)
+        paths.append((core.lora.step.stacked is not None, bool(core.lora.step.groups)))
+        return out
+
+    core.lora.set_step = spy
     done: dict[str, list[int]] = {}
     pending = list(enumerate(zip(prompts, loras)))
     step = 0
@@ -86,6 +95,10 @@ def test_mixed_batch_matches_peft(setup, stack_max, monkeypatch):
                 done[out.request_id] = out.outputs[0].token_ids
         step += 1
     assert core.bm.prefix_cache_hit_rate > 0  # same-adapter requests shared the system prompt
+    if stack_max:  # stacked decodes alone, and next to prefill chunks on the range path
+        assert (True, False) in paths and (True, True) in paths
+    else:
+        assert not any(stacked for stacked, _ in paths)
     dirs = {None: None, "a": a_dir, "b": b_dir}
     for i, (p, lr) in enumerate(zip(prompts, loras)):
         assert done[f"r{i}"] == peft_greedy(base_dir, dirs[lr], p, n), (i, lr)
