@@ -338,3 +338,37 @@ def test_base_only_steps_after_a_stacked_step(setup, monkeypatch):
     prompt = list(range(30, 52))  # a 22-token base prefill after a 2-row stacked step
     assert run([("z", prompt, None)])["z"] == peft_greedy(base_dir, None, prompt, 3)
     assert core.lora.step.stacked is None and not core.lora.step.groups
+
+
+def test_cli_generate_and_eval_take_lora(tmp_path, capsys, default_folder):
+    """`corral generate --lora NAME=PATH` answers under the adapter (the same text as the
+    Python API's LoRARequest, not the base's); eval refuses --lora with --endpoint."""
+    from transformers import AutoTokenizer
+
+    from corral.cli import main
+
+    base_dir, _ = save_tiny_model(tmp_path / "base", tiny_config(max_position_embeddings=256,
+                                                                 vocab_size=49152), seed=6)
+    AutoTokenizer.from_pretrained(default_folder).save_pretrained(base_dir)
+    a_dir = make_adapter(base_dir, tmp_path / "zh", ALL, r=8, seed=7)
+
+    def cli(*extra):
+        argv = ["generate", "--raw", "hello there", "--model", str(base_dir), "--temperature",
+                "0", "--max-new-tokens", "6", *extra]
+        assert main(argv) == 0
+        return capsys.readouterr().out.strip()
+
+    llm = LLM(model=str(base_dir), enable_lora=True)
+    params = SamplingParams(temperature=0, max_tokens=6)
+
+    def api(lora):
+        return llm.generate(["hello there"], params, use_tqdm=False,
+                            lora=lora)[0].outputs[0].text.strip()
+
+    tuned = api(LoRARequest("zh", str(a_dir)))
+    assert tuned != api(None)
+    assert cli("--lora", f"zh={a_dir}") == tuned
+    assert cli() == api(None)
+    rc = main(["eval", "--endpoint", "http://127.0.0.1:9/v1", "--lora", f"zh={a_dir}",
+               "--output", str(tmp_path / "ev")])
+    assert rc != 0 and "--lora applies to a local model" in capsys.readouterr().err
