@@ -10,7 +10,9 @@ output tokens/s for both, the ratio (target >= 0.8x), the adapter memory per ran
 JSON line. Prefix caching is off, so every run computes the same prompts (the runs repeat
 the same workload, and cache hits left by one run would flatter the next). On a shared
 machine wall time swings with the other load; the process CPU seconds per useful token
-(also printed, with the load average) is the steadier comparison.
+(also printed, with the load average) is the steadier comparison. With the GGUF kernels on
+2 cores, run it with OMP_WAIT_POLICY=PASSIVE too: torch's and the kernels' OpenMP pools
+otherwise spin against each other, which costs the adapters' extra torch ops most (README).
 """
 
 from __future__ import annotations
