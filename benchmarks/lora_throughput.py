@@ -7,7 +7,12 @@ same engine, same run.
 The adapters are random PEFT folders (rank --rank on all seven projections) written to a
 temporary folder and loaded through the same path as `corral serve --lora`. Prints useful
 output tokens/s for both, the ratio (target >= 0.8x), the adapter memory per rank, and one
-JSON line.
+JSON line. Prefix caching is off, so every run computes the same prompts (the runs repeat
+the same workload, and cache hits left by one run would flatter the next). On a shared
+machine wall time swings with the other load; the process CPU seconds per useful token
+(also printed, with the load average) is the steadier comparison. With the GGUF kernels on
+2 cores, run it with OMP_WAIT_POLICY=PASSIVE too: torch's and the kernels' OpenMP pools
+otherwise spin against each other, which costs the adapters' extra torch ops most (README).
 """
 
 from __future__ import annotations
@@ -50,6 +55,14 @@ def write_adapter(folder: Path, config, rank: int, seed: int) -> None:
          "bias": "none", "task_type": "CAUSAL_LM"}))
 
 
+def timed_run(core, work, loras=None) -> dict:
+    """corral_run plus the process CPU seconds it took (all threads)."""
+    c0 = time.process_time()
+    r = corral_run(core, work, loras)
+    r["cpu_s"] = time.process_time() - c0
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -83,7 +96,8 @@ def main() -> None:
         core = EngineCore(EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype,
             max_model_len=plen[1] + olen[1] + 16, max_loras=args.num_adapters,
-            max_lora_rank=args.rank, lora_modules={nm: str(Path(tmp) / nm) for nm in names}))
+            max_lora_rank=args.rank, enable_prefix_caching=False,
+            lora_modules={nm: str(Path(tmp) / nm) for nm in names}))
         load_s = time.perf_counter() - t
     vocab = core.model_config.vocab_size
     work = make_workload(n, plen, olen, vocab, args.seed)
@@ -96,19 +110,26 @@ def main() -> None:
     # base-only and adapters alternate, so drift on a shared machine hits both alike
     spread = [names[i % len(names)] for i in range(n)]
     base_runs, lora_runs = [], []
+    load = [os.getloadavg()[0]]
     for _ in range(max(1, args.repeats)):
-        base_runs.append(corral_run(core, work))
-        lora_runs.append(corral_run(core, work, spread))
+        base_runs.append(timed_run(core, work))
+        lora_runs.append(timed_run(core, work, spread))
+        load.append(os.getloadavg()[0])
     base = max(base_runs, key=lambda r: r["useful_tokens_per_s"])
     lora = max(lora_runs, key=lambda r: r["useful_tokens_per_s"])
     ratio = lora["useful_tokens_per_s"] / base["useful_tokens_per_s"]
+    cpu_ratio = (min(r["cpu_s"] for r in base_runs) / min(r["cpu_s"] for r in lora_runs))
     per_rank = bytes_per_rank(core.model_config, core.dtype)
     resident = [a for a in core.lora.adapters.values()]
     actual = sum(a.nbytes for a in resident) / len(resident) / args.rank
     for label, r in (("base only", base), (f"{args.num_adapters} adapters", lora)):
         print(f"{label:>11}: {r['useful_tokens_per_s']:8.1f} useful tok/s  ({r['seconds']:.1f}s)  "
               f"TTFT p50 {r['ttft_s']['p50']:.2f}s  ITL p50 {r['itl_s']['p50'] * 1e3:.1f}ms")
-    print(f"ratio adapters / base: {ratio:.2f}x (target >= 0.8x)")
+    print(f"ratio adapters / base: {ratio:.2f}x wall (target >= 0.8x), {cpu_ratio:.2f}x by "
+          f"process CPU time; runs: base {[round(r['useful_tokens_per_s'], 1) for r in base_runs]}"
+          f", adapters {[round(r['useful_tokens_per_s'], 1) for r in lora_runs]} tok/s; "
+          f"1-min load average {' -> '.join(f'{x:.1f}' for x in load)} "
+          f"on {os.cpu_count()} cores")
     print(f"adapter memory per rank: {per_rank / 2**20:.2f} MiB (A+B of all 7 projections), "
           f"{actual / 2**20:.2f} MiB as held (fused q/k/v and gate/up B block-diagonal); "
           f"rank {args.rank}: {actual * args.rank / 2**20:.1f} MiB per adapter")
@@ -116,6 +137,7 @@ def main() -> None:
                       "dtype": core.info["dtype"], "requests": n, "prompt_len": plen,
                       "output_len": olen, "adapters": args.num_adapters, "rank": args.rank,
                       "base": base, "lora": lora, "ratio": ratio,
+                      "cpu_ratio": cpu_ratio, "load_avg": load,
                       "bytes_per_rank": per_rank, "held_bytes_per_rank": actual,
                       "hardware": hardware()}))
 

@@ -87,6 +87,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     if args.endpoint:
+        if args.lora:
+            raise CorralError("--lora applies to a local model; with --endpoint pick the "
+                              "server's adapter with --model NAME")
         served = args.model if args.model != "default" else None
         backend = open_backend(args.endpoint, endpoint=True, api_key=api_key,
                                endpoint_model=served, concurrency=args.concurrency)
@@ -95,8 +98,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         backend = open_backend(kwargs.pop("model"), endpoint=False, engine_kwargs=kwargs)
     judge = None
     if args.judge:
-        if not args.endpoint and args.judge == args.model:
-            judge = backend  # one model in memory, not two
+        if not args.endpoint and args.judge == args.model and not args.lora:
+            judge = backend  # one model in memory, not two (under --lora: the base judges)
         else:
             is_url = args.judge.startswith(("http://", "https://"))
             judge = open_backend(args.judge, endpoint=is_url, api_key=api_key,

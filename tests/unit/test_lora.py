@@ -74,6 +74,15 @@ def test_mixed_batch_matches_peft(setup, stack_max, monkeypatch):
                                                                       "b": str(b_dir)},
                                    max_num_batched_tokens=48, block_size=8))
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    paths = []  # per step with adapters: (stacked decode rows?, range groups?)
+    set_step = core.lora.set_step
+
+    def spy(batch):
+        out = set_step(batch)
+        paths.append((core.lora.step.stacked is not None, bool(core.lora.step.groups)))
+        return out
+
+    core.lora.set_step = spy
     done: dict[str, list[int]] = {}
     pending = list(enumerate(zip(prompts, loras)))
     step = 0
@@ -86,6 +95,10 @@ def test_mixed_batch_matches_peft(setup, stack_max, monkeypatch):
                 done[out.request_id] = out.outputs[0].token_ids
         step += 1
     assert core.bm.prefix_cache_hit_rate > 0  # same-adapter requests shared the system prompt
+    if stack_max:  # stacked decodes alone, and next to prefill chunks on the range path
+        assert (True, False) in paths and (True, True) in paths
+    else:
+        assert not any(stacked for stacked, _ in paths)
     dirs = {None: None, "a": a_dir, "b": b_dir}
     for i, (p, lr) in enumerate(zip(prompts, loras)):
         assert done[f"r{i}"] == peft_greedy(base_dir, dirs[lr], p, n), (i, lr)
@@ -288,3 +301,137 @@ def test_unload_frees_the_slot_and_reload_is_a_new_adapter(setup):
     while core.has_work():
         core.step()
     assert req.seqs[0].num_cached_tokens == 0  # a reloaded adapter never reuses old K/V
+
+
+def test_base_only_steps_after_a_stacked_step(setup, monkeypatch):
+    """The stacked path's per-step state (stacked weights and row masks) belongs to one step:
+    a base-only step right after a stacked multi-adapter decode must not see it. Before the
+    fix `set_step` returned early for all-base batches and left the last masks in place, so a
+    base step of the same token count silently got adapter deltas, and one of another size
+    failed on a mask of the old step's rows (what benchmarks/lora_throughput.py hit: 4-row
+    mask, 48-token base prefill right after the adapters' warm-up)."""
+    import corral.model.lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "STACK_MAX_TOKENS", 64)
+    base_dir, a_dir, b_dir = setup
+    core = EngineCore(EngineConfig(model=str(base_dir), block_size=8,
+                                   lora_modules={"a": str(a_dir), "b": str(b_dir)}))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    def run(jobs):
+        outs = {}
+        for rid, prompt, lora in jobs:
+            core.add_request(rid, prompt, params, lora=lora)
+        while core.has_work():
+            for o in core.step():
+                if o.finished:
+                    outs[o.request_id] = o.outputs[0].token_ids
+        return outs
+
+    run([("x", list(range(5, 14)), "a"), ("y", list(range(20, 27)), "b")])
+    assert core.lora.step.stacked is not None  # the last step (2 decodes) ran stacked
+    # two one-token prompts: a 2-token base step, the stale masks' shape
+    got = run([("p", [7], None), ("q", [9], None)])
+    assert got["p"] == peft_greedy(base_dir, None, [7], 3)
+    assert got["q"] == peft_greedy(base_dir, None, [9], 3)
+    run([("x2", list(range(5, 14)), "a"), ("y2", list(range(20, 27)), "b")])
+    prompt = list(range(30, 52))  # a 22-token base prefill after a 2-row stacked step
+    assert run([("z", prompt, None)])["z"] == peft_greedy(base_dir, None, prompt, 3)
+    assert core.lora.step.stacked is None and not core.lora.step.groups
+
+
+def test_cli_generate_and_eval_take_lora(tmp_path, capsys, default_folder):
+    """`corral generate --lora NAME=PATH` answers under the adapter (the same text as the
+    Python API's LoRARequest, not the base's); eval refuses --lora with --endpoint."""
+    from transformers import AutoTokenizer
+
+    from corral.cli import main
+
+    base_dir, _ = save_tiny_model(tmp_path / "base", tiny_config(max_position_embeddings=256,
+                                                                 vocab_size=49152), seed=6)
+    AutoTokenizer.from_pretrained(default_folder).save_pretrained(base_dir)
+    a_dir = make_adapter(base_dir, tmp_path / "zh", ALL, r=8, seed=7)
+
+    def cli(*extra):
+        argv = ["generate", "--raw", "hello there", "--model", str(base_dir), "--temperature",
+                "0", "--max-new-tokens", "6", *extra]
+        assert main(argv) == 0
+        return capsys.readouterr().out.strip()
+
+    llm = LLM(model=str(base_dir), enable_lora=True)
+    params = SamplingParams(temperature=0, max_tokens=6)
+
+    def api(lora):
+        return llm.generate(["hello there"], params, use_tqdm=False,
+                            lora=lora)[0].outputs[0].text.strip()
+
+    tuned = api(LoRARequest("zh", str(a_dir)))
+    assert tuned != api(None)
+    assert cli("--lora", f"zh={a_dir}") == tuned
+    assert cli() == api(None)
+    rc = main(["eval", "--endpoint", "http://127.0.0.1:9/v1", "--lora", f"zh={a_dir}",
+               "--output", str(tmp_path / "ev")])
+    assert rc != 0 and "--lora applies to a local model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mixed_batch_on_the_gguf_default_model_matches_peft(tmp_path, default_folder):
+    """The default model runs on its memory-mapped GGUF blocks (fused qkv and gate/up row
+    tables); base rows and rows of two adapters decode together (stacked decode rows next to
+    range-path prefill chunks), and each request's greedy tokens equal PEFT's on the same
+    GGUF dequantized (as the base alone equals transformers' there)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corral.model.gguf_kernels import GGUFLinear
+
+    def adapter(out, targets, r, seed):
+        base = AutoModelForCausalLM.from_pretrained(default_folder, dtype=torch.float32)
+        torch.manual_seed(seed)
+        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        model.save_pretrained(out)
+        return out
+
+    dirs = {"a": adapter(tmp_path / "a", ALL, 8, 11),
+            "b": adapter(tmp_path / "b", ["q_proj", "v_proj", "up_proj", "down_proj"], 4, 12)}
+    tok = AutoTokenizer.from_pretrained(default_folder)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}],
+                                       add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"]
+               for q in ("What is the capital of France?", "Name three primary colors.",
+                         "Write a haiku about the sea.", "What is 7 times 8?")]
+    loras = ["a", None, "b", "a"]
+    core = EngineCore(EngineConfig(model="default", max_model_len=512,
+                                   lora_modules={k: str(v) for k, v in dirs.items()}))
+    assert core.info["weights"].startswith("GGUF q4_1/q8_0 memory-mapped")
+    assert all(isinstance(m.base, GGUFLinear) for m in core.model.modules()
+               if isinstance(m, LoRALinear))
+    stacked_steps = []
+    set_step = core.lora.set_step
+    core.lora.set_step = lambda b: (set_step(b), stacked_steps.append(
+        core.lora.step.stacked is not None))[0]
+    n = 10
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    done, pending, step = {}, list(enumerate(zip(prompts, loras))), 0
+    while pending or core.has_work():
+        if pending and step % 2 == 0:
+            i, (p, lr) = pending.pop(0)
+            core.add_request(f"r{i}", p, params, lora=lr)
+        for out in core.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        step += 1
+    assert any(stacked_steps)
+    hf = AutoModelForCausalLM.from_pretrained(default_folder, dtype=torch.float32).eval()
+    for i, (p, lr) in enumerate(zip(prompts, loras)):
+        model = hf if lr is None else PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(default_folder, dtype=torch.float32),
+            dirs[lr]).eval()
+        assert done[f"r{i}"] == greedy_hf(model, p, n), (i, lr)
+    # the adapters move the output (so the parity above says something)
+    assert any(done[f"r{i}"] != greedy_hf(hf, prompts[i], n) for i, lr in enumerate(loras) if lr)
