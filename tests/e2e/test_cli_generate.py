@@ -51,7 +51,7 @@ class Pipe:
 def test_chat_repl_commands_history_and_ctrl_c(default_folder):
     from transformers import AutoTokenizer
 
-    proc = subprocess.Popen([*CORRAL, "chat", "--temperature", "0", "--max-new-tokens", "80",
+    proc = subprocess.Popen([*CORRAL, "chat", "--temperature", "0", "--max-new-tokens", "400",
                              "--verbose"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, bufsize=1)
     out, err = Pipe(proc.stdout), Pipe(proc.stderr)
