@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 import uuid
@@ -121,6 +122,10 @@ def run_repl(engine, params: SamplingParams, system: str | None = None,
     Ctrl-C while answering stops that answer (the engine request is aborted) and keeps the
     part already shown in the history; Ctrl-C at the prompt clears the line; Ctrl-D exits.
     """
+    # A parent may hand us SIGINT blocked or ignored (both are inherited across exec: e.g. a
+    # launcher thread's signal mask); Ctrl-C must still stop an answer here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  line editing and history for input()
