@@ -53,3 +53,15 @@ def tiny_model_dir(tmp_path_factory, default_folder):
     save_tiny_model(path, tiny_config(max_position_embeddings=512), seed=0)
     AutoTokenizer.from_pretrained(default_folder).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, default_folder):
+    """A tiny random Llama with SmolLM2's whole tokenizer and vocabulary (tuning tests)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_folder)
+    folder = tmp_path_factory.mktemp("tiny")
+    save_tiny_model(folder, tiny_config(vocab_size=len(tok), max_position_embeddings=256))
+    tok.save_pretrained(folder)
+    return folder

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import save_tiny_model, tiny_config
-
 pytestmark = pytest.mark.slow
 
 DATA = "examples/data/bilingual_sft.jsonl"
@@ -21,17 +19,6 @@ STEPS = 6
 SETTINGS = {"data": DATA, "max_steps": STEPS, "save_steps": 3, "logging_steps": 1,
             "val_split": 0, "max_seq_len": 64, "learning_rate": 1e-2, "lora_dropout": 0.0,
             "seed": 3, "progress": False}
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, default_folder):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_folder)
-    folder = tmp_path_factory.mktemp("tiny")
-    save_tiny_model(folder, tiny_config(vocab_size=len(tok), max_position_embeddings=256))
-    tok.save_pretrained(folder)
-    return folder
 
 
 def flags(settings: dict) -> list[str]:

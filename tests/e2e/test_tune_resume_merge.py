@@ -15,21 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import save_tiny_model, tiny_config
-
 PROMPTS = [[{"role": "user", "content": "中国的首都是哪里？"}],
            [{"role": "user", "content": "What do bees make?"}]]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, default_folder):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_folder)
-    folder = tmp_path_factory.mktemp("tiny")
-    save_tiny_model(folder, tiny_config(vocab_size=len(tok), max_position_embeddings=256))
-    tok.save_pretrained(folder)
-    return folder
 
 
 def corral(*args: str) -> list[str]:
