@@ -3,6 +3,7 @@ every SIMD variant this CPU runs (and the portable build), matmuls (tile kernel 
 panels) against a float64 reference, the variants against each other, files written by the
 `gguf` package read in place (mixed K-quant model logits against transformers' dequantized
 model), unsupported types refused by name, and SmolLM2's greedy output equal to transformers'.
+(The aarch64 builds are checked against the x86 portable build in test_gguf_aarch64.py.)
 
 The int8 path (activations quantized to 8 bits, integer dot products): bit-identical across
 the SIMD variants and the portable build and across step sizes (the small-step and 8-row tile
@@ -150,6 +151,25 @@ def test_packed_linear_int8_runs_every_step_size(lib):
     assert torch.equal(lin(x), gk.gguf_matmul(lib, x, w, math="int8"))
     with pytest.raises(CorralError, match="expected one of int8, fp32"):
         gk.PackedLinear([w], lib, max_rows=4, math="int4")
+
+
+def test_cpu_variants_follow_the_cpu_flags(monkeypatch):
+    """Variants from the CPU's feature flags, fastest first: AVX-VNNI (Alder Lake, Zen 5
+    laptops) only below AVX-512, the portable build always on x86; sdot NEON on aarch64."""
+    def cpu(machine: str, flags: str) -> list[str]:
+        monkeypatch.setattr(gk.platform, "machine", lambda: machine)
+        monkeypatch.setattr(gk, "_cpu_flags", lambda key: set(flags.split()))
+        return gk.cpu_variants()
+
+    avx512 = "avx512f avx512bw avx512vl avx512dq avx2 fma f16c"
+    assert cpu("x86_64", "avx2 fma f16c avx_vnni") == ["avxvnni", "avx2", "portable"]
+    assert cpu("x86_64", f"{avx512} avx512_vnni avx_vnni") == [
+        "avx512vnni", "avx512", "avxvnni", "avx2", "portable"]
+    assert cpu("x86_64", "avx2 fma f16c") == ["avx2", "portable"]
+    assert cpu("x86_64", "sse2 avx_vnni") == ["portable"]
+    assert cpu("aarch64", "fp asimd asimddp") == ["neondot", "neon"]
+    assert cpu("arm64", "fp asimd") == ["neon"]
+    assert cpu("riscv64", "") == ["native"]
 
 
 def test_variant_from_environment(monkeypatch):
