@@ -385,6 +385,11 @@ const char *gguf_isa(void) {
  */
 
 #define TCHUNK 128
+#if defined(__AVX2__)
+#define INT_SIMD 1 /* x86: AVX2 and up (the 8-row tiles below exist too) */
+#else
+#define INT_SIMD 0
+#endif
 #define AI inline __attribute__((always_inline))
 
 typedef struct {
@@ -436,28 +441,79 @@ int xq_alloc(xq_t *X, int M, int K, int B) {
     return 0;
 }
 
+/* B activations -> B int8 and their scale: d = amax/127, q = round(x*127/amax) half away from
+ * zero, clamped to +-127 (SIMD or not, the same fp32 operations: the same bytes) */
+static void quant_block(const float *xb, int B, int8_t *q, float *d) {
+#if INT_SIMD
+    /* max(|x|, mx): a NaN |x| leaves mx, as in the C loop; 4 chains (max is exact) */
+    __m256 m4[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < B; i += 32)
+        for (int k = 0; k < 4; k++)
+            m4[k] = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i + 8 * k)), m4[k]);
+    const __m256 mx = _mm256_max_ps(_mm256_max_ps(m4[0], m4[1]), _mm256_max_ps(m4[2], m4[3]));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float amax = _mm_cvtss_f32(m);
+#elif USE_NEON
+    float32x4_t m4[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+    for (int i = 0; i < B; i += 16)
+        for (int k = 0; k < 4; k++) m4[k] = vmaxnmq_f32(m4[k], vabsq_f32(vld1q_f32(xb + i + 4 * k)));
+    const float amax = vmaxnmvq_f32(vmaxnmq_f32(vmaxnmq_f32(m4[0], m4[1]), vmaxnmq_f32(m4[2], m4[3])));
+#else
+    float amax = 0.0f;
+    for (int i = 0; i < B; i++) {
+        const float a = xb[i] < 0 ? -xb[i] : xb[i];
+        amax = a > amax ? a : amax;
+    }
+#endif
+    const float id = amax > 0 ? 127.0f / amax : 0.0f;
+    *d = amax / 127.0f;
+#if INT_SIMD
+    const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.5f);
+    const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+    for (int i = 0; i < B; i += 32) {
+        __m256i r[4];
+        for (int k = 0; k < 4; k++) {
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + i + 8 * k), vid);
+            const __m256 vr = _mm256_add_ps(v, _mm256_or_ps(_mm256_and_ps(v, sign), half));
+            r[k] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvttps_epi32(vr), lo), hi);
+        }
+        const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+        _mm256_storeu_si256((__m256i *)(q + i),
+                            _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    }
+#elif USE_NEON
+    const uint32x4_t sign = vdupq_n_u32(0x80000000u), half = vreinterpretq_u32_f32(vdupq_n_f32(0.5f));
+    for (int i = 0; i < B; i += 16) {
+        int16x4_t h[4];
+        for (int k = 0; k < 4; k++) {
+            const float32x4_t v = vmulq_n_f32(vld1q_f32(xb + i + 4 * k), id);
+            const float32x4_t sh = vreinterpretq_f32_u32(vorrq_u32(vandq_u32(vreinterpretq_u32_f32(v), sign), half));
+            const int32x4_t iv = vcvtq_s32_f32(vaddq_f32(v, sh)); /* toward zero, as C's cast */
+            h[k] = vmovn_s32(vminq_s32(vmaxq_s32(iv, vdupq_n_s32(-127)), vdupq_n_s32(127)));
+        }
+        vst1q_s8(q + i, vcombine_s8(vmovn_s16(vcombine_s16(h[0], h[1])), vmovn_s16(vcombine_s16(h[2], h[3]))));
+    }
+#else
+    for (int i = 0; i < B; i++) {
+        const float v = xb[i] * id;
+        int iv = (int)(v >= 0 ? v + 0.5f : v - 0.5f);
+        iv = iv > 127 ? 127 : (iv < -127 ? -127 : iv);
+        q[i] = (int8_t)iv;
+    }
+#endif
+}
+
 /* rows [m0, m1) of x [*, K] into X (the same rows of its buffers) */
 void quantize_rows(const float *x, int m0, int m1, xq_t *X) {
     const int K = X->K, B = K / X->nb;
     for (int m = m0; m < m1; m++) {
         const float *xr = x + (size_t)m * K;
         int8_t *q = X->q + (size_t)m * K;
-        for (int b = 0; b < X->nb; b++) {
-            const float *xb = xr + (size_t)b * B;
-            float amax = 0.0f;
-            for (int i = 0; i < B; i++) {
-                const float a = xb[i] < 0 ? -xb[i] : xb[i];
-                amax = a > amax ? a : amax;
-            }
-            const float id = amax > 0 ? 127.0f / amax : 0.0f;
-            X->d[(size_t)m * X->nb + b] = amax / 127.0f;
-            for (int i = 0; i < B; i++) {
-                const float v = xb[i] * id;
-                int iv = (int)(v >= 0 ? v + 0.5f : v - 0.5f);
-                iv = iv > 127 ? 127 : (iv < -127 ? -127 : iv);
-                q[(size_t)b * B + i] = (int8_t)iv;
-            }
-        }
+        for (int b = 0; b < X->nb; b++)
+            quant_block(xr + (size_t)b * B, B, q + (size_t)b * B, X->d + (size_t)m * X->nb + b);
         int32_t *s = X->s + (size_t)m * (K / 32);
         for (int j = 0; j < K / 32; j++) {
             int t = 0;
@@ -580,12 +636,6 @@ static inline void blk_int(int type, const uint8_t *blk, const int8_t *xq, const
  * of is[t] / im[t] = the exact integer sums that blk_int gives for (row r, token t).
  * V4I / V4F: 4 int32 / fp32 lanes, one per row. */
 
-#if defined(__AVX2__)
-#define INT_SIMD 1 /* x86: AVX2 and up (the 8-row tiles below exist too) */
-#else
-#define INT_SIMD 0
-#endif
-
 #if INT_SIMD
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define VNNI256 1
@@ -661,6 +711,148 @@ static AI void tile_block32(const int type, const int mt, const uint8_t *const w
     }
 }
 
+/* Q4_K/Q5_K: the 8 6-bit scales (bytes 0..7) and mins (8..15), the values of k_scales16 */
+static AI __m128i k_scales_simd(const uint8_t *blk) {
+    const __m128i s = _mm_loadu_si128((const __m128i *)(blk + 4)); /* 12 bytes + 4 of qs */
+    /* low bits: sc j<4: s[j]&63, j>=4: s[j+4]&15; mn j<4: s[j+4]&63, j>=4: s[j+4]>>4 */
+    const __m128i a = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m128i lo = _mm_blend_epi32(
+        _mm_and_si128(a, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
+        _mm_and_si128(_mm_srli_epi16(a, 4), _mm_set1_epi8(15)), 0x8);
+    /* high bits (j>=4): sc from s[j-4]>>6, mn from s[j]>>6, to bits 4-5 */
+    const __m128i b = _mm_shuffle_epi8(s, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    return _mm_or_si128(lo, _mm_srli_epi16(_mm_and_si128(b, _mm_set1_epi8((char)0xc0)), 2));
+}
+
+/* 4 rows' fp16 pairs at +0 and +2 (d and m / dmin), both converted at once */
+static AI void load4_dm(const uint8_t *const *w, size_t at, V4F *d, V4F *m) {
+    int32_t v[4];
+    for (int r = 0; r < 4; r++) memcpy(v + r, w[r] + at, 4);
+    const __m256 h = _mm256_cvtph_ps(_mm_set_epi32(v[3], v[2], v[1], v[0])); /* d0 m0 d1 m1 .. */
+    const __m256 p = _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    *d = _mm256_castps256_ps128(p);
+    *m = _mm256_extractf128_ps(p, 1);
+}
+
+
+#if defined(__AVX512BW__)
+/* AVX-512: two 32-value sub-blocks per vector. Q4_K/Q5_K's nibble planes hold sub-blocks
+ * (0|2), (1|3), (4|6), (5|7), so each token's activations are paired the same way once per
+ * block; Q6_K's 64-byte halves are in value order. */
+#if defined(__AVX512VNNI__)
+#define DPWSSD512(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+#else
+#define DPWSSD512(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#endif
+
+static AI __m512i cat256(const int8_t *lo, const int8_t *hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
+                              _mm256_loadu_si256((const __m256i *)hi), 1);
+}
+
+static AI __m256i fold512(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+/* Q4_K/Q5_K: int16 scale a in lanes 0-15, b in 16-31, for the pairs (a|b) above */
+static const int16_t K4PAIR[4][32] __attribute__((aligned(64))) = {
+#define KP(a, b) {a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b}
+    KP(0, 2), KP(1, 3), KP(4, 6), KP(5, 7)
+#undef KP
+};
+/* Q6_K: int8 scales 4q..4q+3, 8 bytes each (before widening to int16) */
+static const uint8_t K6QUAD[4][32] __attribute__((aligned(32))) = {
+#define KQ(q) {4*q, 4*q, 4*q, 4*q, 4*q, 4*q, 4*q, 4*q, 4*q+1, 4*q+1, 4*q+1, 4*q+1, 4*q+1, 4*q+1, 4*q+1, \
+    4*q+1, 4*q+2, 4*q+2, 4*q+2, 4*q+2, 4*q+2, 4*q+2, 4*q+2, 4*q+2, 4*q+3, 4*q+3, 4*q+3, 4*q+3, \
+    4*q+3, 4*q+3, 4*q+3, 4*q+3}
+    KQ(0), KQ(1), KQ(2), KQ(3)
+#undef KQ
+};
+
+static AI void tile_blockk(const int type, const int mt, const uint8_t *const w[NR], size_t at,
+                           const int8_t *const xb[MR], const int16_t *const xs16[MR],
+                           V4I is[MR], V4I im[MR]) {
+    const __m512i m4 = _mm512_set1_epi8(15), m3 = _mm512_set1_epi8(3);
+    __m512i X[MR][4];
+    __m256i L[NR][MR], xsv[MR];
+    __m128i Lm[NR][MR], x32[MR];
+    for (int t = 0; t < mt; t++) {
+        const int8_t *x = xb[t];
+        if (type == 14) {
+            for (int i = 0; i < 4; i++) X[t][i] = _mm512_loadu_si512((const void *)(x + 64 * i));
+            xsv[t] = _mm256_loadu_si256((const __m256i *)xs16[t]);
+        } else {
+            X[t][0] = cat256(x, x + 64);
+            X[t][1] = cat256(x + 32, x + 96);
+            X[t][2] = cat256(x + 128, x + 192);
+            X[t][3] = cat256(x + 160, x + 224);
+            x32[t] = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xs16[t]),
+                                    _mm_loadu_si128((const __m128i *)(xs16[t] + 8)));
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        const uint8_t *blk = w[r] + at;
+        __m512i acc[MR];
+        for (int t = 0; t < mt; t++) acc[t] = _mm512_setzero_si512();
+        if (type == 14) {
+            const __m128i sc8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+            const __m256i sc8x2 = _mm256_broadcastsi128_si256(sc8);
+            const __m512i c02 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+            const __m512i c46 = _mm512_add_epi16(c02, _mm512_set1_epi16(4));
+            for (int j = 0; j < 2; j++) {
+                const __m512i ql = _mm512_loadu_si512((const void *)(blk + 64 * j));
+                const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * j)));
+                __m512i v[2];
+                v[0] = _mm512_or_si512(_mm512_and_si512(ql, m4),
+                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, c02), m3), 4));
+                v[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, c46), m3), 4));
+                for (int h = 0; h < 2; h++) {
+                    const __m512i scl = _mm512_cvtepi8_epi16(
+                        _mm256_shuffle_epi8(sc8x2, _mm256_load_si256((const __m256i *)K6QUAD[2 * j + h])));
+                    for (int t = 0; t < mt; t++)
+                        acc[t] = DPWSSD512(acc[t], _mm512_maddubs_epi16(v[h], X[t][2 * j + h]), scl);
+                }
+            }
+            const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+            for (int t = 0; t < mt; t++)
+                L[r][t] = _mm256_sub_epi32(fold512(acc[t]), _mm256_slli_epi32(_mm256_madd_epi16(sc16, xsv[t]), 5));
+        } else {
+            const __m256i sm16 = _mm256_cvtepu8_epi16(k_scales_simd(blk));
+            const __m512i sc = _mm512_castsi256_si512(sm16);
+            const __m128i mins = _mm256_extracti128_si256(sm16, 1);
+            const uint8_t *qs = blk + (type == 12 ? 16 : 48);
+            const __m512i q01 = _mm512_loadu_si512((const void *)qs), q23 = _mm512_loadu_si512((const void *)(qs + 64));
+            __m512i v[4] = {_mm512_and_si512(q01, m4), _mm512_and_si512(_mm512_srli_epi16(q01, 4), m4),
+                            _mm512_and_si512(q23, m4), _mm512_and_si512(_mm512_srli_epi16(q23, 4), m4)};
+            if (type == 13) { /* 5th bits: bit s of qh[l] for sub-block s, pairs as above */
+                const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+                const __m512i b16 = _mm512_set1_epi8(16);
+                for (int i = 0; i < 4; i++) {
+                    const int sa = (i / 2) * 4 + (i % 2); /* pair i = (sa | sa + 2) */
+                    const __m512i bit = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi8((char)(1 << sa))),
+                                                           _mm256_set1_epi8((char)(1 << (sa + 2))), 1);
+                    v[i] = _mm512_mask_add_epi8(v[i], _mm512_test_epi8_mask(qh, bit), v[i], b16);
+                }
+            }
+            for (int i = 0; i < 4; i++) {
+                const __m512i scl = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)K4PAIR[i]), sc);
+                for (int t = 0; t < mt; t++)
+                    acc[t] = DPWSSD512(acc[t], _mm512_maddubs_epi16(v[i], X[t][i]), scl);
+            }
+            for (int t = 0; t < mt; t++) {
+                L[r][t] = fold512(acc[t]);
+                Lm[r][t] = _mm_madd_epi16(mins, x32[t]);
+            }
+        }
+    }
+    for (int t = 0; t < mt; t++) {
+        is[t] = reduce4(L[0][t], L[1][t], L[2][t], L[3][t]);
+        if (type != 14)
+            im[t] = _mm_hadd_epi32(_mm_hadd_epi32(Lm[0][t], Lm[1][t]), _mm_hadd_epi32(Lm[2][t], Lm[3][t]));
+    }
+}
+#else /* AVX2: one 32-value sub-block per vector */
 /* byte shuffles: Q4_K/Q5_K scale s to all 16 int16 lanes (of [sc0..7 | sc0..7]) */
 static const uint8_t K4SHUF[8][32] __attribute__((aligned(32))) = {
 #define K4ROW(s) {2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, \
@@ -723,9 +915,7 @@ static AI void tile_blockk(const int type, const int mt, const uint8_t *const w[
             for (int t = 0; t < mt; t++)
                 L[r][t] = _mm256_sub_epi32(acc[t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, xsv[t]), 5));
         } else {
-            uint32_t u[4];
-            k_scales16(blk, u);
-            const __m256i sm16 = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
+            const __m256i sm16 = _mm256_cvtepu8_epi16(k_scales_simd(blk));
             const __m256i scs = _mm256_permute2x128_si256(sm16, sm16, 0x00);
             const __m128i mins = _mm256_extracti128_si256(sm16, 1);
             const uint8_t *qs = blk + (type == 12 ? 16 : 48);
@@ -760,6 +950,7 @@ static AI void tile_blockk(const int type, const int mt, const uint8_t *const w[
     }
 }
 
+#endif /* __AVX512BW__ */
 #elif USE_NEON
 
 typedef int32x4_t V4I;
@@ -776,6 +967,11 @@ static AI V4F load4_fp16(const uint8_t *const *w, size_t at) {
     uint16_t h[4];
     for (int r = 0; r < 4; r++) memcpy(h + r, w[r] + at, 2);
     return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+}
+
+static AI void load4_dm(const uint8_t *const *w, size_t at, V4F *d, V4F *m) {
+    *d = load4_fp16(w, at);
+    *m = load4_fp16(w, at + 2);
 }
 
 /* acc + the 16 products a*b, in 4 int32 lanes (which lane holds which product differs between
@@ -934,6 +1130,11 @@ static inline V4F load4_fp16(const uint8_t *const *w, size_t at) {
     return a;
 }
 
+static inline void load4_dm(const uint8_t *const *w, size_t at, V4F *d, V4F *m) {
+    *d = load4_fp16(w, at);
+    *m = load4_fp16(w, at + 2);
+}
+
 static inline void tile_block_c(int type, int mt, const uint8_t *const w[NR], size_t at,
                                 const int8_t *const xb[MR], const int32_t *const xs[MR],
                                 const int16_t *const xs16[MR], V4I is[MR], V4I im[MR]) {
@@ -975,8 +1176,9 @@ static AI void gv_tile(const int type, const int mt, const uint8_t *const w[NR],
         }
         V4I is[MR], im[MR];
         tile_block(type, mt, w, at, xb, xs, xs16, is, im);
-        const V4F dw = load4_fp16(w, at + (type == 14 ? 208 : 0));
-        const V4F mw = has_m ? load4_fp16(w, at + 2) : v4f_zero();
+        V4F dw, mw = v4f_zero();
+        if (has_m) load4_dm(w, at, &dw, &mw);
+        else dw = load4_fp16(w, at + (type == 14 ? 208 : 0));
         for (int t = 0; t < mt; t++) { /* blk_step on 4 rows */
             const V4F dx = v4f_set1(X->d[(size_t)(t0 + t) * nb + b]);
             const V4F ti = v4f_mul(v4f_mul(dw, dx), v4f_cvt(is[t]));
