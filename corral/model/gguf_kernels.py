@@ -13,10 +13,12 @@ Two kinds of arithmetic, chosen per model (`math`, default from $CORRAL_GGUF_MAT
 - "int8" (Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K, as llama.cpp does it): each activation row is
   quantized once per matmul to 8-bit blocks (per 32 values for the 32-value types, per 256 with
   16/32-value sums for the K-quants) and dotted against the weight blocks in exact int32, the
-  block scales applied in fp32; steps of every size (decode and prefill) run this kernel, tiles
-  of 4 weight rows x 4 tokens. The activations' rounding changes the numbers: logits differ
-  from the dequantized fp32 reference by ~1e-2 of their spread (tests bound it). All SIMD
-  variants and the portable build give bit-identical results.
+  block scales applied in fp32; steps of every size (decode and prefill) run this kernel:
+  decode-sized steps in tiles of 4 weight rows (each row's block unpacked once in registers,
+  the 4 rows reduced together), larger steps on x86 in transposed tiles of 8 rows. The
+  activations' rounding changes the numbers: logits differ from the dequantized fp32
+  reference by ~1e-2 of their spread (tests bound it). All SIMD variants (x86 and aarch64)
+  and the portable build give bit-identical results.
 - "fp32" (the exact rebuild, and F32/F16/BF16 weights in either mode): steps of at most
   `max_rows` tokens dequantize 4 weight rows at a time into L1 and dot fp32 activations
   against them; larger steps dequantize panels of rows for torch's GEMM. Each weight is rebuilt

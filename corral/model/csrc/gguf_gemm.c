@@ -1,7 +1,9 @@
 /* y[M, ldy] (columns 0..N-1) = x[M,K] @ W^T with W's rows in GGUF blocks, read in place.
  *
  * Compiled on first use by corral/model/gguf_kernels.py, once per instruction-set variant
- * (AVX-512, AVX2+FMA+F16C, portable; -ffp-contract=off) and called through ctypes. W is given
+ * (x86: AVX-512+VNNI, AVX-512, AVX2+AVX-VNNI, AVX2+FMA+F16C, portable; aarch64: NEON+sdot,
+ * NEON; -DGGUF_PORTABLE: plain C anywhere; always -ffp-contract=off) and called through
+ * ctypes. Two paths: the fp32 path below, and the integer path further down. W is given
  * as a base pointer and one byte offset per output row, so the rows can come straight from a
  * memory-mapped .gguf file: fused layers (q|k|v, gate|up) and the rotary row permutation are
  * offset tables, never copies.
@@ -18,8 +20,9 @@
  * order, -ffp-contract=off keeps them separate roundings), so against the dequantized fp32
  * weights only the order of the dot-product sums differs.
  *
- * Work split: threads take tiles of NR=4 output rows; a tile is dequantized once into a
- * thread-local fp32 buffer (L1/L2) and every row of x is dotted against it, MR=4 at a time.
+ * fp32 path work split: threads take tiles of NR=4 output rows; a tile is dequantized once
+ * into a thread-local fp32 buffer (L1/L2) and every row of x is dotted against it, MR=4 at a
+ * time.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -1276,7 +1279,10 @@ static inline void k_unpack(int type, const uint8_t *blk, uint8_t *out) {
 #define MT 4
 
 typedef struct { __m256i t[8], a[8]; __m256 dw, mw; } prep32;
-typedef struct { __m256i t[64], sc[16], mnp[4]; __m256 d, dmin; } prep256;
+/* prep256: t the transposed values, sc the scales per sub-block (16 of 16 values for Q6_K, 8
+ * of 32 otherwise), scp int16 pairs per lane for one madd against a token's pair of sums:
+ * Q6_K (sc[2i], sc[2i+1]) x 16-sums; Q4_K/Q5_K (mn[2i], mn[2i+1]) x 32-sums, i < 4 */
+typedef struct { __m256i t[64], sc[16], scp[8]; __m256 d, dmin; } prep256;
 
 static inline void transpose8x8(__m256i *r) {
     const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
@@ -1354,12 +1360,14 @@ static void prep256_block(int type, const uint8_t *const w[NR8], size_t at, prep
         for (int i = 0; i < 8; i++) v[i] = k[i].sc[j];
         p->sc[j] = _mm256_loadu_si256((const __m256i *)v);
     }
-    if (type != 14)
-        for (int q = 0; q < 4; q++) {
-            for (int i = 0; i < 8; i++)
-                v[i] = (int32_t)((uint32_t)(uint16_t)k[i].mn[2 * q] | ((uint32_t)k[i].mn[2 * q + 1] << 16));
-            p->mnp[q] = _mm256_loadu_si256((const __m256i *)v);
+    for (int q = 0; q < 8; q++) {
+        for (int i = 0; i < 8; i++) {
+            const int lo = type == 14 ? k[i].sc[2 * q] : k[i].mn[(2 * q) % 8];
+            const int hi = type == 14 ? k[i].sc[2 * q + 1] : k[i].mn[(2 * q + 1) % 8];
+            v[i] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
         }
+        p->scp[q] = _mm256_loadu_si256((const __m256i *)v);
+    }
 }
 
 static inline __attribute__((always_inline)) void tdot32_n(int type, const prep32 *P, const xq_t *X, int t0, int mt, __m256 *a) {
@@ -1421,29 +1429,29 @@ static inline __attribute__((always_inline)) void tdot256_n(int type, const prep
                 const __m256i tv = p->t[g];
                 for (int t = 0; t < mt; t++) sub[t] = DPBUSD(sub[t], tv, bcast4(xr[t] + 4 * g));
             }
-            for (int t = 0; t < mt; t++) {
-                __m256i v = sub[t];
-                if (type == 14) {
-                    const size_t row = (size_t)(t0 + t);
-                    const int bs = X->s16[row * (X->K / 16) + (size_t)b * 16 + j];
-                    v = _mm256_sub_epi32(v, _mm256_set1_epi32(32 * bs));
-                }
-                tot[t] = _mm256_add_epi32(tot[t], _mm256_mullo_epi32(v, p->sc[j]));
-            }
+            for (int t = 0; t < mt; t++) tot[t] = _mm256_add_epi32(tot[t], _mm256_mullo_epi32(sub[t], p->sc[j]));
         }
         for (int t = 0; t < mt; t++) {
-            const size_t row = (size_t)(t0 + t);
-            const __m256 dx = _mm256_set1_ps(X->d[row * nb + b]);
-            a[t] = _mm256_add_ps(a[t], _mm256_mul_ps(_mm256_mul_ps(p->d, dx), _mm256_cvtepi32_ps(tot[t])));
-            if (type != 14) {
-                const int32_t *xs = X->s + row * (X->K / 32) + (size_t)b * 8;
-                __m256i im = _mm256_setzero_si256();
+            /* a pair of the token's sums per madd: Q6_K's -32*sum(sc*xs16) (16-sums, adjacent
+             * in memory); Q4_K/Q5_K's mins (32-sums, packed here in scalar registers, which
+             * the vector ports, the bottleneck, do not pay for) */
+            __m256i im = _mm256_setzero_si256();
+            if (type == 14) {
+                const int16_t *xs16 = X->s16 + (size_t)(t0 + t) * (X->K / 16) + (size_t)b * 16;
+                for (int q = 0; q < 8; q++)
+                    im = _mm256_add_epi32(im, _mm256_madd_epi16(p->scp[q], bcast4((const int8_t *)(xs16 + 2 * q))));
+                tot[t] = _mm256_sub_epi32(tot[t], _mm256_slli_epi32(im, 5));
+            } else {
+                const int32_t *xs = X->s + (size_t)(t0 + t) * (X->K / 32) + (size_t)b * 8;
                 for (int q = 0; q < 4; q++) {
-                    const __m256i xp = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)xs[2 * q] | ((uint32_t)xs[2 * q + 1] << 16)));
-                    im = _mm256_add_epi32(im, _mm256_madd_epi16(p->mnp[q], xp));
+                    const uint32_t xp = (uint32_t)(uint16_t)xs[2 * q] | ((uint32_t)xs[2 * q + 1] << 16);
+                    im = _mm256_add_epi32(im, _mm256_madd_epi16(p->scp[q], _mm256_set1_epi32((int32_t)xp)));
                 }
-                a[t] = _mm256_sub_ps(a[t], _mm256_mul_ps(_mm256_mul_ps(p->dmin, dx), _mm256_cvtepi32_ps(im)));
             }
+            const __m256 dx = _mm256_set1_ps(X->d[(size_t)(t0 + t) * nb + b]);
+            a[t] = _mm256_add_ps(a[t], _mm256_mul_ps(_mm256_mul_ps(p->d, dx), _mm256_cvtepi32_ps(tot[t])));
+            if (type != 14)
+                a[t] = _mm256_sub_ps(a[t], _mm256_mul_ps(_mm256_mul_ps(p->dmin, dx), _mm256_cvtepi32_ps(im)));
         }
     }
 }
