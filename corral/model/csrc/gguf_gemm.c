@@ -1239,11 +1239,11 @@ static void gv_range(int type, const xq_t *X, int M, const uint8_t *base, const 
 }
 
 #if INT_SIMD
-/* ---- steps of several tokens (x86): 8 weight rows in the 8 lanes -----------------------------
- * A tile of 8 rows is unpacked once for all its blocks and transposed so that lane r of a
+/* ---- steps of several tokens (x86): TL weight rows in the TL lanes (8 or 16) ------------------
+ * A tile of TL rows is unpacked once for all its blocks and transposed so that lane r of a
  * vector holds 4 consecutive bytes of row r; each token's 4-byte group is broadcast and
  * dotted against it (dpbusd / maddubs+madd), so lane r accumulates row r's block sum with no
- * horizontal reduction, and the fp32 scale step runs on 8 rows at once. Same integers, same
+ * horizontal reduction, and the fp32 scale step runs on TL rows at once. Same integers, same
  * fp32 operations per row as above: bit-identical to the small-step and portable code. */
 
 /* unpacked weight values of one 256-block: 8 x 32 bytes, unsigned (Q6_K: q + 32) */
@@ -1275,14 +1275,63 @@ static inline void k_unpack(int type, const uint8_t *blk, uint8_t *out) {
     }
 }
 
-#define NR8 8
-#define MT 4
+#define MT 4 /* tokens per pass over a prepared tile */
 
-typedef struct { __m256i t[8], a[8]; __m256 dw, mw; } prep32;
+/* The tile's vector width: 16 rows in zmm lanes with AVX-512 VNNI, else 8 in ymm lanes (the
+ * plain AVX-512 build keeps 8: without VNNI its Q8_0 needs sign_epi8, which has no zmm form). */
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define TL 16
+typedef __m512i TVI;
+typedef __m512 TVF;
+#define tvi_zero() _mm512_setzero_si512()
+#define tvi_add(a, b) _mm512_add_epi32(a, b)
+#define tvi_sub(a, b) _mm512_sub_epi32(a, b)
+#define tvi_mullo(a, b) _mm512_mullo_epi32(a, b)
+#define tvi_madd16(a, b) _mm512_madd_epi16(a, b)
+#define tvi_slli(a, n) _mm512_slli_epi32(a, n)
+#define tvi_set1(v) _mm512_set1_epi32(v)
+#define tvi_dpbusd(acc, a, b) _mm512_dpbusd_epi32(acc, a, b)
+#define tvf_zero() _mm512_setzero_ps()
+#define tvf_set1(f) _mm512_set1_ps(f)
+#define tvf_add(a, b) _mm512_add_ps(a, b)
+#define tvf_sub(a, b) _mm512_sub_ps(a, b)
+#define tvf_mul(a, b) _mm512_mul_ps(a, b)
+#define tvf_cvt(i) _mm512_cvtepi32_ps(i)
+#define tvf_store(p, a) _mm512_storeu_ps(p, a)
+static AI TVI tvi_cat(__m256i lo, __m256i hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+static AI TVF tvf_cat(__m256 lo, __m256 hi) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+}
+#else
+#define TL 8
+typedef __m256i TVI;
+typedef __m256 TVF;
+#define tvi_zero() _mm256_setzero_si256()
+#define tvi_add(a, b) _mm256_add_epi32(a, b)
+#define tvi_sub(a, b) _mm256_sub_epi32(a, b)
+#define tvi_mullo(a, b) _mm256_mullo_epi32(a, b)
+#define tvi_madd16(a, b) _mm256_madd_epi16(a, b)
+#define tvi_slli(a, n) _mm256_slli_epi32(a, n)
+#define tvi_set1(v) _mm256_set1_epi32(v)
+#define tvi_dpbusd(acc, a, b) DPBUSD(acc, a, b)
+#define tvf_zero() _mm256_setzero_ps()
+#define tvf_set1(f) _mm256_set1_ps(f)
+#define tvf_add(a, b) _mm256_add_ps(a, b)
+#define tvf_sub(a, b) _mm256_sub_ps(a, b)
+#define tvf_mul(a, b) _mm256_mul_ps(a, b)
+#define tvf_cvt(i) _mm256_cvtepi32_ps(i)
+#define tvf_store(p, a) _mm256_storeu_ps(p, a)
+#endif
+
+/* prep32: t the transposed values (Q8_0 with VNNI: w + 128, unsigned; without: signed, and a
+ * their absolute values); dw, mw the block's fp16 scales */
+typedef struct { TVI t[8], a[8]; TVF dw, mw; } prep32;
 /* prep256: t the transposed values, sc the scales per sub-block (16 of 16 values for Q6_K, 8
  * of 32 otherwise), scp int16 pairs per lane for one madd against a token's pair of sums:
  * Q6_K (sc[2i], sc[2i+1]) x 16-sums; Q4_K/Q5_K (mn[2i], mn[2i+1]) x 32-sums, i < 4 */
-typedef struct { __m256i t[64], sc[16], scp[8]; __m256 d, dmin; } prep256;
+typedef struct { TVI t[64], sc[16], scp[8]; TVF d, dmin; } prep256;
 
 static inline void transpose8x8(__m256i *r) {
     const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
@@ -1303,10 +1352,10 @@ static inline void transpose8x8(__m256i *r) {
     r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
 }
 
-static inline __m256i bcast4(const int8_t *p) {
+static inline int32_t load4(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
+    return v;
 }
 
 static inline __m256 fp16x8(const uint8_t *const *w, size_t at) {
@@ -1315,50 +1364,41 @@ static inline __m256 fp16x8(const uint8_t *const *w, size_t at) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
 }
 
-static void prep32_block(int type, const uint8_t *const w[NR8], size_t at, prep32 *p) {
-    __m256i r[8];
-    p->dw = fp16x8(w, at);
-    p->mw = type == 3 ? fp16x8(w, at + 2) : _mm256_setzero_ps();
+/* 8 rows of one 32-value block, transposed: lane r of t[g] = bytes 4g..4g+3 of row r */
+static void prep32_half(int type, const uint8_t *const w[8], size_t at, __m256i t[8], __m256 *dw,
+                        __m256 *mw) {
+    *dw = fp16x8(w, at);
+    *mw = type == 3 ? fp16x8(w, at + 2) : _mm256_setzero_ps();
     for (int i = 0; i < 8; i++)
-        r[i] = type == 8 ? _mm256_loadu_si256((const __m256i *)(w[i] + at + 2))
+        t[i] = type == 8 ? _mm256_loadu_si256((const __m256i *)(w[i] + at + 2))
                          : nibbles32(w[i] + at + (type == 2 ? 2 : 4));
-    transpose8x8(r);
-    for (int g = 0; g < 8; g++) {
-        if (type == 8) {
-#if VNNI256
-            p->t[g] = _mm256_xor_si256(r[g], _mm256_set1_epi8((char)0x80)); /* w + 128, unsigned */
-#else
-            p->t[g] = r[g];
-            p->a[g] = _mm256_abs_epi8(r[g]);
-#endif
-        } else {
-            p->t[g] = r[g];
-        }
-    }
+    transpose8x8(t);
 }
 
-static void prep256_block(int type, const uint8_t *const w[NR8], size_t at, prep256 *p) {
-    uint8_t u[NR8][256] __attribute__((aligned(32)));
-    kscales k[NR8];
-    float d[8], dm[8];
-    for (int i = 0; i < NR8; i++) {
+/* 8 rows of one 256-value block: t[64] transposed, sc[16] / scp[8] per lane, d, dmin */
+static void prep256_half(int type, const uint8_t *const w[8], size_t at, __m256i *t, __m256i *sc,
+                         __m256i *scp, __m256 *d, __m256 *dmin) {
+    uint8_t u[8][256] __attribute__((aligned(32)));
+    kscales k[8];
+    float dd[8], dm[8];
+    for (int i = 0; i < 8; i++) {
         k_scales(type, w[i] + at, &k[i]);
         k_unpack(type, w[i] + at, u[i]);
-        d[i] = k[i].d;
+        dd[i] = k[i].d;
         dm[i] = k[i].dmin;
     }
-    p->d = _mm256_loadu_ps(d);
-    p->dmin = _mm256_loadu_ps(dm);
+    *d = _mm256_loadu_ps(dd);
+    *dmin = _mm256_loadu_ps(dm);
     for (int c = 0; c < 8; c++) {
         __m256i r[8];
         for (int i = 0; i < 8; i++) r[i] = _mm256_load_si256((const __m256i *)(u[i] + c * 32));
         transpose8x8(r);
-        for (int g = 0; g < 8; g++) p->t[c * 8 + g] = r[g];
+        for (int g = 0; g < 8; g++) t[c * 8 + g] = r[g];
     }
     int32_t v[8];
     for (int j = 0; j < (type == 14 ? 16 : 8); j++) {
         for (int i = 0; i < 8; i++) v[i] = k[i].sc[j];
-        p->sc[j] = _mm256_loadu_si256((const __m256i *)v);
+        sc[j] = _mm256_loadu_si256((const __m256i *)v);
     }
     for (int q = 0; q < 8; q++) {
         for (int i = 0; i < 8; i++) {
@@ -1366,92 +1406,128 @@ static void prep256_block(int type, const uint8_t *const w[NR8], size_t at, prep
             const int hi = type == 14 ? k[i].sc[2 * q + 1] : k[i].mn[(2 * q + 1) % 8];
             v[i] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
         }
-        p->scp[q] = _mm256_loadu_si256((const __m256i *)v);
+        scp[q] = _mm256_loadu_si256((const __m256i *)v);
     }
 }
 
-static inline __attribute__((always_inline)) void tdot32_n(int type, const prep32 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+static void prep32_block(int type, const uint8_t *const w[TL], size_t at, prep32 *p) {
+    __m256i t[TL / 8][8];
+    __m256 dw[TL / 8], mw[TL / 8];
+    for (int h = 0; h < TL / 8; h++) prep32_half(type, w + 8 * h, at, t[h], &dw[h], &mw[h]);
+#if TL == 16
+    for (int g = 0; g < 8; g++) p->t[g] = tvi_cat(t[0][g], t[1][g]);
+    p->dw = tvf_cat(dw[0], dw[1]);
+    p->mw = tvf_cat(mw[0], mw[1]);
+#else
+    for (int g = 0; g < 8; g++) p->t[g] = t[0][g];
+    p->dw = dw[0];
+    p->mw = mw[0];
+#endif
+    if (type == 8)
+        for (int g = 0; g < 8; g++) {
+#if TL == 16
+            p->t[g] = _mm512_xor_si512(p->t[g], _mm512_set1_epi8((char)0x80)); /* w + 128 */
+#elif VNNI256
+            p->t[g] = _mm256_xor_si256(p->t[g], _mm256_set1_epi8((char)0x80));
+#else
+            p->a[g] = _mm256_abs_epi8(p->t[g]);
+#endif
+        }
+}
+
+static void prep256_block(int type, const uint8_t *const w[TL], size_t at, prep256 *p) {
+#if TL == 16
+    __m256i t[2][64] __attribute__((aligned(32))), sc[2][16], scp[2][8];
+    __m256 d[2], dm[2];
+    for (int h = 0; h < 2; h++) prep256_half(type, w + 8 * h, at, t[h], sc[h], scp[h], &d[h], &dm[h]);
+    for (int g = 0; g < 64; g++) p->t[g] = tvi_cat(t[0][g], t[1][g]);
+    for (int j = 0; j < 16; j++) p->sc[j] = tvi_cat(sc[0][j], sc[1][j]);
+    for (int q = 0; q < 8; q++) p->scp[q] = tvi_cat(scp[0][q], scp[1][q]);
+    p->d = tvf_cat(d[0], d[1]);
+    p->dmin = tvf_cat(dm[0], dm[1]);
+#else
+    prep256_half(type, w, at, p->t, p->sc, p->scp, &p->d, &p->dmin);
+#endif
+}
+
+static AI void tdot32_n(int type, const prep32 *P, const xq_t *X, int t0, int mt, TVF *a) {
     const int nb = X->nb;
-    for (int t = 0; t < mt; t++) a[t] = _mm256_setzero_ps();
+    for (int t = 0; t < mt; t++) a[t] = tvf_zero();
     for (int b = 0; b < nb; b++) {
         const prep32 *p = P + b;
-        __m256i is0[MT], is1[MT];
-        for (int t = 0; t < mt; t++) is0[t] = is1[t] = _mm256_setzero_si256();
+        TVI is0[MT], is1[MT];
+        for (int t = 0; t < mt; t++) is0[t] = is1[t] = tvi_zero();
         for (int g = 0; g < 8; g += 2) {
             for (int t = 0; t < mt; t++) {
                 const int8_t *xr = X->q + (size_t)(t0 + t) * X->K + (size_t)b * 32;
-                const __m256i x0 = bcast4(xr + 4 * g), x1 = bcast4(xr + 4 * g + 4);
-#if !VNNI256
-                if (type == 8) {
+                const TVI x0 = tvi_set1(load4(xr + 4 * g)), x1 = tvi_set1(load4(xr + 4 * g + 4));
+#if TL == 8 && !VNNI256
+                if (type == 8) { /* |w| * (x with w's sign) */
                     const __m256i one = _mm256_set1_epi16(1);
                     is0[t] = _mm256_add_epi32(is0[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g], _mm256_sign_epi8(x0, p->t[g])), one));
                     is1[t] = _mm256_add_epi32(is1[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g + 1], _mm256_sign_epi8(x1, p->t[g + 1])), one));
                     continue;
                 }
 #endif
-                is0[t] = DPBUSD(is0[t], p->t[g], x0);
-                is1[t] = DPBUSD(is1[t], p->t[g + 1], x1);
+                is0[t] = tvi_dpbusd(is0[t], p->t[g], x0);
+                is1[t] = tvi_dpbusd(is1[t], p->t[g + 1], x1);
             }
         }
         for (int t = 0; t < mt; t++) {
             const size_t row = (size_t)(t0 + t);
             const float dx = X->d[row * nb + b];
             const int xs = X->s[row * nb + b];
-            __m256i is = _mm256_add_epi32(is0[t], is1[t]);
-            if (type == 2) is = _mm256_sub_epi32(is, _mm256_set1_epi32(8 * xs));
-#if VNNI256
-            if (type == 8) is = _mm256_sub_epi32(is, _mm256_set1_epi32(128 * xs));
+            TVI is = tvi_add(is0[t], is1[t]);
+            if (type == 2) is = tvi_sub(is, tvi_set1(8 * xs));
+#if TL == 16 || VNNI256
+            if (type == 8) is = tvi_sub(is, tvi_set1(128 * xs));
 #endif
-            __m256 term = _mm256_mul_ps(_mm256_mul_ps(p->dw, _mm256_set1_ps(dx)), _mm256_cvtepi32_ps(is));
-            if (type == 3)
-                term = _mm256_add_ps(term, _mm256_mul_ps(_mm256_mul_ps(p->mw, _mm256_set1_ps(dx)),
-                                                         _mm256_set1_ps((float)xs)));
-            a[t] = _mm256_add_ps(a[t], term);
+            TVF term = tvf_mul(tvf_mul(p->dw, tvf_set1(dx)), tvf_cvt(is));
+            if (type == 3) term = tvf_add(term, tvf_mul(tvf_mul(p->mw, tvf_set1(dx)), tvf_set1((float)xs)));
+            a[t] = tvf_add(a[t], term);
         }
     }
 }
 
-static inline __attribute__((always_inline)) void tdot256_n(int type, const prep256 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+static AI void tdot256_n(int type, const prep256 *P, const xq_t *X, int t0, int mt, TVF *a) {
     const int nb = X->nb;
-    for (int t = 0; t < mt; t++) a[t] = _mm256_setzero_ps();
+    for (int t = 0; t < mt; t++) a[t] = tvf_zero();
     for (int b = 0; b < nb; b++) {
         const prep256 *p = P + b;
-        __m256i tot[MT], sub[MT];
+        TVI tot[MT], sub[MT];
         const int8_t *xr[MT];
         for (int t = 0; t < mt; t++) {
-            tot[t] = _mm256_setzero_si256();
+            tot[t] = tvi_zero();
             xr[t] = X->q + (size_t)(t0 + t) * X->K + (size_t)b * 256;
         }
         const int nsub = type == 14 ? 16 : 8, per = type == 14 ? 4 : 8;
         for (int j = 0; j < nsub; j++) {
-            for (int t = 0; t < mt; t++) sub[t] = _mm256_setzero_si256();
+            for (int t = 0; t < mt; t++) sub[t] = tvi_zero();
             for (int g = j * per; g < (j + 1) * per; g++) { /* g: 4-byte group in the block */
-                const __m256i tv = p->t[g];
-                for (int t = 0; t < mt; t++) sub[t] = DPBUSD(sub[t], tv, bcast4(xr[t] + 4 * g));
+                const TVI tv = p->t[g];
+                for (int t = 0; t < mt; t++) sub[t] = tvi_dpbusd(sub[t], tv, tvi_set1(load4(xr[t] + 4 * g)));
             }
-            for (int t = 0; t < mt; t++) tot[t] = _mm256_add_epi32(tot[t], _mm256_mullo_epi32(sub[t], p->sc[j]));
+            for (int t = 0; t < mt; t++) tot[t] = tvi_add(tot[t], tvi_mullo(sub[t], p->sc[j]));
         }
         for (int t = 0; t < mt; t++) {
             /* a pair of the token's sums per madd: Q6_K's -32*sum(sc*xs16) (16-sums, adjacent
              * in memory); Q4_K/Q5_K's mins (32-sums, packed here in scalar registers, which
              * the vector ports, the bottleneck, do not pay for) */
-            __m256i im = _mm256_setzero_si256();
+            TVI im = tvi_zero();
             if (type == 14) {
                 const int16_t *xs16 = X->s16 + (size_t)(t0 + t) * (X->K / 16) + (size_t)b * 16;
-                for (int q = 0; q < 8; q++)
-                    im = _mm256_add_epi32(im, _mm256_madd_epi16(p->scp[q], bcast4((const int8_t *)(xs16 + 2 * q))));
-                tot[t] = _mm256_sub_epi32(tot[t], _mm256_slli_epi32(im, 5));
+                for (int q = 0; q < 8; q++) im = tvi_add(im, tvi_madd16(p->scp[q], tvi_set1(load4(xs16 + 2 * q))));
+                tot[t] = tvi_sub(tot[t], tvi_slli(im, 5));
             } else {
                 const int32_t *xs = X->s + (size_t)(t0 + t) * (X->K / 32) + (size_t)b * 8;
                 for (int q = 0; q < 4; q++) {
                     const uint32_t xp = (uint32_t)(uint16_t)xs[2 * q] | ((uint32_t)xs[2 * q + 1] << 16);
-                    im = _mm256_add_epi32(im, _mm256_madd_epi16(p->scp[q], _mm256_set1_epi32((int32_t)xp)));
+                    im = tvi_add(im, tvi_madd16(p->scp[q], tvi_set1((int32_t)xp)));
                 }
             }
-            const __m256 dx = _mm256_set1_ps(X->d[(size_t)(t0 + t) * nb + b]);
-            a[t] = _mm256_add_ps(a[t], _mm256_mul_ps(_mm256_mul_ps(p->d, dx), _mm256_cvtepi32_ps(tot[t])));
-            if (type != 14)
-                a[t] = _mm256_sub_ps(a[t], _mm256_mul_ps(_mm256_mul_ps(p->dmin, dx), _mm256_cvtepi32_ps(im)));
+            const TVF dx = tvf_set1(X->d[(size_t)(t0 + t) * nb + b]);
+            a[t] = tvf_add(a[t], tvf_mul(tvf_mul(p->d, dx), tvf_cvt(tot[t])));
+            if (type != 14) a[t] = tvf_sub(a[t], tvf_mul(tvf_mul(p->dmin, dx), tvf_cvt(im)));
         }
     }
 }
@@ -1467,39 +1543,39 @@ static inline __attribute__((always_inline)) void tdot256_n(int type, const prep
         }                                               \
         break;
 
-static void tdot32(int type, const prep32 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+static void tdot32(int type, const prep32 *P, const xq_t *X, int t0, int mt, TVF *a) {
     switch (type) { TD_CASE(tdot32, 2) TD_CASE(tdot32, 3) TD_CASE(tdot32, 8) }
 }
 
-static void tdot256(int type, const prep256 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+static void tdot256(int type, const prep256 *P, const xq_t *X, int t0, int mt, TVF *a) {
     switch (type) { TD_CASE(tdot256, 12) TD_CASE(tdot256, 13) TD_CASE(tdot256, 14) }
 }
 #undef TD_CASE
 
-/* output rows [n0, n1) for tokens [0, M) (M >= 4): each tile of 8 rows is prepared once for
+/* output rows [n0, n1) for tokens [0, M) (M >= 4): each tile of TL rows is prepared once for
  * all its blocks (-3 if the buffer for that cannot be had) */
 static int t8_range(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
                     int n0, int n1, float *y, int ldy) {
     const int B = int_block(type), nb = X->nb;
     const size_t bb = (size_t)block_bytes(type);
-    void *buf = aligned_alloc(32, (B == 32 ? sizeof(prep32) : sizeof(prep256)) * nb);
+    void *buf = aligned_alloc(64, (B == 32 ? sizeof(prep32) : sizeof(prep256)) * nb);
     if (!buf) return -3;
-    for (int n = n0; n < n1; n += NR8) {
-        const int nr = n1 - n < NR8 ? n1 - n : NR8;
-        const uint8_t *w[NR8];
-        for (int r = 0; r < NR8; r++) w[r] = base + offsets[n + (r < nr ? r : nr - 1)];
+    for (int n = n0; n < n1; n += TL) {
+        const int nr = n1 - n < TL ? n1 - n : TL;
+        const uint8_t *w[TL];
+        for (int r = 0; r < TL; r++) w[r] = base + offsets[n + (r < nr ? r : nr - 1)];
         for (int b = 0; b < nb; b++) {
             if (B == 32) prep32_block(type, w, b * bb, (prep32 *)buf + b);
             else prep256_block(type, w, b * bb, (prep256 *)buf + b);
         }
-        __m256 a[MT];
+        TVF a[MT];
         for (int t0 = 0; t0 < M; t0 += MT) {
             const int mt = M - t0 < MT ? M - t0 : MT;
             if (B == 32) tdot32(type, (const prep32 *)buf, X, t0, mt, a);
             else tdot256(type, (const prep256 *)buf, X, t0, mt, a);
             for (int t = 0; t < mt; t++) {
-                float o[8];
-                _mm256_storeu_ps(o, a[t]);
+                float o[TL];
+                tvf_store(o, a[t]);
                 for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + n + r] = o[r];
             }
         }
@@ -1509,7 +1585,7 @@ static int t8_range(int type, const xq_t *X, int M, const uint8_t *base, const i
 }
 #endif
 
-/* steps of at least this many tokens take the 8-row path (x86 SIMD builds) */
+/* steps of at least this many tokens take the transposed tiles (x86 SIMD builds) */
 #define T8_MIN_ROWS 4
 
 /* y[:, n0..n1) = the tokens of X against weight rows [n0, n1), with no OpenMP region of its own
@@ -1535,7 +1611,7 @@ int gguf_gemm_int(int type, const float *x, int M, int K, const uint8_t *base,
     if (K % B) return -2;
     xq_t X;
     if (xq_alloc(&X, M, K, B)) return -3;
-    const int units = (N + 7) / 8; /* threads take contiguous rows in units of the widest tile */
+    const int units = (N + 15) / 16; /* threads take contiguous rows in units of the widest tile */
     int rc = 0;
 #pragma omp parallel num_threads(n_threads)
     {
@@ -1547,7 +1623,7 @@ int gguf_gemm_int(int type, const float *x, int M, int K, const uint8_t *base,
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) quantize_rows(x, m, m + 1, &X);
         const int u0 = (int)((int64_t)units * tid / nth), u1 = (int)((int64_t)units * (tid + 1) / nth);
-        const int n0 = 8 * u0, n1 = 8 * u1 < N ? 8 * u1 : N;
+        const int n0 = 16 * u0, n1 = 16 * u1 < N ? 16 * u1 : N;
         if (n0 < n1) {
             const int r = gemm_int_range(type, &X, M, base, offsets, n0, n1, y, ldy);
             if (r) {
