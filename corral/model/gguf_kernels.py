@@ -15,7 +15,8 @@ Two kinds of arithmetic, chosen per model (`math`, default from $CORRAL_GGUF_MAT
   16/32-value sums for the K-quants) and dotted against the weight blocks in exact int32, the
   block scales applied in fp32; steps of every size (decode and prefill) run this kernel:
   decode-sized steps in tiles of 4 weight rows (each row's block unpacked once in registers,
-  the 4 rows reduced together), larger steps on x86 in transposed tiles of 8 rows. The
+  the 4 rows reduced together), larger steps (from 10 tokens, 24 for K-quants) on x86 in
+  transposed tiles of 16 rows (AVX-512 VNNI) or 8. The
   activations' rounding changes the numbers: logits differ from the dequantized fp32
   reference by ~1e-2 of their spread (tests bound it). All SIMD variants (x86 and aarch64)
   and the portable build give bit-identical results.

@@ -6,8 +6,8 @@ model), unsupported types refused by name, and SmolLM2's greedy output equal to 
 (The aarch64 builds are checked against the x86 portable build in test_gguf_aarch64.py.)
 
 The int8 path (activations quantized to 8 bits, integer dot products): bit-identical across
-the SIMD variants and the portable build and across step sizes (the small-step and 8-row tile
-code), equal to a numpy emulation of its arithmetic up to fp32 rounding, within a stated
+the SIMD variants and the portable build and across step sizes (the small tiles and the
+transposed tiles), equal to a numpy emulation of its arithmetic up to fp32 rounding, within a stated
 tolerance of the fp32 reference, and SmolLM2's perplexity within 1% of the exact path's."""
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_int8_path_every_type_and_variant(libs, kind):
     w = gk.PackedWeight.from_rows(kind, rows)
     assert w.int_path()
     ref_w = dequantize(rows, GGMLQuantizationType[kind]).reshape(n, k).astype(np.float64)
-    x = torch.randn(9, k, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(30, k, generator=torch.Generator().manual_seed(3))
     x[2, 5] = 40.0  # an outlier: its block's other values lose precision, as in llama.cpp
     x[4, :256] = 0.0  # an all-zero block
     exact = x.double().numpy() @ ref_w.T
@@ -128,8 +128,11 @@ def test_int8_path_every_type_and_variant(libs, kind):
         ys[variant] = y
         np.testing.assert_allclose(y.numpy(), emulated, rtol=0, atol=1e-5 * scale)
         assert np.abs(y.numpy() - exact).max() < 0.03 * scale, variant
-        for i in range(0, 9, 4):  # steps of 1-3 tokens (small-step code) give the same rows
+        # 30 tokens take the transposed tiles (SIMD builds), steps of 1-3 the small tiles, 12
+        # either (by type): every step size gives the same rows
+        for i in range(0, 30, 4):
             assert torch.equal(gk.gguf_matmul(lib, x[i:i + 3], w, math="int8"), y[i:i + 3])
+        assert torch.equal(gk.gguf_matmul(lib, x[:12], w, math="int8"), y[:12])
         assert torch.equal(gk.gguf_matmul(lib, x, w, num_threads=1, math="int8"), y)
     first = next(iter(ys.values()))
     for variant, y in ys.items():

@@ -1585,8 +1585,11 @@ static int t8_range(int type, const xq_t *X, int M, const uint8_t *base, const i
 }
 #endif
 
-/* steps of at least this many tokens take the transposed tiles (x86 SIMD builds) */
-#define T8_MIN_ROWS 4
+/* Steps of at least this many tokens take the transposed tiles (x86 SIMD builds): preparing a
+ * tile costs more than the small tiles' per-token unpacking below that (measured, 1B shapes,
+ * 1 thread: K-quants 4x slower with the transposed tiles at 4 tokens, 0.75x at 16, 1.15-1.6x
+ * faster from 32; 32-value types 0.8-0.9x at 8, 1.1-1.8x faster at 10-12 but for Q8_0). */
+static int t8_min_rows(int type) { return int_block(type) == 256 ? 24 : 10; }
 
 /* y[:, n0..n1) = the tokens of X against weight rows [n0, n1), with no OpenMP region of its own
  * (the caller splits rows between threads). Returns 0, -1 for a type without an integer path,
@@ -1595,7 +1598,7 @@ int gemm_int_range(int type, const xq_t *X, int M, const uint8_t *base, const in
                    int n0, int n1, float *y, int ldy) {
     if (!int_block(type) || X->K % int_block(type)) return -1;
 #if INT_SIMD
-    if (M >= T8_MIN_ROWS) return t8_range(type, X, M, base, offsets, n0, n1, y, ldy);
+    if (M >= t8_min_rows(type)) return t8_range(type, X, M, base, offsets, n0, n1, y, ldy);
 #endif
     gv_range(type, X, M, base, offsets, n0, n1, y, ldy);
     return 0;
