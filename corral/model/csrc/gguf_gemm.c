@@ -569,21 +569,6 @@ static inline void k_scales(int type, const uint8_t *blk, kscales *k) {
     }
 }
 
-/* one block's weight scales for the fp32 step: dw (Q4_K..Q6_K: d) and mw (Q4_1: m, Q4_K/Q5_K:
- * dmin, else 0) */
-static inline void blk_scales(int type, const uint8_t *blk, float *dw, float *mw) {
-    *dw = fp16_to_fp32(blk + (type == 14 ? 208 : 0));
-    *mw = type == 3 || type == 12 || type == 13 ? fp16_to_fp32(blk + 2) : 0.0f;
-}
-
-/* the fp32 step of one (row, token, block); is/im as in the formulas above (im: Q4_1 xs,
- * Q4_K/Q5_K the mins sum; Q4_0's -8*xs is already in is) */
-static inline float blk_step(int type, float acc, float dw, float mw, float dx, int is, int im) {
-    if (type == 3) return acc + ((dw * dx) * (float)is + (mw * dx) * (float)im);
-    if (type == 12 || type == 13) return acc + (dw * dx) * (float)is - (mw * dx) * (float)im;
-    return acc + (dw * dx) * (float)is;
-}
-
 /* the exact integer sums of one weight block against one token's activation block (plain C:
  * the reference every SIMD path must equal); xq/xs/xs16 point at the token's block */
 static inline void blk_int(int type, const uint8_t *blk, const int8_t *xq, const int32_t *xs,
@@ -1182,7 +1167,7 @@ static AI void gv_tile(const int type, const int mt, const uint8_t *const w[NR],
         V4F dw, mw = v4f_zero();
         if (has_m) load4_dm(w, at, &dw, &mw);
         else dw = load4_fp16(w, at + (type == 14 ? 208 : 0));
-        for (int t = 0; t < mt; t++) { /* blk_step on 4 rows */
+        for (int t = 0; t < mt; t++) { /* the fp32 step of the formulas above, on 4 rows */
             const V4F dx = v4f_set1(X->d[(size_t)(t0 + t) * nb + b]);
             const V4F ti = v4f_mul(v4f_mul(dw, dx), v4f_cvt(is[t]));
             if (type == 3)
@@ -1589,7 +1574,9 @@ static int t8_range(int type, const xq_t *X, int M, const uint8_t *base, const i
  * tile costs more than the small tiles' per-token unpacking below that (measured, 1B shapes,
  * 1 thread: K-quants 4x slower with the transposed tiles at 4 tokens, 0.75x at 16, 1.15-1.6x
  * faster from 32; 32-value types 0.8-0.9x at 8, 1.1-1.8x faster at 10-12 but for Q8_0). */
+#if INT_SIMD
 static int t8_min_rows(int type) { return int_block(type) == 256 ? 24 : 10; }
+#endif
 
 /* y[:, n0..n1) = the tokens of X against weight rows [n0, n1), with no OpenMP region of its own
  * (the caller splits rows between threads). Returns 0, -1 for a type without an integer path,
