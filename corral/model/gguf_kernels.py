@@ -16,10 +16,10 @@ Two kinds of arithmetic, chosen per model (`math`, default from $CORRAL_GGUF_MAT
   block scales applied in fp32; steps of every size (decode and prefill) run this kernel:
   decode-sized steps in tiles of 4 weight rows (each row's block unpacked once in registers,
   the 4 rows reduced together), larger steps (from 10 tokens, 24 for K-quants) on x86 in
-  transposed tiles of 16 rows (AVX-512 VNNI) or 8. The
-  activations' rounding changes the numbers: logits differ from the dequantized fp32
-  reference by ~1e-2 of their spread (tests bound it). All SIMD variants (x86 and aarch64)
-  and the portable build give bit-identical results.
+  transposed tiles of 16 rows (AVX-512 VNNI) or 8. The activations' rounding changes the
+  numbers: logits differ from the dequantized fp32 reference by ~1e-2 of their spread (tests
+  bound it). All SIMD variants (x86 and aarch64) and the portable build give bit-identical
+  results.
 - "fp32" (the exact rebuild, and F32/F16/BF16 weights in either mode): steps of at most
   `max_rows` tokens dequantize 4 weight rows at a time into L1 and dot fp32 activations
   against them; larger steps dequantize panels of rows for torch's GEMM. Each weight is rebuilt
