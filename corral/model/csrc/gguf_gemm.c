@@ -569,10 +569,45 @@ static inline void k_scales(int type, const uint8_t *blk, kscales *k) {
     }
 }
 
-/* the exact integer sums of one weight block against one token's activation block (plain C:
- * the reference every SIMD path must equal); xq/xs/xs16 point at the token's block */
-static inline void blk_int(int type, const uint8_t *blk, const int8_t *xq, const int32_t *xs,
-                           const int16_t *xs16, int *is, int *im) {
+/* One weight block in plain C, the reference every SIMD path must equal. K-quants are first
+ * unpacked (blk_unpack: u the 256 values in order, unsigned, Q6_K's as q+32; sc the scales,
+ * mn the mins), then dotted per token (blk_int); 32-value types are read in place. */
+static AI void blk_unpack(int type, const uint8_t *blk, uint8_t *u, int *sc, int *mn) {
+    if (type == 14) {
+        const uint8_t *ql = blk, *qh = blk + 128;
+        for (int c = 0; c < 8; c++) { /* 32 values: c/4 picks the half, c%4 the bit pair */
+            const uint8_t *lo = ql + (c / 4) * 64 + (c % 2) * 32, *hi = qh + (c / 4) * 32;
+            const int lshift = ((c / 2) % 2) * 4, hshift = 2 * (c % 4);
+            for (int l = 0; l < 32; l++)
+                u[c * 32 + l] = (uint8_t)(((lo[l] >> lshift) & 15) | (((hi[l] >> hshift) & 3) << 4));
+        }
+        for (int j = 0; j < 16; j++) sc[j] = ((const int8_t *)(blk + 192))[j];
+        return;
+    }
+    uint32_t w32[4];
+    uint8_t sm[16];
+    k_scales16(blk, w32);
+    memcpy(sm, w32, 16);
+    for (int s = 0; s < 8; s++) {
+        sc[s] = sm[s];
+        mn[s] = sm[8 + s];
+    }
+    const uint8_t *qs = blk + (type == 12 ? 16 : 48), *qh = blk + 16;
+    for (int s = 0; s < 8; s++) {
+        const uint8_t *q = qs + (s / 2) * 32;
+        const int shift = (s & 1) * 4;
+        for (int l = 0; l < 32; l++) {
+            int v = (q[l] >> shift) & 15;
+            if (type == 13) v |= ((qh[l] >> s) & 1) << 4;
+            u[s * 32 + l] = (uint8_t)v;
+        }
+    }
+}
+
+/* the exact integer sums of one block against one token's activation block: blk the block
+ * (32-value types) or u/sc/mn from blk_unpack (K-quants); xq/xs/xs16 the token's block */
+static AI void blk_int(int type, const uint8_t *blk, const uint8_t *u, const int *sc, const int *mn,
+                       const int8_t *xq, const int32_t *xs, const int16_t *xs16, int *is, int *im) {
     int a = 0, m = 0;
     if (type == 2 || type == 3) {
         const uint8_t *q = blk + (type == 2 ? 2 : 4);
@@ -583,35 +618,17 @@ static inline void blk_int(int type, const uint8_t *blk, const int8_t *xq, const
         const int8_t *q = (const int8_t *)(blk + 2);
         for (int j = 0; j < 32; j++) a += q[j] * xq[j];
     } else if (type == 14) {
-        const uint8_t *ql = blk, *qh = blk + 128;
-        const int8_t *sc = (const int8_t *)(blk + 192);
-        for (int c = 0; c < 8; c++) { /* 32 values: c/4 picks the half, c%4 the bit pair */
-            const uint8_t *lo = ql + (c / 4) * 64 + (c % 2) * 32, *hi = qh + (c / 4) * 32;
-            const int lshift = ((c / 2) % 2) * 4, hshift = 2 * (c % 4);
-            for (int h = 0; h < 2; h++) {
-                int d16 = 0;
-                for (int l = 16 * h; l < 16 * h + 16; l++)
-                    d16 += (((lo[l] >> lshift) & 15) | (((hi[l] >> hshift) & 3) << 4)) * xq[c * 32 + l];
-                a += sc[2 * c + h] * (d16 - 32 * xs16[2 * c + h]);
-            }
+        for (int j = 0; j < 16; j++) {
+            int d16 = 0;
+            for (int l = 0; l < 16; l++) d16 += u[16 * j + l] * xq[16 * j + l];
+            a += sc[j] * (d16 - 32 * xs16[j]);
         }
     } else { /* Q4_K, Q5_K */
-        uint32_t u[4];
-        uint8_t sm[16];
-        k_scales16(blk, u);
-        memcpy(sm, u, 16);
-        const uint8_t *qs = blk + (type == 12 ? 16 : 48), *qh = blk + 16;
         for (int s = 0; s < 8; s++) {
-            const uint8_t *q = qs + (s / 2) * 32;
-            const int shift = (s & 1) * 4;
             int d32 = 0;
-            for (int l = 0; l < 32; l++) {
-                int v = (q[l] >> shift) & 15;
-                if (type == 13) v |= ((qh[l] >> s) & 1) << 4;
-                d32 += v * xq[s * 32 + l];
-            }
-            a += sm[s] * d32;
-            m += sm[8 + s] * xs[s];
+            for (int l = 0; l < 32; l++) d32 += u[32 * s + l] * xq[32 * s + l];
+            a += sc[s] * d32;
+            m += mn[s] * xs[s];
         }
     }
     *is = a;
@@ -1123,11 +1140,16 @@ static inline void load4_dm(const uint8_t *const *w, size_t at, V4F *d, V4F *m) 
     *m = load4_fp16(w, at + 2);
 }
 
-static inline void tile_block_c(int type, int mt, const uint8_t *const w[NR], size_t at,
-                                const int8_t *const xb[MR], const int32_t *const xs[MR],
-                                const int16_t *const xs16[MR], V4I is[MR], V4I im[MR]) {
-    for (int t = 0; t < mt; t++)
-        for (int r = 0; r < NR; r++) blk_int(type, w[r] + at, xb[t], xs[t], xs16[t], &is[t].v[r], &im[t].v[r]);
+static AI void tile_block_c(int type, int mt, const uint8_t *const w[NR], size_t at,
+                            const int8_t *const xb[MR], const int32_t *const xs[MR],
+                            const int16_t *const xs16[MR], V4I is[MR], V4I im[MR]) {
+    uint8_t u[256];
+    int sc[16], mn[8];
+    for (int r = 0; r < NR; r++) {
+        if (int_block(type) == 256) blk_unpack(type, w[r] + at, u, sc, mn); /* once per row */
+        for (int t = 0; t < mt; t++)
+            blk_int(type, w[r] + at, u, sc, mn, xb[t], xs[t], xs16[t], &is[t].v[r], &im[t].v[r]);
+    }
 }
 #define tile_block tile_block_c
 #endif
