@@ -81,6 +81,13 @@ def copies(w: gk.PackedWeight, total_mb: float) -> list[gk.PackedWeight]:
     return [gk.PackedWeight.from_rows(w.kind, big[i * w.n:(i + 1) * w.n]) for i in range(n)]
 
 
+def cols(res: dict, prefix: str, names: list[str], ratio: bool) -> str:
+    """The row's figures for `prefix` ("decode_gbs", "prefill_gflops") per path, and new/old."""
+    keys = [f"{prefix}_{n}" for n in names] + ([f"{prefix.split('_')[0]}_ratio"] if ratio else [])
+    return " ".join(format(res[key], "6.2f" if key.endswith("ratio") else "6.1f")
+                    if key in res else "     -" for key in keys)
+
+
 def best(fn, reps: int, cpu: bool) -> float:
     clock = time.thread_time if cpu else time.perf_counter
     fn()  # warm: pages, caches, the library's first call
@@ -170,24 +177,21 @@ def main() -> None:
                     paths["torch"] = lambda x, w, d=dense: torch.nn.functional.linear(x, d)
                 for name, fn in paths.items():
                     cyc = cycle if name != "torch" else itertools.repeat(w)
-                    sec = best(lambda f=fn, c=cyc: f(x1, next(c)), 4 * args.reps, args.cpu_time)
+                    sec = best(lambda f=fn, c=cyc, x=x1: f(x, next(c)), 4 * args.reps,
+                               args.cpu_time)
                     res[f"decode_gbs_{name}"] = w.nbytes / sec / 1e9
                     if not args.no_prefill:
-                        sec = best(lambda f=fn: f(xp, w), max(1, args.reps // 2), args.cpu_time)
+                        sec = best(lambda f=fn, x=xp, w=w: f(x, w), max(1, args.reps // 2),
+                                   args.cpu_time)
                         res[f"prefill_gflops_{name}"] = flops / sec / 1e9
                 if other:
                     res["decode_ratio"] = res["decode_gbs_int8"] / res["decode_gbs_old"]
                     if not args.no_prefill:
                         res["prefill_ratio"] = res["prefill_gflops_int8"] / res["prefill_gflops_old"]
                 rows.append(res)
-
-                def cols(kind: str) -> str:
-                    keys = [f"{kind}_{n}" for n in names] + ([f"{kind.split('_')[0]}_ratio"]
-                                                             if other else [])
-                    return " ".join(format(res[key], "6.2f" if key.endswith("ratio") else "6.1f")
-                                    if key in res else "     -" for key in keys)
-                print(f"{kind:5} {res['shape']:20} | decode GB/s: {cols('decode_gbs')} | "
-                      f"prefill GFLOP/s: {cols('prefill_gflops')}", flush=True)
+                print(f"{kind:5} {res['shape']:20} | decode GB/s: "
+                      f"{cols(res, 'decode_gbs', names, bool(other))} | prefill GFLOP/s: "
+                      f"{cols(res, 'prefill_gflops', names, bool(other))}", flush=True)
     print(json.dumps({"variant": variant, "threads": nt, "cpu_time": args.cpu_time,
                       "decode_rows": args.decode_rows, "cold_mb": args.cold,
                       "against": args.against, "load_end": loadavg(), "hardware": hardware(),
