@@ -12,6 +12,8 @@ tolerance of the fp32 reference, and SmolLM2's perplexity within 1% of the exact
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -137,6 +139,52 @@ def test_int8_path_every_type_and_variant(libs, kind):
     first = next(iter(ys.values()))
     for variant, y in ys.items():
         assert torch.equal(y, first), variant  # bit for bit
+
+
+class XQ(ctypes.Structure):
+    """gguf_gemm.c's xq_t: one matmul's quantized activations."""
+
+    _fields_ = [("K", ctypes.c_int), ("nb", ctypes.c_int), ("q", ctypes.c_void_p),
+                ("d", ctypes.c_void_p), ("s", ctypes.c_void_p), ("s16", ctypes.c_void_p)]
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q6_K"])
+def test_row_range_entry_points_match_gguf_gemm_int(libs, kind):
+    """The library's entry points for callers that split work themselves (a fused decode step):
+    quant_row over column ranges of each row, then gemm_int_range over row ranges (y at column
+    n0, with the caller's scratch and without), give gguf_gemm_int's bytes, in both tile kinds
+    (1 token: small tiles; 30: transposed tiles on x86 SIMD builds)."""
+    n, k = 19, 512
+    w = gk.PackedWeight.from_rows(kind, random_rows(kind, n, k, seed=4))
+    block = gk.INT_BLOCK[w.type_id]
+    p, i32 = ctypes.c_void_p, ctypes.c_int
+    for variant, lib in libs.items():
+        lib.xq_alloc.argtypes = [p, i32, i32, i32]
+        lib.xq_free.argtypes = [p]
+        lib.quant_row.argtypes = [p, i32, i32, p, p, p, p]
+        lib.gemm_int_work_bytes.argtypes = [i32, i32, i32]
+        lib.gemm_int_work_bytes.restype = ctypes.c_size_t
+        lib.gemm_int_range.argtypes = [i32, p, i32, p, p, i32, i32, p, i32, p]
+        for m in (1, 30):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            ref = gk.gguf_matmul(lib, x, w, math="int8")
+            X = XQ()
+            assert lib.xq_alloc(ctypes.byref(X), m, k, block) == 0
+            for i in range(m):
+                for j0, j1 in ((0, 256), (256, 512)):
+                    lib.quant_row(x.data_ptr() + 4 * (i * k + j0), j1 - j0, block,
+                                  X.q + i * k + j0, X.d + 4 * (i * (k // block) + j0 // block),
+                                  X.s + 4 * (i * (k // 32) + j0 // 32),
+                                  X.s16 + 2 * (i * (k // 16) + j0 // 16) if X.s16 else None)
+            size = lib.gemm_int_work_bytes(w.type_id, k, m)
+            scratch = np.empty(size + 64, np.uint8)
+            work = scratch.ctypes.data + (-scratch.ctypes.data) % 64 if size else None
+            y = torch.full((m, n), float("nan"))
+            for (n0, n1), buf in (((0, 7), work), ((7, n), None)):
+                assert lib.gemm_int_range(w.type_id, ctypes.byref(X), m, w.base_ptr, w.offsets_ptr,
+                                          n0, n1, y.data_ptr() + 4 * n0, n, buf) == 0
+            lib.xq_free(ctypes.byref(X))
+            assert torch.equal(y, ref), (variant, m)
 
 
 def test_int8_path_leaves_float_types_on_fp32(lib):

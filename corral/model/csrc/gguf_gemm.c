@@ -376,9 +376,10 @@ const char *gguf_isa(void) {
  * parts of one sum): every x86 variant, both NEON variants and the portable build give
  * bit-identical results.
  *
- * Entry points inside the library (no OpenMP region of their own, for callers that split rows
- * themselves): xq_alloc/xq_free, quantize_rows (activation rows [m0, m1) -> xq_t) and
- * gemm_int_range (output rows [n0, n1) for all M tokens from an xq_t).
+ * Entry points inside the library (no OpenMP region of their own, for callers that split work
+ * themselves): xq_alloc/xq_free; quantize_rows (activation rows [m0, m1) -> xq_t) or quant_row
+ * (any block-aligned range of one row); gemm_int_range (output rows [n0, n1) for all M tokens
+ * from an xq_t, with gemm_int_work_bytes of scratch).
  *
  * Small steps (decode, M < 4 on x86, every M elsewhere): tiles of NR=4 weight rows x up to MR=4
  * tokens. Per block, each row's block is unpacked once in registers and dotted against each
@@ -509,29 +510,29 @@ static void quant_block(const float *xb, int B, int8_t *q, float *d) {
 #endif
 }
 
+/* n activations (a whole row or a range of it, n a multiple of B) into n int8, n/B scales d,
+ * n/32 sums s and, when s16 is given, n/16 sums s16 */
+void quant_row(const float *x, int n, int B, int8_t *q, float *d, int32_t *s, int16_t *s16) {
+    for (int b = 0; b < n / B; b++) quant_block(x + (size_t)b * B, B, q + (size_t)b * B, d + b);
+    for (int j = 0; j < n / 32; j++) {
+        int t = 0;
+        for (int i = 0; i < 32; i++) t += q[j * 32 + i];
+        s[j] = t;
+    }
+    if (s16)
+        for (int j = 0; j < n / 16; j++) {
+            int t = 0;
+            for (int i = 0; i < 16; i++) t += q[j * 16 + i];
+            s16[j] = (int16_t)t;
+        }
+}
+
 /* rows [m0, m1) of x [*, K] into X (the same rows of its buffers) */
 void quantize_rows(const float *x, int m0, int m1, xq_t *X) {
     const int K = X->K, B = K / X->nb;
-    for (int m = m0; m < m1; m++) {
-        const float *xr = x + (size_t)m * K;
-        int8_t *q = X->q + (size_t)m * K;
-        for (int b = 0; b < X->nb; b++)
-            quant_block(xr + (size_t)b * B, B, q + (size_t)b * B, X->d + (size_t)m * X->nb + b);
-        int32_t *s = X->s + (size_t)m * (K / 32);
-        for (int j = 0; j < K / 32; j++) {
-            int t = 0;
-            for (int i = 0; i < 32; i++) t += q[j * 32 + i];
-            s[j] = t;
-        }
-        if (X->s16) {
-            int16_t *s16 = X->s16 + (size_t)m * (K / 16);
-            for (int j = 0; j < K / 16; j++) {
-                int t = 0;
-                for (int i = 0; i < 16; i++) t += q[j * 16 + i];
-                s16[j] = (int16_t)t;
-            }
-        }
-    }
+    for (int m = m0; m < m1; m++)
+        quant_row(x + (size_t)m * K, K, B, X->q + (size_t)m * K, X->d + (size_t)m * X->nb,
+                  X->s + (size_t)m * (K / 32), X->s16 ? X->s16 + (size_t)m * (K / 16) : 0);
 }
 
 /* Q4_K/Q5_K: the 8 6-bit scales and mins, unpacked with 32-bit masks as ggml does (the same
@@ -1222,7 +1223,7 @@ static void gv_dispatch(int type, int mt, const uint8_t *const w[NR], const uint
 }
 #undef GV_CASE
 
-/* output rows [n0, n1) for tokens [0, M), small tiles */
+/* output rows [n0, n1) for tokens [0, M), small tiles; y at column n0 */
 static void gv_range(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
                      int n0, int n1, float *y, int ldy) {
     for (int c0 = 0; c0 < M; c0 += TCHUNK) {
@@ -1239,7 +1240,7 @@ static void gv_range(int type, const xq_t *X, int M, const uint8_t *base, const 
                 const int mt = c1 - t0 < MR ? c1 - t0 : MR;
                 gv_dispatch(type, mt, w, nw, X, t0, out);
                 for (int t = 0; t < mt; t++)
-                    for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + n + r] = out[t][r];
+                    for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + (n - n0) + r] = out[t][r];
             }
         }
     }
@@ -1559,14 +1560,12 @@ static void tdot256(int type, const prep256 *P, const xq_t *X, int t0, int mt, T
 }
 #undef TD_CASE
 
-/* output rows [n0, n1) for tokens [0, M) (M >= 4): each tile of TL rows is prepared once for
- * all its blocks (-3 if the buffer for that cannot be had) */
-static int t8_range(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
-                    int n0, int n1, float *y, int ldy) {
+/* output rows [n0, n1) for tokens [0, M) into y (at column n0): each tile of TL rows is
+ * prepared once for all its blocks into buf (t8_work_bytes) */
+static void t8_range(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
+                     int n0, int n1, float *y, int ldy, void *buf) {
     const int B = int_block(type), nb = X->nb;
     const size_t bb = (size_t)block_bytes(type);
-    void *buf = aligned_alloc(64, (B == 32 ? sizeof(prep32) : sizeof(prep256)) * nb);
-    if (!buf) return -3;
     for (int n = n0; n < n1; n += TL) {
         const int nr = n1 - n < TL ? n1 - n : TL;
         const uint8_t *w[TL];
@@ -1583,12 +1582,15 @@ static int t8_range(int type, const xq_t *X, int M, const uint8_t *base, const i
             for (int t = 0; t < mt; t++) {
                 float o[TL];
                 tvf_store(o, a[t]);
-                for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + n + r] = o[r];
+                for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + (n - n0) + r] = o[r];
             }
         }
     }
-    free(buf);
-    return 0;
+}
+
+static size_t t8_work_bytes(int type, int K) {
+    const size_t per = int_block(type) == 32 ? sizeof(prep32) : sizeof(prep256);
+    return per * (size_t)(K / int_block(type));
 }
 #endif
 
@@ -1600,15 +1602,33 @@ static int t8_range(int type, const xq_t *X, int M, const uint8_t *base, const i
 static int t8_min_rows(int type) { return int_block(type) == 256 ? 24 : 10; }
 #endif
 
-/* y[:, n0..n1) = the tokens of X against weight rows [n0, n1), with no OpenMP region of its own
- * (the caller splits rows between threads). Returns 0, -1 for a type without an integer path,
- * -3 if out of memory. */
+/* Bytes of scratch gemm_int_range wants for this type, K and step size (0: none). */
+size_t gemm_int_work_bytes(int type, int K, int M) {
+    if (!int_block(type) || K % int_block(type)) return 0;
+#if INT_SIMD
+    if (M >= t8_min_rows(type)) return t8_work_bytes(type, K);
+#endif
+    (void)M;
+    return 0;
+}
+
+/* The tokens of X against weight rows [n0, n1): y[t * ldy + (n - n0)] for t < M, with no
+ * OpenMP region of its own (the caller splits rows between threads). work: NULL (allocated
+ * here when needed) or gemm_int_work_bytes(type, K, M) bytes aligned to 64. Returns 0, -1 for
+ * a type without an integer path, -3 if out of memory. */
 int gemm_int_range(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
-                   int n0, int n1, float *y, int ldy) {
+                   int n0, int n1, float *y, int ldy, void *work) {
     if (!int_block(type) || X->K % int_block(type)) return -1;
 #if INT_SIMD
-    if (M >= t8_min_rows(type)) return t8_range(type, X, M, base, offsets, n0, n1, y, ldy);
+    if (M >= t8_min_rows(type)) {
+        void *buf = work ? work : aligned_alloc(64, t8_work_bytes(type, X->K));
+        if (!buf) return -3;
+        t8_range(type, X, M, base, offsets, n0, n1, y, ldy, buf);
+        if (!work) free(buf);
+        return 0;
+    }
 #endif
+    (void)work;
     gv_range(type, X, M, base, offsets, n0, n1, y, ldy);
     return 0;
 }
@@ -1637,7 +1657,7 @@ int gguf_gemm_int(int type, const float *x, int M, int K, const uint8_t *base,
         const int u0 = (int)((int64_t)units * tid / nth), u1 = (int)((int64_t)units * (tid + 1) / nth);
         const int n0 = 16 * u0, n1 = 16 * u1 < N ? 16 * u1 : N;
         if (n0 < n1) {
-            const int r = gemm_int_range(type, &X, M, base, offsets, n0, n1, y, ldy);
+            const int r = gemm_int_range(type, &X, M, base, offsets, n0, n1, y + n0, ldy, 0);
             if (r) {
 #pragma omp atomic write
                 rc = r;
