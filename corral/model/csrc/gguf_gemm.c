@@ -1168,7 +1168,7 @@ static AI void tile_block(const int type, const int mt, const uint8_t *const w[N
  * (prefetched: 4 short row streams at a time defeat the hardware prefetcher from DRAM) */
 static AI void gv_tile(const int type, const int mt, const uint8_t *const w[NR],
                        const uint8_t *const nw[NR], const xq_t *X, int t0, float out[MR][NR]) {
-    const int K = X->K, nb = X->nb, B = K / nb, bb = block_bytes(type);
+    const int K = X->K, nb = X->nb, B = int_block(type), bb = block_bytes(type);
     const int has_m = type == 3 || type == 12 || type == 13;
     const int8_t *xb[MR];
     const int32_t *xs[MR];
