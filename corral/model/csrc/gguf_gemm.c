@@ -1465,20 +1465,33 @@ static AI void tdot32_n(int type, const prep32 *P, const xq_t *X, int t0, int mt
         const prep32 *p = P + b;
         TVI is0[MT], is1[MT];
         for (int t = 0; t < mt; t++) is0[t] = is1[t] = tvi_zero();
-        for (int g = 0; g < 8; g += 2) {
+#if TL == 8 && !VNNI256
+        if (type != 8) { /* 4-bit values: the 8 groups' maddubs pairs summed in int16 (<= 16 *
+                          * 15 * 127), one madd to int32 */
+            __m256i p16[MT];
+            for (int g = 0; g < 8; g++) {
+                const __m256i tv = p->t[g];
+                for (int t = 0; t < mt; t++) {
+                    const int8_t *xr = X->q + (size_t)(t0 + t) * X->K + (size_t)b * 32;
+                    const __m256i m = _mm256_maddubs_epi16(tv, tvi_set1(load4(xr + 4 * g)));
+                    p16[t] = g ? _mm256_add_epi16(p16[t], m) : m;
+                }
+            }
+            for (int t = 0; t < mt; t++) is0[t] = _mm256_madd_epi16(p16[t], _mm256_set1_epi16(1));
+        }
+#endif
+        for (int g = 0; g < 8 && (TL == 16 || VNNI256 || type == 8); g += 2) {
             for (int t = 0; t < mt; t++) {
                 const int8_t *xr = X->q + (size_t)(t0 + t) * X->K + (size_t)b * 32;
                 const TVI x0 = tvi_set1(load4(xr + 4 * g)), x1 = tvi_set1(load4(xr + 4 * g + 4));
-#if TL == 8 && !VNNI256
-                if (type == 8) { /* |w| * (x with w's sign) */
-                    const __m256i one = _mm256_set1_epi16(1);
-                    is0[t] = _mm256_add_epi32(is0[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g], _mm256_sign_epi8(x0, p->t[g])), one));
-                    is1[t] = _mm256_add_epi32(is1[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g + 1], _mm256_sign_epi8(x1, p->t[g + 1])), one));
-                    continue;
-                }
-#endif
+#if TL == 8 && !VNNI256 /* Q8_0: |w| * (x with w's sign) */
+                const __m256i one = _mm256_set1_epi16(1);
+                is0[t] = _mm256_add_epi32(is0[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g], _mm256_sign_epi8(x0, p->t[g])), one));
+                is1[t] = _mm256_add_epi32(is1[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g + 1], _mm256_sign_epi8(x1, p->t[g + 1])), one));
+#else
                 is0[t] = tvi_dpbusd(is0[t], p->t[g], x0);
                 is1[t] = tvi_dpbusd(is1[t], p->t[g + 1], x1);
+#endif
             }
         }
         for (int t = 0; t < mt; t++) {
