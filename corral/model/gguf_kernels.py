@@ -13,19 +13,22 @@ Two kinds of arithmetic, chosen per model (`math`, default from $CORRAL_GGUF_MAT
 - "int8" (Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K, as llama.cpp does it): each activation row is
   quantized once per matmul to 8-bit blocks (per 32 values for the 32-value types, per 256 with
   16/32-value sums for the K-quants) and dotted against the weight blocks in exact int32, the
-  block scales applied in fp32; steps of every size (decode and prefill) run this kernel, tiles
-  of 4 weight rows x 4 tokens. The activations' rounding changes the numbers: logits differ
-  from the dequantized fp32 reference by ~1e-2 of their spread (tests bound it). All SIMD
-  variants and the portable build give bit-identical results.
+  block scales applied in fp32; steps of every size (decode and prefill) run this kernel:
+  decode-sized steps in tiles of 4 weight rows (each row's block unpacked once in registers,
+  the 4 rows reduced together), larger steps (from 10 tokens, 24 for K-quants) on x86 in
+  transposed tiles of 16 rows (AVX-512 VNNI) or 8. The activations' rounding changes the
+  numbers: logits differ from the dequantized fp32 reference by ~1e-2 of their spread (tests
+  bound it). All SIMD variants (x86 and aarch64) and the portable build give bit-identical
+  results.
 - "fp32" (the exact rebuild, and F32/F16/BF16 weights in either mode): steps of at most
   `max_rows` tokens dequantize 4 weight rows at a time into L1 and dot fp32 activations
   against them; larger steps dequantize panels of rows for torch's GEMM. Each weight is rebuilt
   exactly as gguf's numpy dequantizer (and transformers, which uses it) does, so logits differ
   from transformers' dequantized model only by the order of the sums.
 
-The kernels are compiled per instruction set (AVX-512+VNNI, AVX-512, AVX2+FMA+F16C, a portable
-build; -march=native elsewhere, e.g. ARM) and the variant is picked at run time from the CPU's
-flags.
+The kernels are compiled per instruction set (x86: AVX-512+VNNI, AVX-512, AVX2+AVX-VNNI,
+AVX2+FMA+F16C and a portable build; aarch64: NEON with sdot, plain NEON; -march=native
+elsewhere) and the variant is picked at run time from the CPU's flags.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import ctypes
 import os
 import platform
 import struct
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +68,12 @@ COMMON_CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off"]
 VARIANT_CFLAGS = {
     "avx512vnni": ["-march=x86-64-v4", "-mavx512vnni", "-mtune=native"],
     "avx512": ["-march=x86-64-v4", "-mtune=native"],
+    "avxvnni": ["-march=x86-64-v3", "-mavxvnni", "-mtune=native"],  # Alder Lake+, Zen 5 laptops
     "avx2": ["-march=x86-64-v3", "-mtune=native"],
     "portable": ["-march=x86-64", "-mtune=generic"],  # SSE2 only: software fp16
-    "native": ["-march=native"],  # other architectures (aarch64: NEON is part of the base)
+    "neondot": ["-march=armv8.2-a+dotprod"],  # aarch64 with sdot (Apple M*, Graviton 2+)
+    "neon": ["-march=armv8-a"],  # aarch64 baseline: smull + sadalp
+    "native": ["-march=native"],  # other architectures: plain C
 }
 # Largest step (tokens) for the tile kernel; larger steps dequantize panels for torch's GEMM.
 # Measured on SmolLM2's Q4_1 gate_up (576 -> 3072, 2-core Zen4): the tile kernel is ahead of
@@ -84,24 +91,41 @@ _libs: dict[str, ctypes.CDLL | None] = {}
 
 def cpu_variants() -> list[str]:
     """The variants this CPU runs, fastest first."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return ["neondot", "neon"] if "asimddp" in _cpu_flags("Features") else ["neon"]
+    if machine not in ("x86_64", "amd64"):
         return ["native"]
-    try:
-        flags = set()
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        flags = set()
+    flags = _cpu_flags("flags")
     out = []
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"} <= flags:
         if "avx512_vnni" in flags:
             out.append("avx512vnni")
         out.append("avx512")
     if {"avx2", "fma", "f16c"} <= flags:
+        if "avx_vnni" in flags:
+            out.append("avxvnni")
         out.append("avx2")
     return [*out, "portable"]
+
+
+def _cpu_flags(key: str) -> set[str]:
+    """The CPU's feature names: /proc/cpuinfo's `key` line (Linux); on macOS, Apple Silicon's
+    sysctl FEAT_DotProd as "asimddp"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(key):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"],
+                                 capture_output=True, text=True, timeout=5, check=False).stdout
+        except OSError:
+            return set()
+        return {"asimddp"} if out.strip() == "1" else set()
+    return set()
 
 
 def build_library(variant: str, cache_dir: Path | None = None) -> Path | None:

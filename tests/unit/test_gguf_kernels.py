@@ -3,13 +3,16 @@ every SIMD variant this CPU runs (and the portable build), matmuls (tile kernel 
 panels) against a float64 reference, the variants against each other, files written by the
 `gguf` package read in place (mixed K-quant model logits against transformers' dequantized
 model), unsupported types refused by name, and SmolLM2's greedy output equal to transformers'.
+(The aarch64 builds are checked against the x86 portable build in test_gguf_aarch64.py.)
 
 The int8 path (activations quantized to 8 bits, integer dot products): bit-identical across
-the SIMD variants and the portable build and across step sizes (the small-step and 8-row tile
-code), equal to a numpy emulation of its arithmetic up to fp32 rounding, within a stated
+the SIMD variants and the portable build and across step sizes (the small tiles and the
+transposed tiles), equal to a numpy emulation of its arithmetic up to fp32 rounding, within a stated
 tolerance of the fp32 reference, and SmolLM2's perplexity within 1% of the exact path's."""
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 import pytest
@@ -115,7 +118,7 @@ def test_int8_path_every_type_and_variant(libs, kind):
     w = gk.PackedWeight.from_rows(kind, rows)
     assert w.int_path()
     ref_w = dequantize(rows, GGMLQuantizationType[kind]).reshape(n, k).astype(np.float64)
-    x = torch.randn(9, k, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(30, k, generator=torch.Generator().manual_seed(3))
     x[2, 5] = 40.0  # an outlier: its block's other values lose precision, as in llama.cpp
     x[4, :256] = 0.0  # an all-zero block
     exact = x.double().numpy() @ ref_w.T
@@ -127,12 +130,61 @@ def test_int8_path_every_type_and_variant(libs, kind):
         ys[variant] = y
         np.testing.assert_allclose(y.numpy(), emulated, rtol=0, atol=1e-5 * scale)
         assert np.abs(y.numpy() - exact).max() < 0.03 * scale, variant
-        for i in range(0, 9, 4):  # steps of 1-3 tokens (small-step code) give the same rows
+        # 30 tokens take the transposed tiles (SIMD builds), steps of 1-3 the small tiles, 12
+        # either (by type): every step size gives the same rows
+        for i in range(0, 30, 4):
             assert torch.equal(gk.gguf_matmul(lib, x[i:i + 3], w, math="int8"), y[i:i + 3])
+        assert torch.equal(gk.gguf_matmul(lib, x[:12], w, math="int8"), y[:12])
         assert torch.equal(gk.gguf_matmul(lib, x, w, num_threads=1, math="int8"), y)
     first = next(iter(ys.values()))
     for variant, y in ys.items():
         assert torch.equal(y, first), variant  # bit for bit
+
+
+class XQ(ctypes.Structure):
+    """gguf_gemm.c's xq_t: one matmul's quantized activations."""
+
+    _fields_ = [("K", ctypes.c_int), ("nb", ctypes.c_int), ("q", ctypes.c_void_p),
+                ("d", ctypes.c_void_p), ("s", ctypes.c_void_p), ("s16", ctypes.c_void_p)]
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q6_K"])
+def test_row_range_entry_points_match_gguf_gemm_int(libs, kind):
+    """The library's entry points for callers that split work themselves (a fused decode step):
+    quant_row over column ranges of each row, then gemm_int_range over row ranges (y at column
+    n0, with the caller's scratch and without), give gguf_gemm_int's bytes, in both tile kinds
+    (1 token: small tiles; 30: transposed tiles on x86 SIMD builds)."""
+    n, k = 19, 512
+    w = gk.PackedWeight.from_rows(kind, random_rows(kind, n, k, seed=4))
+    block = gk.INT_BLOCK[w.type_id]
+    p, i32 = ctypes.c_void_p, ctypes.c_int
+    for variant, lib in libs.items():
+        lib.xq_alloc.argtypes = [p, i32, i32, i32]
+        lib.xq_free.argtypes = [p]
+        lib.quant_row.argtypes = [p, i32, i32, p, p, p, p]
+        lib.gemm_int_work_bytes.argtypes = [i32, i32, i32]
+        lib.gemm_int_work_bytes.restype = ctypes.c_size_t
+        lib.gemm_int_range.argtypes = [i32, p, i32, p, p, i32, i32, p, i32, p]
+        for m in (1, 30):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            ref = gk.gguf_matmul(lib, x, w, math="int8")
+            X = XQ()
+            assert lib.xq_alloc(ctypes.byref(X), m, k, block) == 0
+            for i in range(m):
+                for j0, j1 in ((0, 256), (256, 512)):
+                    lib.quant_row(x.data_ptr() + 4 * (i * k + j0), j1 - j0, block,
+                                  X.q + i * k + j0, X.d + 4 * (i * (k // block) + j0 // block),
+                                  X.s + 4 * (i * (k // 32) + j0 // 32),
+                                  X.s16 + 2 * (i * (k // 16) + j0 // 16) if X.s16 else None)
+            size = lib.gemm_int_work_bytes(w.type_id, k, m)
+            scratch = np.empty(size + 64, np.uint8)
+            work = scratch.ctypes.data + (-scratch.ctypes.data) % 64 if size else None
+            y = torch.full((m, n), float("nan"))
+            for (n0, n1), buf in (((0, 7), work), ((7, n), None)):
+                assert lib.gemm_int_range(w.type_id, ctypes.byref(X), m, w.base_ptr, w.offsets_ptr,
+                                          n0, n1, y.data_ptr() + 4 * n0, n, buf) == 0
+            lib.xq_free(ctypes.byref(X))
+            assert torch.equal(y, ref), (variant, m)
 
 
 def test_int8_path_leaves_float_types_on_fp32(lib):
@@ -150,6 +202,25 @@ def test_packed_linear_int8_runs_every_step_size(lib):
     assert torch.equal(lin(x), gk.gguf_matmul(lib, x, w, math="int8"))
     with pytest.raises(CorralError, match="expected one of int8, fp32"):
         gk.PackedLinear([w], lib, max_rows=4, math="int4")
+
+
+def test_cpu_variants_follow_the_cpu_flags(monkeypatch):
+    """Variants from the CPU's feature flags, fastest first: AVX-VNNI (Alder Lake, Zen 5
+    laptops) only below AVX-512, the portable build always on x86; sdot NEON on aarch64."""
+    def cpu(machine: str, flags: str) -> list[str]:
+        monkeypatch.setattr(gk.platform, "machine", lambda: machine)
+        monkeypatch.setattr(gk, "_cpu_flags", lambda key: set(flags.split()))
+        return gk.cpu_variants()
+
+    avx512 = "avx512f avx512bw avx512vl avx512dq avx2 fma f16c"
+    assert cpu("x86_64", "avx2 fma f16c avx_vnni") == ["avxvnni", "avx2", "portable"]
+    assert cpu("x86_64", f"{avx512} avx512_vnni avx_vnni") == [
+        "avx512vnni", "avx512", "avxvnni", "avx2", "portable"]
+    assert cpu("x86_64", "avx2 fma f16c") == ["avx2", "portable"]
+    assert cpu("x86_64", "sse2 avx_vnni") == ["portable"]
+    assert cpu("aarch64", "fp asimd asimddp") == ["neondot", "neon"]
+    assert cpu("arm64", "fp asimd") == ["neon"]
+    assert cpu("riscv64", "") == ["native"]
 
 
 def test_variant_from_environment(monkeypatch):

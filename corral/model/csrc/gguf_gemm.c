@@ -1,7 +1,9 @@
 /* y[M, ldy] (columns 0..N-1) = x[M,K] @ W^T with W's rows in GGUF blocks, read in place.
  *
  * Compiled on first use by corral/model/gguf_kernels.py, once per instruction-set variant
- * (AVX-512, AVX2+FMA+F16C, portable; -ffp-contract=off) and called through ctypes. W is given
+ * (x86: AVX-512+VNNI, AVX-512, AVX2+AVX-VNNI, AVX2+FMA+F16C, portable; aarch64: NEON+sdot,
+ * NEON; -DGGUF_PORTABLE: plain C anywhere; always -ffp-contract=off) and called through
+ * ctypes. Two paths: the fp32 path below, and the integer path further down. W is given
  * as a base pointer and one byte offset per output row, so the rows can come straight from a
  * memory-mapped .gguf file: fused layers (q|k|v, gate|up) and the rotary row permutation are
  * offset tables, never copies.
@@ -18,8 +20,9 @@
  * order, -ffp-contract=off keeps them separate roundings), so against the dequantized fp32
  * weights only the order of the dot-product sums differs.
  *
- * Work split: threads take tiles of NR=4 output rows; a tile is dequantized once into a
- * thread-local fp32 buffer (L1/L2) and every row of x is dotted against it, MR=4 at a time.
+ * fp32 path work split: threads take tiles of NR=4 output rows; a tile is dequantized once
+ * into a thread-local fp32 buffer (L1/L2) and every row of x is dotted against it, MR=4 at a
+ * time.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -30,8 +33,12 @@
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
-#if defined(__ARM_NEON)
+/* -DGGUF_PORTABLE: plain C on any architecture (CI's portable build, and the aarch64 check) */
+#if defined(__ARM_NEON) && defined(__aarch64__) && !defined(GGUF_PORTABLE)
+#define USE_NEON 1
 #include <arm_neon.h>
+#else
+#define USE_NEON 0
 #endif
 
 #define NR 4
@@ -42,7 +49,7 @@ static inline float fp16_to_fp32(const uint8_t *p) {
     memcpy(&h, p, 2);
 #if defined(__F16C__)
     return _cvtsh_ss(h);
-#elif defined(__ARM_NEON) && defined(__aarch64__)
+#elif USE_NEON
     __fp16 f;
     memcpy(&f, &h, 2);
     return (float)f;
@@ -249,7 +256,7 @@ static inline __attribute__((always_inline)) void micro(const int mr, const int 
             s = _mm_add_ss(s, _mm_movehdup_ps(s));
             tail[i][j] = _mm_cvtss_f32(s);
         }
-#elif defined(__ARM_NEON) && defined(__aarch64__)
+#elif USE_NEON
     float32x4_t acc[MR][NR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) acc[i][j] = vdupq_n_f32(0.0f);
@@ -337,9 +344,13 @@ const char *gguf_isa(void) {
     return "avx512vnni";
 #elif defined(__AVX512F__)
     return "avx512";
+#elif defined(__AVXVNNI__)
+    return "avxvnni";
 #elif defined(__AVX2__) && defined(__FMA__)
     return "avx2";
-#elif defined(__ARM_NEON) && defined(__aarch64__)
+#elif USE_NEON && defined(__ARM_FEATURE_DOTPROD)
+    return "neondot";
+#elif USE_NEON
     return "neon";
 #else
     return "portable";
@@ -359,203 +370,182 @@ const char *gguf_isa(void) {
  *   Q8_0: acc = acc + (dw*dx) * (float)isum
  *   Q4_K/Q5_K: acc = acc + (d*dx) * (float)sum_s(sc_s*isum_s) - (dmin*dx) * (float)sum_s(mn_s*xs_s)
  *   Q6_K: acc = acc + (d*dx) * (float)sum_16(sc*(isum_16 - 32*xs_16))
- * The integer sums are exact whatever the SIMD width or instruction (maddubs+madd, VNNI dpbusd,
- * scalar C), and the fp32 operations above run in this order, one rounding each, in every
- * variant (SIMD lanes hold different rows, never different parts of one sum): AVX-512+VNNI,
- * AVX-512, AVX2 and the portable build give bit-identical results.
+ * The integer sums are exact whatever the SIMD width or instruction (maddubs+madd, VNNI dpbusd
+ * and dpwssd, NEON sdot or smull+sadalp, scalar C), and the fp32 operations above run in this
+ * order, one rounding each, in every variant (SIMD lanes hold different rows, never different
+ * parts of one sum): every x86 variant, both NEON variants and the portable build give
+ * bit-identical results.
  *
- * Tiles: NR=4 weight rows x up to MR=4 tokens; the rows' blocks are unpacked once per token
- * group, tokens run in chunks of TCHUNK so their int8 rows stay in L2.
+ * Entry points inside the library (no OpenMP region of their own, for callers that split work
+ * themselves): xq_alloc/xq_free; quantize_rows (activation rows [m0, m1) -> xq_t) or quant_row
+ * (any block-aligned range of one row); gemm_int_range (output rows [n0, n1) for all M tokens
+ * from an xq_t, with gemm_int_work_bytes of scratch).
+ *
+ * Small steps (decode, M < 4 on x86, every M elsewhere): tiles of NR=4 weight rows x up to MR=4
+ * tokens. Per block, each row's block is unpacked once in registers and dotted against each
+ * token (int32 lanes), the 4 rows' lanes are reduced together (lane r = row r), and the fp32
+ * step runs on the 4 rows at once. Tokens run in chunks of TCHUNK so their int8 rows stay in
+ * L2. Larger steps on x86 take the 8-row transposed tiles further down.
  */
 
 #define TCHUNK 128
+#if defined(__AVX2__)
+#define INT_SIMD 1 /* x86: AVX2 and up (the 8-row tiles below exist too) */
+#else
+#define INT_SIMD 0
+#endif
+#define AI inline __attribute__((always_inline))
 
 typedef struct {
-    int K, nb;       /* nb: activation blocks per row (K/32 or K/256) */
-    const int8_t *q; /* [M][K] */
-    const float *d;  /* [M][nb] */
-    const int32_t *s; /* [M][K/32]: sums of 32 quantized values */
-    const int16_t *s16; /* [M][K/16]: sums of 16 (K-quants) */
+    int K, nb;     /* nb: activation blocks per row (K/32 or K/256) */
+    int8_t *q;     /* [M][K] */
+    float *d;      /* [M][nb] */
+    int32_t *s;    /* [M][K/32]: sums of 32 quantized values */
+    int16_t *s16;  /* [M][K/16]: sums of 16 (K-quants only, else NULL) */
 } xq_t;
 
-static void quant_row(const float *x, int K, int B, int8_t *q, float *d, int32_t *s, int16_t *s16) {
-    for (int b = 0; b < K / B; b++) {
-        const float *xb = x + (size_t)b * B;
-        float amax = 0.0f;
-        for (int i = 0; i < B; i++) {
-            const float a = xb[i] < 0 ? -xb[i] : xb[i];
-            amax = a > amax ? a : amax;
-        }
-        const float id = amax > 0 ? 127.0f / amax : 0.0f;
-        d[b] = amax / 127.0f;
-        for (int i = 0; i < B; i++) {
-            const float v = xb[i] * id;
-            int iv = (int)(v >= 0 ? v + 0.5f : v - 0.5f);
-            iv = iv > 127 ? 127 : (iv < -127 ? -127 : iv);
-            q[(size_t)b * B + i] = (int8_t)iv;
-        }
+/* activation block size of the integer path for a weight type, 0: none */
+static int int_block(int type) {
+    switch (type) {
+    case 2: case 3: case 8: return 32;
+    case 12: case 13: case 14: return 256;
+    default: return 0;
     }
-    for (int j = 0; j < K / 32; j++) {
+}
+
+static int block_bytes(int type) {
+    switch (type) {
+    case 2: return 18;
+    case 3: return 20;
+    case 8: return 34;
+    case 12: return 144;
+    case 13: return 176;
+    case 14: return 210;
+    default: return 0;
+    }
+}
+
+void xq_free(xq_t *X) {
+    free(X->q); free(X->d); free(X->s); free(X->s16);
+    X->q = 0; X->d = 0; X->s = 0; X->s16 = 0;
+}
+
+/* buffers for M rows of K activations in blocks of B (32 or 256): 0, or -3 if out of memory */
+int xq_alloc(xq_t *X, int M, int K, int B) {
+    X->K = K;
+    X->nb = K / B;
+    X->q = (int8_t *)malloc((size_t)M * K);
+    X->d = (float *)malloc(sizeof(float) * (size_t)M * X->nb);
+    X->s = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * (K / 32));
+    X->s16 = B == 256 ? (int16_t *)malloc(sizeof(int16_t) * (size_t)M * (K / 16)) : 0;
+    if (!X->q || !X->d || !X->s || (B == 256 && !X->s16)) {
+        xq_free(X);
+        return -3;
+    }
+    return 0;
+}
+
+/* B activations -> B int8 and their scale: d = amax/127, q = round(x*127/amax) half away from
+ * zero, clamped to +-127 (SIMD or not, the same fp32 operations: the same bytes) */
+static void quant_block(const float *xb, int B, int8_t *q, float *d) {
+#if INT_SIMD
+    /* max(|x|, mx): a NaN |x| leaves mx, as in the C loop; 4 chains (max is exact) */
+    __m256 m4[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < B; i += 32)
+        for (int k = 0; k < 4; k++)
+            m4[k] = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i + 8 * k)), m4[k]);
+    const __m256 mx = _mm256_max_ps(_mm256_max_ps(m4[0], m4[1]), _mm256_max_ps(m4[2], m4[3]));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float amax = _mm_cvtss_f32(m);
+#elif USE_NEON
+    float32x4_t m4[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+    for (int i = 0; i < B; i += 16)
+        for (int k = 0; k < 4; k++) m4[k] = vmaxnmq_f32(m4[k], vabsq_f32(vld1q_f32(xb + i + 4 * k)));
+    const float amax = vmaxnmvq_f32(vmaxnmq_f32(vmaxnmq_f32(m4[0], m4[1]), vmaxnmq_f32(m4[2], m4[3])));
+#else
+    float amax = 0.0f;
+    for (int i = 0; i < B; i++) {
+        const float a = xb[i] < 0 ? -xb[i] : xb[i];
+        amax = a > amax ? a : amax;
+    }
+#endif
+    const float id = amax > 0 ? 127.0f / amax : 0.0f;
+    *d = amax / 127.0f;
+#if INT_SIMD
+    const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.5f);
+    const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+    for (int i = 0; i < B; i += 32) {
+        __m256i r[4];
+        for (int k = 0; k < 4; k++) {
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + i + 8 * k), vid);
+            const __m256 vr = _mm256_add_ps(v, _mm256_or_ps(_mm256_and_ps(v, sign), half));
+            r[k] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvttps_epi32(vr), lo), hi);
+        }
+        const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+        _mm256_storeu_si256((__m256i *)(q + i),
+                            _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    }
+#elif USE_NEON
+    const uint32x4_t sign = vdupq_n_u32(0x80000000u), half = vreinterpretq_u32_f32(vdupq_n_f32(0.5f));
+    for (int i = 0; i < B; i += 16) {
+        int16x4_t h[4];
+        for (int k = 0; k < 4; k++) {
+            const float32x4_t v = vmulq_n_f32(vld1q_f32(xb + i + 4 * k), id);
+            const float32x4_t sh = vreinterpretq_f32_u32(vorrq_u32(vandq_u32(vreinterpretq_u32_f32(v), sign), half));
+            const int32x4_t iv = vcvtq_s32_f32(vaddq_f32(v, sh)); /* toward zero, as C's cast */
+            h[k] = vmovn_s32(vminq_s32(vmaxq_s32(iv, vdupq_n_s32(-127)), vdupq_n_s32(127)));
+        }
+        vst1q_s8(q + i, vcombine_s8(vmovn_s16(vcombine_s16(h[0], h[1])), vmovn_s16(vcombine_s16(h[2], h[3]))));
+    }
+#else
+    for (int i = 0; i < B; i++) {
+        const float v = xb[i] * id;
+        int iv = (int)(v >= 0 ? v + 0.5f : v - 0.5f);
+        iv = iv > 127 ? 127 : (iv < -127 ? -127 : iv);
+        q[i] = (int8_t)iv;
+    }
+#endif
+}
+
+/* n activations (a whole row or a range of it, n a multiple of B) into n int8, n/B scales d,
+ * n/32 sums s and, when s16 is given, n/16 sums s16 */
+void quant_row(const float *x, int n, int B, int8_t *q, float *d, int32_t *s, int16_t *s16) {
+    for (int b = 0; b < n / B; b++) quant_block(x + (size_t)b * B, B, q + (size_t)b * B, d + b);
+    for (int j = 0; j < n / 32; j++) {
         int t = 0;
         for (int i = 0; i < 32; i++) t += q[j * 32 + i];
         s[j] = t;
     }
     if (s16)
-        for (int j = 0; j < K / 16; j++) {
+        for (int j = 0; j < n / 16; j++) {
             int t = 0;
             for (int i = 0; i < 16; i++) t += q[j * 16 + i];
             s16[j] = (int16_t)t;
         }
 }
 
-#if defined(__AVX2__)
-#define INT_SIMD 1
-/* exact int32 lanes: lane l = sum of the products of bytes 4l..4l+3 (a unsigned, b signed) */
-static inline __m256i dot_u8s8(__m256i a, __m256i b) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
-#endif
+/* rows [m0, m1) of x [*, K] into X (the same rows of its buffers) */
+void quantize_rows(const float *x, int m0, int m1, xq_t *X) {
+    const int K = X->K, B = K / X->nb;
+    for (int m = m0; m < m1; m++)
+        quant_row(x + (size_t)m * K, K, B, X->q + (size_t)m * K, X->d + (size_t)m * X->nb,
+                  X->s + (size_t)m * (K / 32), X->s16 ? X->s16 + (size_t)m * (K / 16) : 0);
 }
 
-/* [sum(v0), sum(v1), sum(v2), sum(v3)] of four int32x8 vectors */
-static inline __m128i reduce4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
-    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
-    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+/* Q4_K/Q5_K: the 8 6-bit scales and mins, unpacked with 32-bit masks as ggml does (the same
+ * values as k_scale_min): bytes 0..7 the scales, 8..15 the mins */
+static inline void k_scales16(const uint8_t *blk, uint32_t u[4]) {
+    memcpy(u, blk + 4, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3fu;
 }
 
-static inline int hsum8(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
-}
-
-static inline __m128 fp16x4(const uint8_t *const *w, size_t at) {
-    uint16_t h[4];
-    for (int r = 0; r < 4; r++) memcpy(h + r, w[r] + at, 2);
-    return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)h));
-}
-
-static inline __m256i nibbles32(const uint8_t *p) { /* 16 bytes -> lo nibbles | hi nibbles */
-    const __m128i q = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
-}
-#endif
-
-/* acc[t][r] over all blocks of a 32-value type, rows w[0..3], tokens t0..t0+mt-1 */
-static inline __attribute__((always_inline)) void idot32_n(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt,
-                   float acc[MR][NR], const uint8_t *const nw[NR]) {
-    const int nb = X->nb, bb = type == 2 ? 18 : (type == 3 ? 20 : 34);
-#if INT_SIMD
-    __m128 a[MR];
-    for (int t = 0; t < MR; t++) a[t] = _mm_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const size_t at = (size_t)b * bb;
-        /* the next tile's rows, block by block: 4 short row streams at a time defeat the
-         * hardware prefetcher once the weights come from DRAM */
-        for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(nw[r] + at), _MM_HINT_T0);
-        const __m128 dw = fp16x4(w, at);
-        __m256i wv[NR];
-        __m128 mw = _mm_setzero_ps();
-        if (type == 8) {
-            for (int r = 0; r < NR; r++) wv[r] = _mm256_loadu_si256((const __m256i *)(w[r] + at + 2));
-        } else {
-            const int off = type == 2 ? 2 : 4;
-            for (int r = 0; r < NR; r++) wv[r] = nibbles32(w[r] + at + off);
-            if (type == 3) mw = fp16x4(w, at + 2);
-        }
-        __m256i aw[NR];
-        if (type == 8)
-            for (int r = 0; r < NR; r++) aw[r] = _mm256_abs_epi8(wv[r]);
-        for (int t = 0; t < mt; t++) {
-            const size_t row = (size_t)(t0 + t);
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(X->q + row * X->K + b * 32));
-            __m256i p[NR];
-            if (type == 8) {
-                for (int r = 0; r < NR; r++) p[r] = dot_u8s8(aw[r], _mm256_sign_epi8(xv, wv[r]));
-            } else {
-                for (int r = 0; r < NR; r++) p[r] = dot_u8s8(wv[r], xv);
-            }
-            __m128i is = reduce4(p[0], p[1], p[2], p[3]);
-            const float dx = X->d[row * nb + b];
-            const int xs = X->s[row * nb + b];
-            const __m128 s = _mm_mul_ps(dw, _mm_set1_ps(dx));
-            if (type == 2) is = _mm_sub_epi32(is, _mm_set1_epi32(8 * xs));
-            __m128 term = _mm_mul_ps(s, _mm_cvtepi32_ps(is));
-            if (type == 3)
-                term = _mm_add_ps(term, _mm_mul_ps(_mm_mul_ps(mw, _mm_set1_ps(dx)),
-                                                   _mm_set1_ps((float)xs)));
-            a[t] = _mm_add_ps(a[t], term);
-        }
-    }
-    for (int t = 0; t < mt; t++) _mm_storeu_ps(acc[t], a[t]);
-#else
-    for (int t = 0; t < mt; t++)
-        for (int r = 0; r < NR; r++) acc[t][r] = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        const size_t at = (size_t)b * bb;
-        for (int r = 0; r < NR; r++) {
-            const uint8_t *blk = w[r] + at;
-            const float dw = fp16_to_fp32(blk);
-            const float mw = type == 3 ? fp16_to_fp32(blk + 2) : 0.0f;
-            for (int t = 0; t < mt; t++) {
-                const size_t row = (size_t)(t0 + t);
-                const int8_t *xq = X->q + row * X->K + b * 32;
-                const float dx = X->d[row * nb + b];
-                const int xs = X->s[row * nb + b];
-                int is = 0;
-                if (type == 8) {
-                    const int8_t *q = (const int8_t *)(blk + 2);
-                    for (int j = 0; j < 32; j++) is += q[j] * xq[j];
-                } else {
-                    const uint8_t *q = blk + (type == 2 ? 2 : 4);
-                    for (int j = 0; j < 16; j++) is += (q[j] & 15) * xq[j] + (q[j] >> 4) * xq[j + 16];
-                }
-                if (type == 2) is -= 8 * xs;
-                float term = (dw * dx) * (float)is;
-                if (type == 3) term = term + (mw * dx) * (float)xs;
-                acc[t][r] = acc[t][r] + term;
-            }
-        }
-    }
-#endif
-}
-
-/* constant token counts (and types) so the accumulators stay in registers */
-static void idot32(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt, float acc[MR][NR],
-                   const uint8_t *const nw[NR]) {
-    switch (type) {
-    case 2:
-        switch (mt) {
-        case 4: idot32_n(2, w, X, t0, 4, acc, nw); break;
-        case 3: idot32_n(2, w, X, t0, 3, acc, nw); break;
-        case 2: idot32_n(2, w, X, t0, 2, acc, nw); break;
-        case 1: idot32_n(2, w, X, t0, 1, acc, nw); break;
-        }
-        break;
-    case 3:
-        switch (mt) {
-        case 4: idot32_n(3, w, X, t0, 4, acc, nw); break;
-        case 3: idot32_n(3, w, X, t0, 3, acc, nw); break;
-        case 2: idot32_n(3, w, X, t0, 2, acc, nw); break;
-        case 1: idot32_n(3, w, X, t0, 1, acc, nw); break;
-        }
-        break;
-    case 8:
-        switch (mt) {
-        case 4: idot32_n(8, w, X, t0, 4, acc, nw); break;
-        case 3: idot32_n(8, w, X, t0, 3, acc, nw); break;
-        case 2: idot32_n(8, w, X, t0, 2, acc, nw); break;
-        case 1: idot32_n(8, w, X, t0, 1, acc, nw); break;
-        }
-        break;
-    }
-}
-
-/* one K-quant weight block's integer sums against one token's block: *isum (scaled by the
- * sub-block scales) and *imin (Q4_K/Q5_K: the mins against the 32-sums) */
 typedef struct {
     int sc[16], mn[8];
     float d, dmin;
@@ -567,16 +557,9 @@ static inline void k_scales(int type, const uint8_t *blk, kscales *k) {
         k->d = fp16_to_fp32(blk + 208);
         k->dmin = 0.0f;
     } else {
-        /* the 8 6-bit scales and mins, unpacked with 32-bit masks (as ggml does; the same
-         * values as k_scale_min) */
         uint32_t u[4];
-        memcpy(u, blk + 4, 12);
-        u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-        const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
-        u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-        u[2] = mins_lo;
-        u[0] &= 0x3f3f3f3fu;
         uint8_t b[16];
+        k_scales16(blk, u);
         memcpy(b, u, 16);
         for (int s = 0; s < 8; s++) {
             k->sc[s] = b[s];
@@ -587,9 +570,692 @@ static inline void k_scales(int type, const uint8_t *blk, kscales *k) {
     }
 }
 
+/* One weight block in plain C, the reference every SIMD path must equal. K-quants are first
+ * unpacked (blk_unpack: u the 256 values in order, unsigned, Q6_K's as q+32; sc the scales,
+ * mn the mins), then dotted per token (blk_int); 32-value types are read in place. */
+static AI void blk_unpack(int type, const uint8_t *blk, uint8_t *u, int *sc, int *mn) {
+    if (type == 14) {
+        const uint8_t *ql = blk, *qh = blk + 128;
+        for (int c = 0; c < 8; c++) { /* 32 values: c/4 picks the half, c%4 the bit pair */
+            const uint8_t *lo = ql + (c / 4) * 64 + (c % 2) * 32, *hi = qh + (c / 4) * 32;
+            const int lshift = ((c / 2) % 2) * 4, hshift = 2 * (c % 4);
+            for (int l = 0; l < 32; l++)
+                u[c * 32 + l] = (uint8_t)(((lo[l] >> lshift) & 15) | (((hi[l] >> hshift) & 3) << 4));
+        }
+        for (int j = 0; j < 16; j++) sc[j] = ((const int8_t *)(blk + 192))[j];
+        return;
+    }
+    uint32_t w32[4];
+    uint8_t sm[16];
+    k_scales16(blk, w32);
+    memcpy(sm, w32, 16);
+    for (int s = 0; s < 8; s++) {
+        sc[s] = sm[s];
+        mn[s] = sm[8 + s];
+    }
+    const uint8_t *qs = blk + (type == 12 ? 16 : 48), *qh = blk + 16;
+    for (int s = 0; s < 8; s++) {
+        const uint8_t *q = qs + (s / 2) * 32;
+        const int shift = (s & 1) * 4;
+        for (int l = 0; l < 32; l++) {
+            int v = (q[l] >> shift) & 15;
+            if (type == 13) v |= ((qh[l] >> s) & 1) << 4;
+            u[s * 32 + l] = (uint8_t)v;
+        }
+    }
+}
+
+/* the exact integer sums of one block against one token's activation block: blk the block
+ * (32-value types) or u/sc/mn from blk_unpack (K-quants); xq/xs/xs16 the token's block */
+static AI void blk_int(int type, const uint8_t *blk, const uint8_t *u, const int *sc, const int *mn,
+                       const int8_t *xq, const int32_t *xs, const int16_t *xs16, int *is, int *im) {
+    int a = 0, m = 0;
+    if (type == 2 || type == 3) {
+        const uint8_t *q = blk + (type == 2 ? 2 : 4);
+        for (int j = 0; j < 16; j++) a += (q[j] & 15) * xq[j] + (q[j] >> 4) * xq[j + 16];
+        if (type == 2) a -= 8 * xs[0];
+        else m = xs[0];
+    } else if (type == 8) {
+        const int8_t *q = (const int8_t *)(blk + 2);
+        for (int j = 0; j < 32; j++) a += q[j] * xq[j];
+    } else if (type == 14) {
+        for (int j = 0; j < 16; j++) {
+            int d16 = 0;
+            for (int l = 0; l < 16; l++) d16 += u[16 * j + l] * xq[16 * j + l];
+            a += sc[j] * (d16 - 32 * xs16[j]);
+        }
+    } else { /* Q4_K, Q5_K */
+        for (int s = 0; s < 8; s++) {
+            int d32 = 0;
+            for (int l = 0; l < 32; l++) d32 += u[32 * s + l] * xq[32 * s + l];
+            a += sc[s] * d32;
+            m += mn[s] * xs[s];
+        }
+    }
+    *is = a;
+    *im = m;
+}
+
+/* ---- small steps: the integer sums of one block for 4 rows x mt tokens, per architecture -----
+ * tile_block(type, mt, w, at, xb, xs, xs16, is, im): for rows w[r] + at (one weight block each)
+ * and tokens t < mt (xb/xs/xs16: the token's activation block and its 32- and 16-sums), lane r
+ * of is[t] / im[t] = the exact integer sums that blk_int gives for (row r, token t).
+ * V4I / V4F: 4 int32 / fp32 lanes, one per row. */
+
+#if INT_SIMD
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI256 1
+#define DPBUSD(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
+#define DPWSSD(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#elif defined(__AVXVNNI__)
+#define VNNI256 1
+#define DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32(acc, a, b)
+#define DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#else
+#define VNNI256 0
+#define DPBUSD(acc, a, b) \
+    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)))
+#define DPWSSD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
+
+typedef __m128i V4I;
+typedef __m128 V4F;
+#define v4f_zero() _mm_setzero_ps()
+#define v4f_set1(f) _mm_set1_ps(f)
+#define v4f_add(a, b) _mm_add_ps(a, b)
+#define v4f_sub(a, b) _mm_sub_ps(a, b)
+#define v4f_mul(a, b) _mm_mul_ps(a, b)
+#define v4f_cvt(i) _mm_cvtepi32_ps(i)
+#define v4f_store(p, a) _mm_storeu_ps(p, a)
+
+static AI V4F load4_fp16(const uint8_t *const *w, size_t at) {
+    uint16_t h[4];
+    for (int r = 0; r < 4; r++) memcpy(h + r, w[r] + at, 2);
+    const uint64_t v = h[0] | (uint64_t)h[1] << 16 | (uint64_t)h[2] << 32 | (uint64_t)h[3] << 48;
+    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v));
+}
+
+/* lane r = sum of the 8 lanes of v[r] */
+static AI __m128i reduce4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+static AI __m256i nibbles32(const uint8_t *p) { /* 16 bytes -> lo nibbles | hi nibbles */
+    const __m128i q = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m4), _mm_and_si128(q, m4));
+}
+
+static AI void tile_block32(const int type, const int mt, const uint8_t *const w[NR], size_t at,
+                            const int8_t *const xb[MR], const int32_t *const xs[MR],
+                            V4I is[MR], V4I im[MR]) {
+    __m256i x[MR], L[NR][MR];
+    for (int t = 0; t < mt; t++) x[t] = _mm256_loadu_si256((const __m256i *)xb[t]);
+    for (int r = 0; r < NR; r++) {
+        const uint8_t *blk = w[r] + at;
+        if (type == 8) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(blk + 2));
+#if VNNI256 /* (w + 128) unsigned; the 128*xs it adds is taken off below */
+            const __m256i wu = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
+            for (int t = 0; t < mt; t++) L[r][t] = DPBUSD(_mm256_setzero_si256(), wu, x[t]);
+#else
+            const __m256i aw = _mm256_abs_epi8(wv);
+            for (int t = 0; t < mt; t++)
+                L[r][t] = DPBUSD(_mm256_setzero_si256(), aw, _mm256_sign_epi8(x[t], wv));
+#endif
+        } else {
+            const __m256i wv = nibbles32(blk + (type == 2 ? 2 : 4));
+            for (int t = 0; t < mt; t++) L[r][t] = DPBUSD(_mm256_setzero_si256(), wv, x[t]);
+        }
+    }
+    for (int t = 0; t < mt; t++) {
+        const int s = xs[t][0];
+        is[t] = reduce4(L[0][t], L[1][t], L[2][t], L[3][t]);
+        if (type == 2) is[t] = _mm_sub_epi32(is[t], _mm_set1_epi32(8 * s));
+        if (type == 8 && VNNI256) is[t] = _mm_sub_epi32(is[t], _mm_set1_epi32(128 * s));
+        if (type == 3) im[t] = _mm_set1_epi32(s);
+    }
+}
+
+/* Q4_K/Q5_K: the 8 6-bit scales (bytes 0..7) and mins (8..15), the values of k_scales16 */
+static AI __m128i k_scales_simd(const uint8_t *blk) {
+    const __m128i s = _mm_loadu_si128((const __m128i *)(blk + 4)); /* 12 bytes + 4 of qs */
+    /* low bits: sc j<4: s[j]&63, j>=4: s[j+4]&15; mn j<4: s[j+4]&63, j>=4: s[j+4]>>4 */
+    const __m128i a = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m128i lo = _mm_blend_epi32(
+        _mm_and_si128(a, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
+        _mm_and_si128(_mm_srli_epi16(a, 4), _mm_set1_epi8(15)), 0x8);
+    /* high bits (j>=4): sc from s[j-4]>>6, mn from s[j]>>6, to bits 4-5 */
+    const __m128i b = _mm_shuffle_epi8(s, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    return _mm_or_si128(lo, _mm_srli_epi16(_mm_and_si128(b, _mm_set1_epi8((char)0xc0)), 2));
+}
+
+/* 4 rows' fp16 pairs at +0 and +2 (d and m / dmin), both converted at once */
+static AI void load4_dm(const uint8_t *const *w, size_t at, V4F *d, V4F *m) {
+    int32_t v[4];
+    for (int r = 0; r < 4; r++) memcpy(v + r, w[r] + at, 4);
+    const __m256 h = _mm256_cvtph_ps(_mm_set_epi32(v[3], v[2], v[1], v[0])); /* d0 m0 d1 m1 .. */
+    const __m256 p = _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    *d = _mm256_castps256_ps128(p);
+    *m = _mm256_extractf128_ps(p, 1);
+}
+
+
+#if defined(__AVX512BW__)
+/* AVX-512: two 32-value sub-blocks per vector. Q4_K/Q5_K's nibble planes hold sub-blocks
+ * (0|2), (1|3), (4|6), (5|7), so each token's activations are paired the same way once per
+ * block; Q6_K's 64-byte halves are in value order. */
+#if defined(__AVX512VNNI__)
+#define DPWSSD512(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+#else
+#define DPWSSD512(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#endif
+
+static AI __m512i cat256(const int8_t *lo, const int8_t *hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
+                              _mm256_loadu_si256((const __m256i *)hi), 1);
+}
+
+static AI __m256i fold512(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+/* Q4_K/Q5_K: int16 scale a in lanes 0-15, b in 16-31, for the pairs (a|b) above */
+static const int16_t K4PAIR[4][32] __attribute__((aligned(64))) = {
+#define KP(a, b) {a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b}
+    KP(0, 2), KP(1, 3), KP(4, 6), KP(5, 7)
+#undef KP
+};
+/* Q6_K: int8 scales 4q..4q+3, 8 bytes each (before widening to int16) */
+static const uint8_t K6QUAD[4][32] __attribute__((aligned(32))) = {
+#define KQ(q) {4*q, 4*q, 4*q, 4*q, 4*q, 4*q, 4*q, 4*q, 4*q+1, 4*q+1, 4*q+1, 4*q+1, 4*q+1, 4*q+1, 4*q+1, \
+    4*q+1, 4*q+2, 4*q+2, 4*q+2, 4*q+2, 4*q+2, 4*q+2, 4*q+2, 4*q+2, 4*q+3, 4*q+3, 4*q+3, 4*q+3, \
+    4*q+3, 4*q+3, 4*q+3, 4*q+3}
+    KQ(0), KQ(1), KQ(2), KQ(3)
+#undef KQ
+};
+
+static AI void tile_blockk(const int type, const int mt, const uint8_t *const w[NR], size_t at,
+                           const int8_t *const xb[MR], const int16_t *const xs16[MR],
+                           V4I is[MR], V4I im[MR]) {
+    const __m512i m4 = _mm512_set1_epi8(15), m3 = _mm512_set1_epi8(3);
+    __m512i X[MR][4];
+    __m256i L[NR][MR], xsv[MR];
+    __m128i Lm[NR][MR], x32[MR];
+    for (int t = 0; t < mt; t++) {
+        const int8_t *x = xb[t];
+        if (type == 14) {
+            for (int i = 0; i < 4; i++) X[t][i] = _mm512_loadu_si512((const void *)(x + 64 * i));
+            xsv[t] = _mm256_loadu_si256((const __m256i *)xs16[t]);
+        } else {
+            X[t][0] = cat256(x, x + 64);
+            X[t][1] = cat256(x + 32, x + 96);
+            X[t][2] = cat256(x + 128, x + 192);
+            X[t][3] = cat256(x + 160, x + 224);
+            x32[t] = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xs16[t]),
+                                    _mm_loadu_si128((const __m128i *)(xs16[t] + 8)));
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        const uint8_t *blk = w[r] + at;
+        __m512i acc[MR];
+        for (int t = 0; t < mt; t++) acc[t] = _mm512_setzero_si512();
+        if (type == 14) {
+            const __m128i sc8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+            const __m256i sc8x2 = _mm256_broadcastsi128_si256(sc8);
+            const __m512i c02 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+            const __m512i c46 = _mm512_add_epi16(c02, _mm512_set1_epi16(4));
+            for (int j = 0; j < 2; j++) {
+                const __m512i ql = _mm512_loadu_si512((const void *)(blk + 64 * j));
+                const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * j)));
+                __m512i v[2];
+                v[0] = _mm512_or_si512(_mm512_and_si512(ql, m4),
+                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, c02), m3), 4));
+                v[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, c46), m3), 4));
+                for (int h = 0; h < 2; h++) {
+                    const __m512i scl = _mm512_cvtepi8_epi16(
+                        _mm256_shuffle_epi8(sc8x2, _mm256_load_si256((const __m256i *)K6QUAD[2 * j + h])));
+                    for (int t = 0; t < mt; t++)
+                        acc[t] = DPWSSD512(acc[t], _mm512_maddubs_epi16(v[h], X[t][2 * j + h]), scl);
+                }
+            }
+            const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+            for (int t = 0; t < mt; t++)
+                L[r][t] = _mm256_sub_epi32(fold512(acc[t]), _mm256_slli_epi32(_mm256_madd_epi16(sc16, xsv[t]), 5));
+        } else {
+            const __m256i sm16 = _mm256_cvtepu8_epi16(k_scales_simd(blk));
+            const __m512i sc = _mm512_castsi256_si512(sm16);
+            const __m128i mins = _mm256_extracti128_si256(sm16, 1);
+            const uint8_t *qs = blk + (type == 12 ? 16 : 48);
+            const __m512i q01 = _mm512_loadu_si512((const void *)qs), q23 = _mm512_loadu_si512((const void *)(qs + 64));
+            __m512i v[4] = {_mm512_and_si512(q01, m4), _mm512_and_si512(_mm512_srli_epi16(q01, 4), m4),
+                            _mm512_and_si512(q23, m4), _mm512_and_si512(_mm512_srli_epi16(q23, 4), m4)};
+            if (type == 13) { /* 5th bits: bit s of qh[l] for sub-block s, pairs as above */
+                const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+                const __m512i b16 = _mm512_set1_epi8(16);
+                for (int i = 0; i < 4; i++) {
+                    const int sa = (i / 2) * 4 + (i % 2); /* pair i = (sa | sa + 2) */
+                    const __m512i bit = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi8((char)(1 << sa))),
+                                                           _mm256_set1_epi8((char)(1 << (sa + 2))), 1);
+                    v[i] = _mm512_mask_add_epi8(v[i], _mm512_test_epi8_mask(qh, bit), v[i], b16);
+                }
+            }
+            for (int i = 0; i < 4; i++) {
+                const __m512i scl = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)K4PAIR[i]), sc);
+                for (int t = 0; t < mt; t++)
+                    acc[t] = DPWSSD512(acc[t], _mm512_maddubs_epi16(v[i], X[t][i]), scl);
+            }
+            for (int t = 0; t < mt; t++) {
+                L[r][t] = fold512(acc[t]);
+                Lm[r][t] = _mm_madd_epi16(mins, x32[t]);
+            }
+        }
+    }
+    for (int t = 0; t < mt; t++) {
+        is[t] = reduce4(L[0][t], L[1][t], L[2][t], L[3][t]);
+        if (type != 14)
+            im[t] = _mm_hadd_epi32(_mm_hadd_epi32(Lm[0][t], Lm[1][t]), _mm_hadd_epi32(Lm[2][t], Lm[3][t]));
+    }
+}
+#else /* AVX2: one 32-value sub-block per vector */
+/* byte shuffles: Q4_K/Q5_K scale s to all 16 int16 lanes (of [sc0..7 | sc0..7]) */
+static const uint8_t K4SHUF[8][32] __attribute__((aligned(32))) = {
+#define K4ROW(s) {2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, \
+    2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, 2*s, 2*s+1, \
+    2*s, 2*s+1, 2*s, 2*s+1}
+    K4ROW(0), K4ROW(1), K4ROW(2), K4ROW(3), K4ROW(4), K4ROW(5), K4ROW(6), K4ROW(7)
+#undef K4ROW
+};
+/* Q6_K: int8 scales 2c (8 bytes) then 2c+1 (8 bytes), for the 32 values of chunk c */
+static const uint8_t K6SHUF[8][16] __attribute__((aligned(16))) = {
+#define K6ROW(c) {2*c, 2*c, 2*c, 2*c, 2*c, 2*c, 2*c, 2*c, 2*c+1, 2*c+1, 2*c+1, 2*c+1, 2*c+1, 2*c+1, \
+    2*c+1, 2*c+1}
+    K6ROW(0), K6ROW(1), K6ROW(2), K6ROW(3), K6ROW(4), K6ROW(5), K6ROW(6), K6ROW(7)
+#undef K6ROW
+};
+
+static AI void tile_blockk(const int type, const int mt, const uint8_t *const w[NR], size_t at,
+                           const int8_t *const xb[MR], const int16_t *const xs16[MR],
+                           V4I is[MR], V4I im[MR]) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    __m256i L[NR][MR], xsv[MR];
+    __m128i Lm[NR][MR], x32[MR];
+    for (int t = 0; t < mt; t++) {
+        if (type == 14) {
+            xsv[t] = _mm256_loadu_si256((const __m256i *)xs16[t]);
+        } else { /* the 8 sums of 32 from the 16 sums of 16 */
+            x32[t] = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)xs16[t]),
+                                    _mm_loadu_si128((const __m128i *)(xs16[t] + 8)));
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        const uint8_t *blk = w[r] + at;
+        __m256i acc[MR];
+        for (int t = 0; t < mt; t++) acc[t] = _mm256_setzero_si256();
+        if (type == 14) {
+            const __m128i sc8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+            for (int j = 0; j < 2; j++) {
+                const __m256i a = _mm256_loadu_si256((const __m256i *)(blk + 64 * j));
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(blk + 64 * j + 32));
+                const __m256i h = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * j));
+                __m256i v[4];
+                v[0] = _mm256_or_si256(_mm256_and_si256(a, m4),
+                                       _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(3)), 4));
+                v[1] = _mm256_or_si256(_mm256_and_si256(b, m4),
+                                       _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(12)), 2));
+                v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4),
+                                       _mm256_and_si256(h, _mm256_set1_epi8(48)));
+                v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), m4),
+                                       _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xc0)), 2));
+                for (int i = 0; i < 4; i++) {
+                    const __m256i scl = _mm256_cvtepi8_epi16(
+                        _mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i *)K6SHUF[4 * j + i])));
+                    for (int t = 0; t < mt; t++) {
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xb[t] + 128 * j + 32 * i));
+                        acc[t] = DPWSSD(acc[t], _mm256_maddubs_epi16(v[i], xv), scl);
+                    }
+                }
+            }
+            const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+            for (int t = 0; t < mt; t++)
+                L[r][t] = _mm256_sub_epi32(acc[t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, xsv[t]), 5));
+        } else {
+            const __m256i sm16 = _mm256_cvtepu8_epi16(k_scales_simd(blk));
+            const __m256i scs = _mm256_permute2x128_si256(sm16, sm16, 0x00);
+            const __m128i mins = _mm256_extracti128_si256(sm16, 1);
+            const uint8_t *qs = blk + (type == 12 ? 16 : 48);
+            const __m256i qh = type == 13 ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : m4;
+            for (int p = 0; p < 4; p++) {
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+                __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                if (type == 13) { /* 5th bits: bit 2p of qh[l] for the low nibbles, 2p+1 high */
+                    const __m256i one = _mm256_set1_epi8(1), hp = _mm256_srli_epi16(qh, 2 * p);
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hp, one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hp, 1), one), 4));
+                }
+                const __m256i sl = _mm256_shuffle_epi8(scs, _mm256_load_si256((const __m256i *)K4SHUF[2 * p]));
+                const __m256i sh = _mm256_shuffle_epi8(scs, _mm256_load_si256((const __m256i *)K4SHUF[2 * p + 1]));
+                for (int t = 0; t < mt; t++) {
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xb[t] + 64 * p));
+                    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb[t] + 64 * p + 32));
+                    acc[t] = DPWSSD(acc[t], _mm256_maddubs_epi16(lo, x0), sl);
+                    acc[t] = DPWSSD(acc[t], _mm256_maddubs_epi16(hi, x1), sh);
+                }
+            }
+            for (int t = 0; t < mt; t++) {
+                L[r][t] = acc[t];
+                Lm[r][t] = _mm_madd_epi16(mins, x32[t]);
+            }
+        }
+    }
+    for (int t = 0; t < mt; t++) {
+        is[t] = reduce4(L[0][t], L[1][t], L[2][t], L[3][t]);
+        if (type != 14)
+            im[t] = _mm_hadd_epi32(_mm_hadd_epi32(Lm[0][t], Lm[1][t]), _mm_hadd_epi32(Lm[2][t], Lm[3][t]));
+    }
+}
+
+#endif /* __AVX512BW__ */
+#elif USE_NEON
+
+typedef int32x4_t V4I;
+typedef float32x4_t V4F;
+#define v4f_zero() vdupq_n_f32(0.0f)
+#define v4f_set1(f) vdupq_n_f32(f)
+#define v4f_add(a, b) vaddq_f32(a, b)
+#define v4f_sub(a, b) vsubq_f32(a, b)
+#define v4f_mul(a, b) vmulq_f32(a, b)
+#define v4f_cvt(i) vcvtq_f32_s32(i)
+#define v4f_store(p, a) vst1q_f32(p, a)
+
+static AI V4F load4_fp16(const uint8_t *const *w, size_t at) {
+    uint16_t h[4];
+    for (int r = 0; r < 4; r++) memcpy(h + r, w[r] + at, 2);
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+}
+
+static AI void load4_dm(const uint8_t *const *w, size_t at, V4F *d, V4F *m) {
+    *d = load4_fp16(w, at);
+    *m = load4_fp16(w, at + 2);
+}
+
+/* acc + the 16 products a*b, in 4 int32 lanes (which lane holds which product differs between
+ * the two ways; only whole sums are used) */
+static AI int32x4_t dot16(int32x4_t acc, int8x16_t a, int8x16_t b) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(acc, a, b);
+#else /* |a*b| <= 128*127, so two products fit int16 */
+    return vpadalq_s16(acc, vaddq_s16(vmull_s8(vget_low_s8(a), vget_low_s8(b)), vmull_high_s8(a, b)));
+#endif
+}
+
+static AI int32x4_t reduce4(int32x4_t v0, int32x4_t v1, int32x4_t v2, int32x4_t v3) {
+    return vpaddq_s32(vpaddq_s32(v0, v1), vpaddq_s32(v2, v3));
+}
+
+static AI void tile_block32(const int type, const int mt, const uint8_t *const w[NR], size_t at,
+                            const int8_t *const xb[MR], const int32_t *const xs[MR],
+                            V4I is[MR], V4I im[MR]) {
+    int8x16_t x0[MR], x1[MR];
+    int32x4_t L[NR][MR];
+    for (int t = 0; t < mt; t++) {
+        x0[t] = vld1q_s8(xb[t]);
+        x1[t] = vld1q_s8(xb[t] + 16);
+    }
+    for (int r = 0; r < NR; r++) {
+        const uint8_t *blk = w[r] + at;
+        int8x16_t w0, w1;
+        if (type == 8) {
+            w0 = vld1q_s8((const int8_t *)(blk + 2));
+            w1 = vld1q_s8((const int8_t *)(blk + 18));
+        } else {
+            const uint8x16_t q = vld1q_u8(blk + (type == 2 ? 2 : 4));
+            w0 = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(15)));
+            w1 = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));
+        }
+        for (int t = 0; t < mt; t++) L[r][t] = dot16(dot16(vdupq_n_s32(0), w0, x0[t]), w1, x1[t]);
+    }
+    for (int t = 0; t < mt; t++) {
+        const int s = xs[t][0];
+        is[t] = reduce4(L[0][t], L[1][t], L[2][t], L[3][t]);
+        if (type == 2) is[t] = vsubq_s32(is[t], vdupq_n_s32(8 * s));
+        if (type == 3) im[t] = vdupq_n_s32(s);
+    }
+}
+
+static AI void tile_blockk(const int type, const int mt, const uint8_t *const w[NR], size_t at,
+                           const int8_t *const xb[MR], const int16_t *const xs16[MR],
+                           V4I is[MR], V4I im[MR]) {
+    const uint8x16_t m4 = vdupq_n_u8(15), m3 = vdupq_n_u8(3);
+    int32x4_t L[NR][MR], Lm[NR][MR];
+    int16x8_t x32[MR], s16lo[MR], s16hi[MR];
+    for (int t = 0; t < mt; t++) {
+        s16lo[t] = vld1q_s16(xs16[t]);
+        s16hi[t] = vld1q_s16(xs16[t] + 8);
+        x32[t] = vpaddq_s16(s16lo[t], s16hi[t]); /* the 8 sums of 32 */
+    }
+    for (int r = 0; r < NR; r++) {
+        const uint8_t *blk = w[r] + at;
+        int32x4_t acc[MR];
+        for (int t = 0; t < mt; t++) acc[t] = vdupq_n_s32(0);
+        if (type == 14) {
+            const int8_t *sc = (const int8_t *)(blk + 192);
+            for (int j = 0; j < 2; j++) {
+                const uint8_t *ql = blk + 64 * j, *qh = blk + 128 + 32 * j;
+                const uint8x16_t a0 = vld1q_u8(ql), a1 = vld1q_u8(ql + 16);
+                const uint8x16_t b0 = vld1q_u8(ql + 32), b1 = vld1q_u8(ql + 48);
+                const uint8x16_t h0 = vld1q_u8(qh), h1 = vld1q_u8(qh + 16);
+                uint8x16_t v[8]; /* 16 values each, in order */
+                v[0] = vorrq_u8(vandq_u8(a0, m4), vshlq_n_u8(vandq_u8(h0, m3), 4));
+                v[1] = vorrq_u8(vandq_u8(a1, m4), vshlq_n_u8(vandq_u8(h1, m3), 4));
+                v[2] = vorrq_u8(vandq_u8(b0, m4), vshlq_n_u8(vandq_u8(vshrq_n_u8(h0, 2), m3), 4));
+                v[3] = vorrq_u8(vandq_u8(b1, m4), vshlq_n_u8(vandq_u8(vshrq_n_u8(h1, 2), m3), 4));
+                v[4] = vorrq_u8(vshrq_n_u8(a0, 4), vshlq_n_u8(vandq_u8(vshrq_n_u8(h0, 4), m3), 4));
+                v[5] = vorrq_u8(vshrq_n_u8(a1, 4), vshlq_n_u8(vandq_u8(vshrq_n_u8(h1, 4), m3), 4));
+                v[6] = vorrq_u8(vshrq_n_u8(b0, 4), vshlq_n_u8(vshrq_n_u8(h0, 6), 4));
+                v[7] = vorrq_u8(vshrq_n_u8(b1, 4), vshlq_n_u8(vshrq_n_u8(h1, 6), 4));
+                for (int i = 0; i < 8; i++)
+                    for (int t = 0; t < mt; t++)
+                        acc[t] = vmlaq_n_s32(acc[t], dot16(vdupq_n_s32(0), vreinterpretq_s8_u8(v[i]),
+                                                           vld1q_s8(xb[t] + 128 * j + 16 * i)),
+                                             sc[8 * j + i]);
+            }
+            const int8x16_t sc8 = vld1q_s8(sc);
+            const int16x8_t sclo = vmovl_s8(vget_low_s8(sc8)), schi = vmovl_high_s8(sc8);
+            for (int t = 0; t < mt; t++) {
+                int32x4_t o = vmull_s16(vget_low_s16(sclo), vget_low_s16(s16lo[t]));
+                o = vmlal_high_s16(o, sclo, s16lo[t]);
+                o = vmlal_s16(o, vget_low_s16(schi), vget_low_s16(s16hi[t]));
+                o = vmlal_high_s16(o, schi, s16hi[t]);
+                L[r][t] = vsubq_s32(acc[t], vshlq_n_s32(o, 5));
+            }
+        } else {
+            uint32_t u[4];
+            uint8_t sm[16];
+            k_scales16(blk, u);
+            memcpy(sm, u, 16);
+            const int16x8_t mins = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(sm + 8)));
+            const uint8_t *qs = blk + (type == 12 ? 16 : 48);
+            uint8x16_t h0 = vdupq_n_u8(0), h1 = h0;
+            if (type == 13) {
+                h0 = vld1q_u8(blk + 16);
+                h1 = vld1q_u8(blk + 32);
+            }
+            for (int p = 0; p < 4; p++) {
+                const uint8x16_t q0 = vld1q_u8(qs + 32 * p), q1 = vld1q_u8(qs + 32 * p + 16);
+                uint8x16_t lo0 = vandq_u8(q0, m4), lo1 = vandq_u8(q1, m4);
+                uint8x16_t hi0 = vshrq_n_u8(q0, 4), hi1 = vshrq_n_u8(q1, 4);
+                if (type == 13) { /* 5th bits: bit 2p of qh[l] for the low nibbles, 2p+1 high */
+                    const uint8x16_t one = vdupq_n_u8(1);
+                    const int8x16_t sl = vdupq_n_s8((int8_t)(-2 * p)), sh = vdupq_n_s8((int8_t)(-2 * p - 1));
+                    lo0 = vorrq_u8(lo0, vshlq_n_u8(vandq_u8(vshlq_u8(h0, sl), one), 4));
+                    lo1 = vorrq_u8(lo1, vshlq_n_u8(vandq_u8(vshlq_u8(h1, sl), one), 4));
+                    hi0 = vorrq_u8(hi0, vshlq_n_u8(vandq_u8(vshlq_u8(h0, sh), one), 4));
+                    hi1 = vorrq_u8(hi1, vshlq_n_u8(vandq_u8(vshlq_u8(h1, sh), one), 4));
+                }
+                for (int t = 0; t < mt; t++) {
+                    const int8_t *x = xb[t] + 64 * p;
+                    const int32x4_t dl = dot16(dot16(vdupq_n_s32(0), vreinterpretq_s8_u8(lo0), vld1q_s8(x)),
+                                               vreinterpretq_s8_u8(lo1), vld1q_s8(x + 16));
+                    const int32x4_t dh = dot16(dot16(vdupq_n_s32(0), vreinterpretq_s8_u8(hi0), vld1q_s8(x + 32)),
+                                               vreinterpretq_s8_u8(hi1), vld1q_s8(x + 48));
+                    acc[t] = vmlaq_n_s32(vmlaq_n_s32(acc[t], dl, sm[2 * p]), dh, sm[2 * p + 1]);
+                }
+            }
+            for (int t = 0; t < mt; t++) {
+                L[r][t] = acc[t];
+                Lm[r][t] = vmlal_high_s16(vmull_s16(vget_low_s16(mins), vget_low_s16(x32[t])), mins, x32[t]);
+            }
+        }
+    }
+    for (int t = 0; t < mt; t++) {
+        is[t] = reduce4(L[0][t], L[1][t], L[2][t], L[3][t]);
+        if (type != 14) im[t] = reduce4(Lm[0][t], Lm[1][t], Lm[2][t], Lm[3][t]);
+    }
+}
+
+#else /* portable C */
+
+typedef struct { int32_t v[4]; } V4I;
+typedef struct { float v[4]; } V4F;
+static inline V4F v4f_zero(void) { V4F a = {{0, 0, 0, 0}}; return a; }
+static inline V4F v4f_set1(float f) { V4F a = {{f, f, f, f}}; return a; }
+#define V4F_OP(name, op) \
+    static inline V4F name(V4F a, V4F b) { for (int i = 0; i < 4; i++) a.v[i] = a.v[i] op b.v[i]; return a; }
+V4F_OP(v4f_add, +)
+V4F_OP(v4f_sub, -)
+V4F_OP(v4f_mul, *)
+#undef V4F_OP
+static inline V4F v4f_cvt(V4I x) { V4F a; for (int i = 0; i < 4; i++) a.v[i] = (float)x.v[i]; return a; }
+static inline void v4f_store(float *p, V4F a) { memcpy(p, a.v, sizeof a.v); }
+
+static inline V4F load4_fp16(const uint8_t *const *w, size_t at) {
+    V4F a;
+    for (int r = 0; r < 4; r++) a.v[r] = fp16_to_fp32(w[r] + at);
+    return a;
+}
+
+static inline void load4_dm(const uint8_t *const *w, size_t at, V4F *d, V4F *m) {
+    *d = load4_fp16(w, at);
+    *m = load4_fp16(w, at + 2);
+}
+
+static AI void tile_block_c(int type, int mt, const uint8_t *const w[NR], size_t at,
+                            const int8_t *const xb[MR], const int32_t *const xs[MR],
+                            const int16_t *const xs16[MR], V4I is[MR], V4I im[MR]) {
+    uint8_t u[256];
+    int sc[16], mn[8];
+    for (int r = 0; r < NR; r++) {
+        if (int_block(type) == 256) blk_unpack(type, w[r] + at, u, sc, mn); /* once per row */
+        for (int t = 0; t < mt; t++)
+            blk_int(type, w[r] + at, u, sc, mn, xb[t], xs[t], xs16[t], &is[t].v[r], &im[t].v[r]);
+    }
+}
+#define tile_block tile_block_c
+#endif
+
+#if INT_SIMD || USE_NEON
+static AI void tile_block(const int type, const int mt, const uint8_t *const w[NR], size_t at,
+                          const int8_t *const xb[MR], const int32_t *const xs[MR],
+                          const int16_t *const xs16[MR], V4I is[MR], V4I im[MR]) {
+    if (int_block(type) == 32) tile_block32(type, mt, w, at, xb, xs, is, im);
+    else tile_blockk(type, mt, w, at, xb, xs16, is, im);
+}
+#endif
+
+/* out[t][r] = (token t0+t) . (row w[r]) for t < mt, over all blocks; nw: the next tile's rows
+ * (prefetched: 4 short row streams at a time defeat the hardware prefetcher from DRAM) */
+static AI void gv_tile(const int type, const int mt, const uint8_t *const w[NR],
+                       const uint8_t *const nw[NR], const xq_t *X, int t0, float out[MR][NR]) {
+    const int K = X->K, nb = X->nb, B = int_block(type), bb = block_bytes(type);
+    const int has_m = type == 3 || type == 12 || type == 13;
+    const int8_t *xb[MR];
+    const int32_t *xs[MR];
+    const int16_t *xs16[MR];
+    V4F a[MR];
+    for (int t = 0; t < mt; t++) a[t] = v4f_zero();
+    for (int b = 0; b < nb; b++) {
+        const size_t at = (size_t)b * bb;
+        for (int r = 0; r < NR; r++)
+            for (int o = 0; o < bb; o += 64) __builtin_prefetch(nw[r] + at + o, 0, 3);
+        for (int t = 0; t < mt; t++) {
+            const size_t row = (size_t)(t0 + t);
+            xb[t] = X->q + row * K + (size_t)b * B;
+            xs[t] = X->s + row * (K / 32) + (size_t)b * (B / 32);
+            xs16[t] = B == 256 ? X->s16 + row * (K / 16) + (size_t)b * 16 : 0;
+        }
+        V4I is[MR], im[MR];
+        tile_block(type, mt, w, at, xb, xs, xs16, is, im);
+        V4F dw, mw = v4f_zero();
+        if (has_m) load4_dm(w, at, &dw, &mw);
+        else dw = load4_fp16(w, at + (type == 14 ? 208 : 0));
+        for (int t = 0; t < mt; t++) { /* the fp32 step of the formulas above, on 4 rows */
+            const V4F dx = v4f_set1(X->d[(size_t)(t0 + t) * nb + b]);
+            const V4F ti = v4f_mul(v4f_mul(dw, dx), v4f_cvt(is[t]));
+            if (type == 3)
+                a[t] = v4f_add(a[t], v4f_add(ti, v4f_mul(v4f_mul(mw, dx), v4f_cvt(im[t]))));
+            else if (has_m)
+                a[t] = v4f_sub(v4f_add(a[t], ti), v4f_mul(v4f_mul(mw, dx), v4f_cvt(im[t])));
+            else
+                a[t] = v4f_add(a[t], ti);
+        }
+    }
+    for (int t = 0; t < mt; t++) v4f_store(out[t], a[t]);
+}
+
+/* every (type, token count) as its own compiled copy, so the accumulators stay in registers */
+#define GV_CASE(T)                                                        \
+    case T:                                                               \
+        switch (mt) {                                                     \
+        case 1: gv_tile(T, 1, w, nw, X, t0, out); break;                  \
+        case 2: gv_tile(T, 2, w, nw, X, t0, out); break;                  \
+        case 3: gv_tile(T, 3, w, nw, X, t0, out); break;                  \
+        default: gv_tile(T, 4, w, nw, X, t0, out); break;                 \
+        }                                                                 \
+        break;
+
+static void gv_dispatch(int type, int mt, const uint8_t *const w[NR], const uint8_t *const nw[NR],
+                        const xq_t *X, int t0, float out[MR][NR]) {
+    switch (type) {
+    GV_CASE(2) GV_CASE(3) GV_CASE(8) GV_CASE(12) GV_CASE(13) GV_CASE(14)
+    }
+}
+#undef GV_CASE
+
+/* output rows [n0, n1) for tokens [0, M), small tiles; y at column n0 */
+static void gv_range(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
+                     int n0, int n1, float *y, int ldy) {
+    for (int c0 = 0; c0 < M; c0 += TCHUNK) {
+        const int c1 = M - c0 < TCHUNK ? M : c0 + TCHUNK;
+        for (int n = n0; n < n1; n += NR) {
+            const int nr = n1 - n < NR ? n1 - n : NR;
+            const uint8_t *w[NR], *nw[NR];
+            for (int r = 0; r < NR; r++) {
+                w[r] = base + offsets[n + (r < nr ? r : nr - 1)];
+                nw[r] = n + NR + r < n1 ? base + offsets[n + NR + r] : w[r];
+            }
+            float out[MR][NR];
+            for (int t0 = c0; t0 < c1; t0 += MR) {
+                const int mt = c1 - t0 < MR ? c1 - t0 : MR;
+                gv_dispatch(type, mt, w, nw, X, t0, out);
+                for (int t = 0; t < mt; t++)
+                    for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + (n - n0) + r] = out[t][r];
+            }
+        }
+    }
+}
+
+#if INT_SIMD
+/* ---- steps of several tokens (x86): TL weight rows in the TL lanes (8 or 16) ------------------
+ * A tile of TL rows is unpacked once for all its blocks and transposed so that lane r of a
+ * vector holds 4 consecutive bytes of row r; each token's 4-byte group is broadcast and
+ * dotted against it (dpbusd / maddubs+madd), so lane r accumulates row r's block sum with no
+ * horizontal reduction, and the fp32 scale step runs on TL rows at once. Same integers, same
+ * fp32 operations per row as above: bit-identical to the small-step and portable code. */
+
 /* unpacked weight values of one 256-block: 8 x 32 bytes, unsigned (Q6_K: q + 32) */
 static inline void k_unpack(int type, const uint8_t *blk, uint8_t *out) {
-#if INT_SIMD
     const __m256i m4 = _mm256_set1_epi8(15);
     if (type == 14) {
         const uint8_t *ql = blk, *qh = blk + 128;
@@ -615,156 +1281,65 @@ static inline void k_unpack(int type, const uint8_t *blk, uint8_t *out) {
         _mm256_storeu_si256((__m256i *)(out + 2 * p * 32), lo);
         _mm256_storeu_si256((__m256i *)(out + (2 * p + 1) * 32), hi);
     }
+}
+
+#define MT 4 /* tokens per pass over a prepared tile */
+
+/* The tile's vector width: 16 rows in zmm lanes with AVX-512 VNNI, else 8 in ymm lanes (the
+ * plain AVX-512 build keeps 8: without VNNI its Q8_0 needs sign_epi8, which has no zmm form). */
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define TL 16
+typedef __m512i TVI;
+typedef __m512 TVF;
+#define tvi_zero() _mm512_setzero_si512()
+#define tvi_add(a, b) _mm512_add_epi32(a, b)
+#define tvi_sub(a, b) _mm512_sub_epi32(a, b)
+#define tvi_mullo(a, b) _mm512_mullo_epi32(a, b)
+#define tvi_madd16(a, b) _mm512_madd_epi16(a, b)
+#define tvi_slli(a, n) _mm512_slli_epi32(a, n)
+#define tvi_set1(v) _mm512_set1_epi32(v)
+#define tvi_dpbusd(acc, a, b) _mm512_dpbusd_epi32(acc, a, b)
+#define tvf_zero() _mm512_setzero_ps()
+#define tvf_set1(f) _mm512_set1_ps(f)
+#define tvf_add(a, b) _mm512_add_ps(a, b)
+#define tvf_sub(a, b) _mm512_sub_ps(a, b)
+#define tvf_mul(a, b) _mm512_mul_ps(a, b)
+#define tvf_cvt(i) _mm512_cvtepi32_ps(i)
+#define tvf_store(p, a) _mm512_storeu_ps(p, a)
+static AI TVI tvi_cat(__m256i lo, __m256i hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+static AI TVF tvf_cat(__m256 lo, __m256 hi) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+}
 #else
-    if (type == 14) {
-        const uint8_t *ql = blk, *qh = blk + 128;
-        for (int c = 0; c < 8; c++) {
-            const uint8_t *lo = ql + (c / 4) * 64 + (c % 2) * 32, *hi = qh + (c / 4) * 32;
-            const int lshift = ((c / 2) % 2) * 4, hshift = 2 * (c % 4);
-            for (int l = 0; l < 32; l++)
-                out[c * 32 + l] = (uint8_t)(((lo[l] >> lshift) & 15) | (((hi[l] >> hshift) & 3) << 4));
-        }
-        return;
-    }
-    const uint8_t *qs = blk + (type == 12 ? 16 : 48), *qh = blk + 16;
-    for (int s = 0; s < 8; s++) {
-        const uint8_t *q = qs + (s / 2) * 32;
-        const int shift = (s & 1) * 4;
-        for (int l = 0; l < 32; l++) {
-            int v = (q[l] >> shift) & 15;
-            if (type == 13) v |= ((qh[l] >> s) & 1) << 4;
-            out[s * 32 + l] = (uint8_t)v;
-        }
-    }
+#define TL 8
+typedef __m256i TVI;
+typedef __m256 TVF;
+#define tvi_zero() _mm256_setzero_si256()
+#define tvi_add(a, b) _mm256_add_epi32(a, b)
+#define tvi_sub(a, b) _mm256_sub_epi32(a, b)
+#define tvi_mullo(a, b) _mm256_mullo_epi32(a, b)
+#define tvi_madd16(a, b) _mm256_madd_epi16(a, b)
+#define tvi_slli(a, n) _mm256_slli_epi32(a, n)
+#define tvi_set1(v) _mm256_set1_epi32(v)
+#define tvi_dpbusd(acc, a, b) DPBUSD(acc, a, b)
+#define tvf_zero() _mm256_setzero_ps()
+#define tvf_set1(f) _mm256_set1_ps(f)
+#define tvf_add(a, b) _mm256_add_ps(a, b)
+#define tvf_sub(a, b) _mm256_sub_ps(a, b)
+#define tvf_mul(a, b) _mm256_mul_ps(a, b)
+#define tvf_cvt(i) _mm256_cvtepi32_ps(i)
+#define tvf_store(p, a) _mm256_storeu_ps(p, a)
 #endif
-}
 
-static inline __attribute__((always_inline)) void idot256_n(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt,
-                    float acc[MR][NR]) {
-    const int nb = X->nb, bb = type == 12 ? 144 : (type == 13 ? 176 : 210);
-    uint8_t u[256] __attribute__((aligned(32)));
-    for (int t = 0; t < mt; t++)
-        for (int r = 0; r < NR; r++) acc[t][r] = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        for (int r = 0; r < NR; r++) {
-            const uint8_t *blk = w[r] + (size_t)b * bb;
-            kscales k;
-            k_scales(type, blk, &k);
-            k_unpack(type, blk, u);
-#if INT_SIMD
-            __m256i scv[8];
-            if (type == 14)
-                for (int c = 0; c < 8; c++)
-                    scv[c] = _mm256_set_m128i(_mm_set1_epi16((short)k.sc[2 * c + 1]), _mm_set1_epi16((short)k.sc[2 * c]));
-            else
-                for (int s = 0; s < 8; s++) scv[s] = _mm256_set1_epi16((short)k.sc[s]);
-            __m256i sc16 = _mm256_setzero_si256();
-            __m128i mn8 = _mm_setzero_si128();
-            if (type == 14) {
-                int16_t tmp[16];
-                for (int j = 0; j < 16; j++) tmp[j] = (int16_t)k.sc[j];
-                sc16 = _mm256_loadu_si256((const __m256i *)tmp);
-            } else {
-                int16_t tmp[8];
-                for (int j = 0; j < 8; j++) tmp[j] = (int16_t)k.mn[j];
-                mn8 = _mm_loadu_si128((const __m128i *)tmp);
-            }
-#endif
-            for (int t = 0; t < mt; t++) {
-                const size_t row = (size_t)(t0 + t);
-                const int8_t *xq = X->q + row * X->K + (size_t)b * 256;
-                const float dx = X->d[row * nb + b];
-                int is = 0, im = 0;
-#if INT_SIMD
-                __m256i lanes = _mm256_setzero_si256();
-                for (int c = 0; c < 8; c++) {
-                    const __m256i p = _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(u + c * 32)),
-                                                           _mm256_loadu_si256((const __m256i *)(xq + c * 32)));
-                    lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(p, scv[c]));
-                }
-                if (type == 14) {
-                    const __m256i bs = _mm256_loadu_si256((const __m256i *)(X->s16 + row * (X->K / 16) + (size_t)b * 16));
-                    lanes = _mm256_sub_epi32(lanes, _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
-                } else {
-                    const int32_t *xs = X->s + row * (X->K / 32) + (size_t)b * 8;
-                    const __m256i xs8 = _mm256_loadu_si256((const __m256i *)xs);
-                    /* 32-sums fit int16: pack to 8 x int16 for one madd with the mins */
-                    const __m128i x16 = _mm_packs_epi32(_mm256_castsi256_si128(xs8), _mm256_extracti128_si256(xs8, 1));
-                    __m128i m = _mm_madd_epi16(mn8, x16);
-                    m = _mm_add_epi32(m, _mm_shuffle_epi32(m, 0x4e));
-                    m = _mm_add_epi32(m, _mm_shuffle_epi32(m, 0xb1));
-                    im = _mm_cvtsi128_si32(m);
-                }
-                is = hsum8(lanes);
-#else
-                if (type == 14) {
-                    const int16_t *bs = X->s16 + row * (X->K / 16) + (size_t)b * 16;
-                    for (int j = 0; j < 16; j++) {
-                        int d16 = 0;
-                        for (int l = 0; l < 16; l++) d16 += u[j * 16 + l] * xq[j * 16 + l];
-                        is += k.sc[j] * (d16 - 32 * bs[j]);
-                    }
-                } else {
-                    const int32_t *xs = X->s + row * (X->K / 32) + (size_t)b * 8;
-                    for (int s = 0; s < 8; s++) {
-                        int d32 = 0;
-                        for (int l = 0; l < 32; l++) d32 += u[s * 32 + l] * xq[s * 32 + l];
-                        is += k.sc[s] * d32;
-                        im += k.mn[s] * xs[s];
-                    }
-                }
-#endif
-                if (type == 14)
-                    acc[t][r] = acc[t][r] + (k.d * dx) * (float)is;
-                else
-                    acc[t][r] = acc[t][r] + (k.d * dx) * (float)is - (k.dmin * dx) * (float)im;
-            }
-        }
-    }
-}
-
-/* constant token counts (and types) so the accumulators stay in registers */
-static void idot256(int type, const uint8_t *const w[NR], const xq_t *X, int t0, int mt, float acc[MR][NR]) {
-    switch (type) {
-    case 12:
-        switch (mt) {
-        case 4: idot256_n(12, w, X, t0, 4, acc); break;
-        case 3: idot256_n(12, w, X, t0, 3, acc); break;
-        case 2: idot256_n(12, w, X, t0, 2, acc); break;
-        case 1: idot256_n(12, w, X, t0, 1, acc); break;
-        }
-        break;
-    case 13:
-        switch (mt) {
-        case 4: idot256_n(13, w, X, t0, 4, acc); break;
-        case 3: idot256_n(13, w, X, t0, 3, acc); break;
-        case 2: idot256_n(13, w, X, t0, 2, acc); break;
-        case 1: idot256_n(13, w, X, t0, 1, acc); break;
-        }
-        break;
-    case 14:
-        switch (mt) {
-        case 4: idot256_n(14, w, X, t0, 4, acc); break;
-        case 3: idot256_n(14, w, X, t0, 3, acc); break;
-        case 2: idot256_n(14, w, X, t0, 2, acc); break;
-        case 1: idot256_n(14, w, X, t0, 1, acc); break;
-        }
-        break;
-    }
-}
-
-#if INT_SIMD
-/* ---- steps of several tokens: 8 weight rows in the 8 lanes --------------------------------
- * A tile of 8 rows is unpacked once for all its blocks and transposed so that lane r of a
- * vector holds 4 consecutive bytes of row r; each token's 4-byte group is broadcast and
- * dotted against it (dpbusd / maddubs+madd), so lane r accumulates row r's block sum with no
- * horizontal reduction, and the fp32 scale step runs on 8 rows at once. Same integers, same
- * fp32 operations per row as above: bit-identical to the small-step and portable code. */
-#define NR8 8
-#define MT 4
-
-typedef struct { __m256i t[8], a[8]; __m256 dw, mw; } prep32;
-typedef struct { __m256i t[64], sc[16], mnp[4]; __m256 d, dmin; } prep256;
+/* prep32: t the transposed values (Q8_0 with VNNI: w + 128, unsigned; without: signed, and a
+ * their absolute values); dw, mw the block's fp16 scales */
+typedef struct { TVI t[8], a[8]; TVF dw, mw; } prep32;
+/* prep256: t the transposed values, sc the scales per sub-block (16 of 16 values for Q6_K, 8
+ * of 32 otherwise), scp int16 pairs per lane for one madd against a token's pair of sums:
+ * Q6_K (sc[2i], sc[2i+1]) x 16-sums; Q4_K/Q5_K (mn[2i], mn[2i+1]) x 32-sums, i < 4 */
+typedef struct { TVI t[64], sc[16], scp[8]; TVF d, dmin; } prep256;
 
 static inline void transpose8x8(__m256i *r) {
     const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
@@ -785,18 +1360,10 @@ static inline void transpose8x8(__m256i *r) {
     r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
 }
 
-static inline __m256i dot_acc(__m256i acc, __m256i a, __m256i b) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, a, b);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
-#endif
-}
-
-static inline __m256i bcast4(const int8_t *p) {
+static inline int32_t load4(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
+    return v;
 }
 
 static inline __m256 fp16x8(const uint8_t *const *w, size_t at) {
@@ -805,257 +1372,278 @@ static inline __m256 fp16x8(const uint8_t *const *w, size_t at) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
 }
 
-static void prep32_block(int type, const uint8_t *const w[NR8], size_t at, prep32 *p) {
-    __m256i r[8];
-    p->dw = fp16x8(w, at);
-    p->mw = type == 3 ? fp16x8(w, at + 2) : _mm256_setzero_ps();
+/* 8 rows of one 32-value block, transposed: lane r of t[g] = bytes 4g..4g+3 of row r */
+static void prep32_half(int type, const uint8_t *const w[8], size_t at, __m256i t[8], __m256 *dw,
+                        __m256 *mw) {
+    *dw = fp16x8(w, at);
+    *mw = type == 3 ? fp16x8(w, at + 2) : _mm256_setzero_ps();
     for (int i = 0; i < 8; i++)
-        r[i] = type == 8 ? _mm256_loadu_si256((const __m256i *)(w[i] + at + 2))
+        t[i] = type == 8 ? _mm256_loadu_si256((const __m256i *)(w[i] + at + 2))
                          : nibbles32(w[i] + at + (type == 2 ? 2 : 4));
-    transpose8x8(r);
-    for (int g = 0; g < 8; g++) {
-        if (type == 8) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-            p->t[g] = _mm256_xor_si256(r[g], _mm256_set1_epi8((char)0x80)); /* w + 128, unsigned */
-#else
-            p->t[g] = r[g];
-            p->a[g] = _mm256_abs_epi8(r[g]);
-#endif
-        } else {
-            p->t[g] = r[g];
-        }
-    }
+    transpose8x8(t);
 }
 
-static void prep256_block(int type, const uint8_t *const w[NR8], size_t at, prep256 *p) {
-    uint8_t u[NR8][256] __attribute__((aligned(32)));
-    kscales k[NR8];
-    float d[8], dm[8];
-    for (int i = 0; i < NR8; i++) {
+/* 8 rows of one 256-value block: t[64] transposed, sc[16] / scp[8] per lane, d, dmin */
+static void prep256_half(int type, const uint8_t *const w[8], size_t at, __m256i *t, __m256i *sc,
+                         __m256i *scp, __m256 *d, __m256 *dmin) {
+    uint8_t u[8][256] __attribute__((aligned(32)));
+    kscales k[8];
+    float dd[8], dm[8];
+    for (int i = 0; i < 8; i++) {
         k_scales(type, w[i] + at, &k[i]);
         k_unpack(type, w[i] + at, u[i]);
-        d[i] = k[i].d;
+        dd[i] = k[i].d;
         dm[i] = k[i].dmin;
     }
-    p->d = _mm256_loadu_ps(d);
-    p->dmin = _mm256_loadu_ps(dm);
+    *d = _mm256_loadu_ps(dd);
+    *dmin = _mm256_loadu_ps(dm);
     for (int c = 0; c < 8; c++) {
         __m256i r[8];
         for (int i = 0; i < 8; i++) r[i] = _mm256_load_si256((const __m256i *)(u[i] + c * 32));
         transpose8x8(r);
-        for (int g = 0; g < 8; g++) p->t[c * 8 + g] = r[g];
+        for (int g = 0; g < 8; g++) t[c * 8 + g] = r[g];
     }
     int32_t v[8];
     for (int j = 0; j < (type == 14 ? 16 : 8); j++) {
         for (int i = 0; i < 8; i++) v[i] = k[i].sc[j];
-        p->sc[j] = _mm256_loadu_si256((const __m256i *)v);
+        sc[j] = _mm256_loadu_si256((const __m256i *)v);
     }
-    if (type != 14)
-        for (int q = 0; q < 4; q++) {
-            for (int i = 0; i < 8; i++)
-                v[i] = (int32_t)((uint32_t)(uint16_t)k[i].mn[2 * q] | ((uint32_t)k[i].mn[2 * q + 1] << 16));
-            p->mnp[q] = _mm256_loadu_si256((const __m256i *)v);
+    for (int q = 0; q < 8; q++) {
+        for (int i = 0; i < 8; i++) {
+            const int lo = type == 14 ? k[i].sc[2 * q] : k[i].mn[(2 * q) % 8];
+            const int hi = type == 14 ? k[i].sc[2 * q + 1] : k[i].mn[(2 * q + 1) % 8];
+            v[i] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
+        }
+        scp[q] = _mm256_loadu_si256((const __m256i *)v);
+    }
+}
+
+static void prep32_block(int type, const uint8_t *const w[TL], size_t at, prep32 *p) {
+    __m256i t[TL / 8][8];
+    __m256 dw[TL / 8], mw[TL / 8];
+    for (int h = 0; h < TL / 8; h++) prep32_half(type, w + 8 * h, at, t[h], &dw[h], &mw[h]);
+#if TL == 16
+    for (int g = 0; g < 8; g++) p->t[g] = tvi_cat(t[0][g], t[1][g]);
+    p->dw = tvf_cat(dw[0], dw[1]);
+    p->mw = tvf_cat(mw[0], mw[1]);
+#else
+    for (int g = 0; g < 8; g++) p->t[g] = t[0][g];
+    p->dw = dw[0];
+    p->mw = mw[0];
+#endif
+    if (type == 8)
+        for (int g = 0; g < 8; g++) {
+#if TL == 16
+            p->t[g] = _mm512_xor_si512(p->t[g], _mm512_set1_epi8((char)0x80)); /* w + 128 */
+#elif VNNI256
+            p->t[g] = _mm256_xor_si256(p->t[g], _mm256_set1_epi8((char)0x80));
+#else
+            p->a[g] = _mm256_abs_epi8(p->t[g]);
+#endif
         }
 }
 
-static inline __attribute__((always_inline)) void tdot32_n(int type, const prep32 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+static void prep256_block(int type, const uint8_t *const w[TL], size_t at, prep256 *p) {
+#if TL == 16
+    __m256i t[2][64] __attribute__((aligned(32))), sc[2][16], scp[2][8];
+    __m256 d[2], dm[2];
+    for (int h = 0; h < 2; h++) prep256_half(type, w + 8 * h, at, t[h], sc[h], scp[h], &d[h], &dm[h]);
+    for (int g = 0; g < 64; g++) p->t[g] = tvi_cat(t[0][g], t[1][g]);
+    for (int j = 0; j < 16; j++) p->sc[j] = tvi_cat(sc[0][j], sc[1][j]);
+    for (int q = 0; q < 8; q++) p->scp[q] = tvi_cat(scp[0][q], scp[1][q]);
+    p->d = tvf_cat(d[0], d[1]);
+    p->dmin = tvf_cat(dm[0], dm[1]);
+#else
+    prep256_half(type, w, at, p->t, p->sc, p->scp, &p->d, &p->dmin);
+#endif
+}
+
+static AI void tdot32_n(int type, const prep32 *P, const xq_t *X, int t0, int mt, TVF *a) {
     const int nb = X->nb;
-    for (int t = 0; t < mt; t++) a[t] = _mm256_setzero_ps();
+    for (int t = 0; t < mt; t++) a[t] = tvf_zero();
     for (int b = 0; b < nb; b++) {
         const prep32 *p = P + b;
-        __m256i is0[MT], is1[MT];
-        for (int t = 0; t < mt; t++) is0[t] = is1[t] = _mm256_setzero_si256();
-        for (int g = 0; g < 8; g += 2) {
+        TVI is0[MT], is1[MT];
+        for (int t = 0; t < mt; t++) is0[t] = is1[t] = tvi_zero();
+#if TL == 8 && !VNNI256
+        if (type != 8) { /* 4-bit values: the 8 groups' maddubs pairs summed in int16 (<= 16 *
+                          * 15 * 127), one madd to int32 */
+            __m256i p16[MT];
+            for (int g = 0; g < 8; g++) {
+                const __m256i tv = p->t[g];
+                for (int t = 0; t < mt; t++) {
+                    const int8_t *xr = X->q + (size_t)(t0 + t) * X->K + (size_t)b * 32;
+                    const __m256i m = _mm256_maddubs_epi16(tv, tvi_set1(load4(xr + 4 * g)));
+                    p16[t] = g ? _mm256_add_epi16(p16[t], m) : m;
+                }
+            }
+            for (int t = 0; t < mt; t++) is0[t] = _mm256_madd_epi16(p16[t], _mm256_set1_epi16(1));
+        }
+#endif
+        for (int g = 0; g < 8 && (TL == 16 || VNNI256 || type == 8); g += 2) {
             for (int t = 0; t < mt; t++) {
                 const int8_t *xr = X->q + (size_t)(t0 + t) * X->K + (size_t)b * 32;
-                const __m256i x0 = bcast4(xr + 4 * g), x1 = bcast4(xr + 4 * g + 4);
-#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
-                if (type == 8) {
-                    const __m256i one = _mm256_set1_epi16(1);
-                    is0[t] = _mm256_add_epi32(is0[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g], _mm256_sign_epi8(x0, p->t[g])), one));
-                    is1[t] = _mm256_add_epi32(is1[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g + 1], _mm256_sign_epi8(x1, p->t[g + 1])), one));
-                    continue;
-                }
+                const TVI x0 = tvi_set1(load4(xr + 4 * g)), x1 = tvi_set1(load4(xr + 4 * g + 4));
+#if TL == 8 && !VNNI256 /* Q8_0: |w| * (x with w's sign) */
+                const __m256i one = _mm256_set1_epi16(1);
+                is0[t] = _mm256_add_epi32(is0[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g], _mm256_sign_epi8(x0, p->t[g])), one));
+                is1[t] = _mm256_add_epi32(is1[t], _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[g + 1], _mm256_sign_epi8(x1, p->t[g + 1])), one));
+#else
+                is0[t] = tvi_dpbusd(is0[t], p->t[g], x0);
+                is1[t] = tvi_dpbusd(is1[t], p->t[g + 1], x1);
 #endif
-                is0[t] = dot_acc(is0[t], p->t[g], x0);
-                is1[t] = dot_acc(is1[t], p->t[g + 1], x1);
             }
         }
         for (int t = 0; t < mt; t++) {
             const size_t row = (size_t)(t0 + t);
             const float dx = X->d[row * nb + b];
             const int xs = X->s[row * nb + b];
-            __m256i is = _mm256_add_epi32(is0[t], is1[t]);
-            if (type == 2) is = _mm256_sub_epi32(is, _mm256_set1_epi32(8 * xs));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-            if (type == 8) is = _mm256_sub_epi32(is, _mm256_set1_epi32(128 * xs));
+            TVI is = tvi_add(is0[t], is1[t]);
+            if (type == 2) is = tvi_sub(is, tvi_set1(8 * xs));
+#if TL == 16 || VNNI256
+            if (type == 8) is = tvi_sub(is, tvi_set1(128 * xs));
 #endif
-            __m256 term = _mm256_mul_ps(_mm256_mul_ps(p->dw, _mm256_set1_ps(dx)), _mm256_cvtepi32_ps(is));
-            if (type == 3)
-                term = _mm256_add_ps(term, _mm256_mul_ps(_mm256_mul_ps(p->mw, _mm256_set1_ps(dx)),
-                                                         _mm256_set1_ps((float)xs)));
-            a[t] = _mm256_add_ps(a[t], term);
+            TVF term = tvf_mul(tvf_mul(p->dw, tvf_set1(dx)), tvf_cvt(is));
+            if (type == 3) term = tvf_add(term, tvf_mul(tvf_mul(p->mw, tvf_set1(dx)), tvf_set1((float)xs)));
+            a[t] = tvf_add(a[t], term);
         }
     }
 }
 
-/* constant token counts (and types) so the accumulators stay in registers */
-static void tdot32(int type, const prep32 *P, const xq_t *X, int t0, int mt, __m256 *a) {
-    switch (type) {
-    case 2:
-        switch (mt) {
-        case 4: tdot32_n(2, P, X, t0, 4, a); break;
-        case 3: tdot32_n(2, P, X, t0, 3, a); break;
-        case 2: tdot32_n(2, P, X, t0, 2, a); break;
-        case 1: tdot32_n(2, P, X, t0, 1, a); break;
-        }
-        break;
-    case 3:
-        switch (mt) {
-        case 4: tdot32_n(3, P, X, t0, 4, a); break;
-        case 3: tdot32_n(3, P, X, t0, 3, a); break;
-        case 2: tdot32_n(3, P, X, t0, 2, a); break;
-        case 1: tdot32_n(3, P, X, t0, 1, a); break;
-        }
-        break;
-    case 8:
-        switch (mt) {
-        case 4: tdot32_n(8, P, X, t0, 4, a); break;
-        case 3: tdot32_n(8, P, X, t0, 3, a); break;
-        case 2: tdot32_n(8, P, X, t0, 2, a); break;
-        case 1: tdot32_n(8, P, X, t0, 1, a); break;
-        }
-        break;
-    }
-}
-
-static inline __attribute__((always_inline)) void tdot256_n(int type, const prep256 *P, const xq_t *X, int t0, int mt, __m256 *a) {
+static AI void tdot256_n(int type, const prep256 *P, const xq_t *X, int t0, int mt, TVF *a) {
     const int nb = X->nb;
-    for (int t = 0; t < mt; t++) a[t] = _mm256_setzero_ps();
+    for (int t = 0; t < mt; t++) a[t] = tvf_zero();
     for (int b = 0; b < nb; b++) {
         const prep256 *p = P + b;
-        __m256i tot[MT], sub[MT];
+        TVI tot[MT], sub[MT];
         const int8_t *xr[MT];
         for (int t = 0; t < mt; t++) {
-            tot[t] = _mm256_setzero_si256();
+            tot[t] = tvi_zero();
             xr[t] = X->q + (size_t)(t0 + t) * X->K + (size_t)b * 256;
         }
         const int nsub = type == 14 ? 16 : 8, per = type == 14 ? 4 : 8;
         for (int j = 0; j < nsub; j++) {
-            for (int t = 0; t < mt; t++) sub[t] = _mm256_setzero_si256();
+            for (int t = 0; t < mt; t++) sub[t] = tvi_zero();
             for (int g = j * per; g < (j + 1) * per; g++) { /* g: 4-byte group in the block */
-                const __m256i tv = p->t[g];
-                for (int t = 0; t < mt; t++) sub[t] = dot_acc(sub[t], tv, bcast4(xr[t] + 4 * g));
+                const TVI tv = p->t[g];
+                for (int t = 0; t < mt; t++) sub[t] = tvi_dpbusd(sub[t], tv, tvi_set1(load4(xr[t] + 4 * g)));
             }
-            for (int t = 0; t < mt; t++) {
-                __m256i v = sub[t];
-                if (type == 14) {
-                    const size_t row = (size_t)(t0 + t);
-                    const int bs = X->s16[row * (X->K / 16) + (size_t)b * 16 + j];
-                    v = _mm256_sub_epi32(v, _mm256_set1_epi32(32 * bs));
-                }
-                tot[t] = _mm256_add_epi32(tot[t], _mm256_mullo_epi32(v, p->sc[j]));
-            }
+            for (int t = 0; t < mt; t++) tot[t] = tvi_add(tot[t], tvi_mullo(sub[t], p->sc[j]));
         }
         for (int t = 0; t < mt; t++) {
-            const size_t row = (size_t)(t0 + t);
-            const __m256 dx = _mm256_set1_ps(X->d[row * nb + b]);
-            a[t] = _mm256_add_ps(a[t], _mm256_mul_ps(_mm256_mul_ps(p->d, dx), _mm256_cvtepi32_ps(tot[t])));
-            if (type != 14) {
-                const int32_t *xs = X->s + row * (X->K / 32) + (size_t)b * 8;
-                __m256i im = _mm256_setzero_si256();
+            /* a pair of the token's sums per madd: Q6_K's -32*sum(sc*xs16) (16-sums, adjacent
+             * in memory); Q4_K/Q5_K's mins (32-sums, packed here in scalar registers, which
+             * the vector ports, the bottleneck, do not pay for) */
+            TVI im = tvi_zero();
+            if (type == 14) {
+                const int16_t *xs16 = X->s16 + (size_t)(t0 + t) * (X->K / 16) + (size_t)b * 16;
+                for (int q = 0; q < 8; q++) im = tvi_add(im, tvi_madd16(p->scp[q], tvi_set1(load4(xs16 + 2 * q))));
+                tot[t] = tvi_sub(tot[t], tvi_slli(im, 5));
+            } else {
+                const int32_t *xs = X->s + (size_t)(t0 + t) * (X->K / 32) + (size_t)b * 8;
                 for (int q = 0; q < 4; q++) {
-                    const __m256i xp = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)xs[2 * q] | ((uint32_t)xs[2 * q + 1] << 16)));
-                    im = _mm256_add_epi32(im, _mm256_madd_epi16(p->mnp[q], xp));
+                    const uint32_t xp = (uint32_t)(uint16_t)xs[2 * q] | ((uint32_t)xs[2 * q + 1] << 16);
+                    im = tvi_add(im, tvi_madd16(p->scp[q], tvi_set1((int32_t)xp)));
                 }
-                a[t] = _mm256_sub_ps(a[t], _mm256_mul_ps(_mm256_mul_ps(p->dmin, dx), _mm256_cvtepi32_ps(im)));
+            }
+            const TVF dx = tvf_set1(X->d[(size_t)(t0 + t) * nb + b]);
+            a[t] = tvf_add(a[t], tvf_mul(tvf_mul(p->d, dx), tvf_cvt(tot[t])));
+            if (type != 14) a[t] = tvf_sub(a[t], tvf_mul(tvf_mul(p->dmin, dx), tvf_cvt(im)));
+        }
+    }
+}
+
+/* every (type, token count) as its own compiled copy, so the accumulators stay in registers */
+#define TD_CASE(F, T)                                   \
+    case T:                                             \
+        switch (mt) {                                   \
+        case 1: F##_n(T, P, X, t0, 1, a); break;         \
+        case 2: F##_n(T, P, X, t0, 2, a); break;         \
+        case 3: F##_n(T, P, X, t0, 3, a); break;         \
+        default: F##_n(T, P, X, t0, 4, a); break;        \
+        }                                               \
+        break;
+
+static void tdot32(int type, const prep32 *P, const xq_t *X, int t0, int mt, TVF *a) {
+    switch (type) { TD_CASE(tdot32, 2) TD_CASE(tdot32, 3) TD_CASE(tdot32, 8) }
+}
+
+static void tdot256(int type, const prep256 *P, const xq_t *X, int t0, int mt, TVF *a) {
+    switch (type) { TD_CASE(tdot256, 12) TD_CASE(tdot256, 13) TD_CASE(tdot256, 14) }
+}
+#undef TD_CASE
+
+/* output rows [n0, n1) for tokens [0, M) into y (at column n0): each tile of TL rows is
+ * prepared once for all its blocks into buf (t8_work_bytes) */
+static void t8_range(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
+                     int n0, int n1, float *y, int ldy, void *buf) {
+    const int B = int_block(type), nb = X->nb;
+    const size_t bb = (size_t)block_bytes(type);
+    for (int n = n0; n < n1; n += TL) {
+        const int nr = n1 - n < TL ? n1 - n : TL;
+        const uint8_t *w[TL];
+        for (int r = 0; r < TL; r++) w[r] = base + offsets[n + (r < nr ? r : nr - 1)];
+        for (int b = 0; b < nb; b++) {
+            if (B == 32) prep32_block(type, w, b * bb, (prep32 *)buf + b);
+            else prep256_block(type, w, b * bb, (prep256 *)buf + b);
+        }
+        TVF a[MT];
+        for (int t0 = 0; t0 < M; t0 += MT) {
+            const int mt = M - t0 < MT ? M - t0 : MT;
+            if (B == 32) tdot32(type, (const prep32 *)buf, X, t0, mt, a);
+            else tdot256(type, (const prep256 *)buf, X, t0, mt, a);
+            for (int t = 0; t < mt; t++) {
+                float o[TL];
+                tvf_store(o, a[t]);
+                for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + (n - n0) + r] = o[r];
             }
         }
     }
 }
 
-/* constant token counts (and types) so the accumulators stay in registers */
-static void tdot256(int type, const prep256 *P, const xq_t *X, int t0, int mt, __m256 *a) {
-    switch (type) {
-    case 12:
-        switch (mt) {
-        case 4: tdot256_n(12, P, X, t0, 4, a); break;
-        case 3: tdot256_n(12, P, X, t0, 3, a); break;
-        case 2: tdot256_n(12, P, X, t0, 2, a); break;
-        case 1: tdot256_n(12, P, X, t0, 1, a); break;
-        }
-        break;
-    case 13:
-        switch (mt) {
-        case 4: tdot256_n(13, P, X, t0, 4, a); break;
-        case 3: tdot256_n(13, P, X, t0, 3, a); break;
-        case 2: tdot256_n(13, P, X, t0, 2, a); break;
-        case 1: tdot256_n(13, P, X, t0, 1, a); break;
-        }
-        break;
-    case 14:
-        switch (mt) {
-        case 4: tdot256_n(14, P, X, t0, 4, a); break;
-        case 3: tdot256_n(14, P, X, t0, 3, a); break;
-        case 2: tdot256_n(14, P, X, t0, 2, a); break;
-        case 1: tdot256_n(14, P, X, t0, 1, a); break;
-        }
-        break;
-    }
-}
-
-/* the 8-row path over all tiles of N (a parallel region of its own) */
-static int gemm_t8(int type, int B, const xq_t *X, int M, const uint8_t *base,
-                   const int64_t *offsets, int N, float *y, int ldy, int n_threads) {
-    const int nb = X->nb, n_tiles = (N + NR8 - 1) / NR8;
-    const size_t psize = B == 32 ? sizeof(prep32) : sizeof(prep256);
-    int failed = 0;
-#pragma omp parallel num_threads(n_threads)
-    {
-        void *buf = aligned_alloc(32, psize * nb);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int tile = 0; tile < n_tiles; tile++) {
-            if (!buf) continue;
-            const int n0 = tile * NR8, nr = N - n0 < NR8 ? N - n0 : NR8;
-            const uint8_t *w[NR8];
-            for (int r = 0; r < NR8; r++) w[r] = base + offsets[n0 + (r < nr ? r : nr - 1)];
-            const size_t bb = (size_t)(B == 32 ? (type == 2 ? 18 : (type == 3 ? 20 : 34))
-                                                : (type == 12 ? 144 : (type == 13 ? 176 : 210)));
-            for (int b = 0; b < nb; b++) {
-                if (B == 32) prep32_block(type, w, b * bb, (prep32 *)buf + b);
-                else prep256_block(type, w, b * bb, (prep256 *)buf + b);
-            }
-            __m256 a[MT];
-            for (int t0 = 0; t0 < M; t0 += MT) {
-                const int mt = M - t0 < MT ? M - t0 : MT;
-                if (B == 32) tdot32(type, (const prep32 *)buf, X, t0, mt, a);
-                else tdot256(type, (const prep256 *)buf, X, t0, mt, a);
-                for (int t = 0; t < mt; t++) {
-                    float o[8];
-                    _mm256_storeu_ps(o, a[t]);
-                    for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + n0 + r] = o[r];
-                }
-            }
-        }
-        free(buf);
-    }
-    return failed ? -3 : 0;
+static size_t t8_work_bytes(int type, int K) {
+    const size_t per = int_block(type) == 32 ? sizeof(prep32) : sizeof(prep256);
+    return per * (size_t)(K / int_block(type));
 }
 #endif
 
-/* steps of at least this many tokens take the 8-row path (SIMD builds) */
-#define T8_MIN_ROWS 4
+/* Steps of at least this many tokens take the transposed tiles (x86 SIMD builds): preparing a
+ * tile costs more than the small tiles' per-token unpacking below that (measured, 1B shapes,
+ * 1 thread: K-quants 4x slower with the transposed tiles at 4 tokens, 0.75x at 16, 1.15-1.6x
+ * faster from 32; 32-value types 0.8-0.9x at 8, 1.1-1.8x faster at 10-12 but for Q8_0). */
+#if INT_SIMD
+static int t8_min_rows(int type) { return int_block(type) == 256 ? 24 : 10; }
+#endif
 
-static int int_type(int type) { /* activation block size for the integer path, 0: none */
-    switch (type) {
-    case 2: case 3: case 8: return 32;
-    case 12: case 13: case 14: return 256;
-    default: return 0;
+/* Bytes of scratch gemm_int_range wants for this type, K and step size (0: none). */
+size_t gemm_int_work_bytes(int type, int K, int M) {
+    if (!int_block(type) || K % int_block(type)) return 0;
+#if INT_SIMD
+    if (M >= t8_min_rows(type)) return t8_work_bytes(type, K);
+#endif
+    (void)M;
+    return 0;
+}
+
+/* The tokens of X against weight rows [n0, n1): y[t * ldy + (n - n0)] for t < M, with no
+ * OpenMP region of its own (the caller splits rows between threads). work: NULL (allocated
+ * here when needed) or gemm_int_work_bytes(type, K, M) bytes aligned to 64. Returns 0, -1 for
+ * a type without an integer path, -3 if out of memory. */
+int gemm_int_range(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
+                   int n0, int n1, float *y, int ldy, void *work) {
+    if (!int_block(type) || X->K % int_block(type)) return -1;
+#if INT_SIMD
+    if (M >= t8_min_rows(type)) {
+        void *buf = work ? work : aligned_alloc(64, t8_work_bytes(type, X->K));
+        if (!buf) return -3;
+        t8_range(type, X, M, base, offsets, n0, n1, y, ldy, buf);
+        if (!work) free(buf);
+        return 0;
     }
+#endif
+    (void)work;
+    gv_range(type, X, M, base, offsets, n0, n1, y, ldy);
+    return 0;
 }
 
 /* y = x @ W^T like gguf_gemm, with x quantized to int8 first (see above). Returns -1 for a
@@ -1063,50 +1651,32 @@ static int int_type(int type) { /* activation block size for the integer path, 0
  * the activation block, -3 if out of memory. */
 int gguf_gemm_int(int type, const float *x, int M, int K, const uint8_t *base,
                   const int64_t *offsets, int N, float *y, int ldy, int n_threads) {
-    const int B = int_type(type);
+    const int B = int_block(type);
     if (!B) return -1;
     if (K % B) return -2;
-    const int nb = K / B;
-    int8_t *q = (int8_t *)malloc((size_t)M * K);
-    float *d = (float *)malloc(sizeof(float) * (size_t)M * nb);
-    int32_t *s = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * (K / 32));
-    int16_t *s16 = B == 256 ? (int16_t *)malloc(sizeof(int16_t) * (size_t)M * (K / 16)) : 0;
-    if (!q || !d || !s || (B == 256 && !s16)) {
-        free(q); free(d); free(s); free(s16);
-        return -3;
-    }
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (M >= 16)
-    for (int i = 0; i < M; i++)
-        quant_row(x + (size_t)i * K, K, B, q + (size_t)i * K, d + (size_t)i * nb,
-                  s + (size_t)i * (K / 32), s16 ? s16 + (size_t)i * (K / 16) : 0);
-    const xq_t X = {K, nb, q, d, s, s16};
-#if INT_SIMD
-    if (M >= T8_MIN_ROWS) {
-        const int rc = gemm_t8(type, B, &X, M, base, offsets, N, y, ldy, n_threads);
-        free(q); free(d); free(s); free(s16);
-        return rc;
-    }
+    xq_t X;
+    if (xq_alloc(&X, M, K, B)) return -3;
+    const int units = (N + 15) / 16; /* threads take contiguous rows in units of the widest tile */
+    int rc = 0;
+#pragma omp parallel num_threads(n_threads)
+    {
+        int tid = 0, nth = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nth = omp_get_num_threads();
 #endif
-    const int n_tiles = (N + NR - 1) / NR;
-    for (int c0 = 0; c0 < M; c0 += TCHUNK) {
-        const int c1 = M - c0 < TCHUNK ? M : c0 + TCHUNK;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int tile = 0; tile < n_tiles; tile++) {
-            const int n0 = tile * NR, nr = N - n0 < NR ? N - n0 : NR;
-            const uint8_t *w[NR];
-            for (int r = 0; r < NR; r++) w[r] = base + offsets[n0 + (r < nr ? r : nr - 1)];
-            const uint8_t *nw[NR]; /* the next tile's rows, to prefetch */
-            for (int r = 0; r < NR; r++) nw[r] = n0 + NR + r < N ? base + offsets[n0 + NR + r] : w[r];
-            float acc[MR][NR];
-            for (int t0 = c0; t0 < c1; t0 += MR) {
-                const int mt = c1 - t0 < MR ? c1 - t0 : MR;
-                if (B == 32) idot32(type, w, &X, t0, mt, acc, nw);
-                else idot256(type, w, &X, t0, mt, acc);
-                for (int t = 0; t < mt; t++)
-                    for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + n0 + r] = acc[t][r];
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) quantize_rows(x, m, m + 1, &X);
+        const int u0 = (int)((int64_t)units * tid / nth), u1 = (int)((int64_t)units * (tid + 1) / nth);
+        const int n0 = 16 * u0, n1 = 16 * u1 < N ? 16 * u1 : N;
+        if (n0 < n1) {
+            const int r = gemm_int_range(type, &X, M, base, offsets, n0, n1, y + n0, ldy, 0);
+            if (r) {
+#pragma omp atomic write
+                rc = r;
             }
         }
     }
-    free(q); free(d); free(s); free(s16);
-    return 0;
+    xq_free(&X);
+    return rc;
 }
