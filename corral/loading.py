@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,6 +81,9 @@ class ModelSource:
     folder: Path | None
     random_preset: str | None = None
     gguf: Path | None = None  # the .gguf file `folder` was dequantized from
+    # the tokenizer, when resolving built it anyway (a .gguf's first load): saves reading back
+    # the folder's tokenizer.json (~1 s for a 128k-token vocabulary)
+    tokenizer: Any = None
 
 
 def cache_root() -> Path:
@@ -104,8 +108,10 @@ def resolve_source(source: str, revision: str | None = None, weights: bool = Tru
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CorralError(f"GGUF file not found: {path}")
-        folder = materialize_gguf(path) if weights else gguf_metadata_folder(path)
-        return ModelSource(source, folder, gguf=path)
+        if weights:
+            return ModelSource(source, materialize_gguf(path), gguf=path)
+        folder, tokenizer = _gguf_metadata(path)
+        return ModelSource(source, folder, gguf=path, tokenizer=tokenizer)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CorralError(f"{path} has no config.json: not a Hugging Face model folder")
@@ -149,35 +155,39 @@ def _gguf_cache_dir(path: Path) -> Path:
 
 def gguf_metadata_folder(path: Path) -> Path:
     """A cached folder with the GGUF's config, generation config and tokenizer only (small
-    files, built by transformers from the file's metadata; the tensors stay in the file)."""
+    files, built from the file's metadata as transformers builds them; the tensors stay in the
+    file)."""
+    return _gguf_metadata(path)[0]
+
+
+def _gguf_metadata(path: Path) -> tuple[Path, Any]:
+    """(the metadata folder, the tokenizer when this call built it, else None)."""
     dense = _gguf_cache_dir(path)
     if (dense / "config.json").is_file() and (dense / "model.safetensors").is_file():
-        return dense  # already materialized: it holds the same config and tokenizer
+        return dense, None  # already materialized: it holds the same config and tokenizer
     out = cache_root() / "gguf-meta" / dense.name
     if (out / "config.json").is_file():
-        return out
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
+        return out, None
+    from transformers import GenerationConfig, LlamaConfig
+
+    from corral import gguf_metadata as gm
 
     try:
-        config_dict, _ = LlamaConfig.get_config_dict(path.parent, gguf_file=path.name)
-        if config_dict.get("model_type") != "llama":
-            raise CorralError(f"{path} holds a {config_dict.get('model_type')!r} model; Corral "
-                              "runs Llama-architecture models")
-        config = LlamaConfig.from_dict(config_dict)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        meta, tensor_names = gm.read_metadata(path)
+        config = LlamaConfig.from_dict(gm.config_dict(meta, tensor_names, str(path)))
+        tokenizer = gm.build_tokenizer(meta, str(path.parent))
     except CorralError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure becomes one readable CorralError
         raise CorralError(f"cannot read GGUF file {path}: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+
     def save(tmp: Path) -> None:
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _write_cache_folder(out, path, save)
+    return _write_cache_folder(out, path, save), tokenizer
 
 
 def materialize_gguf(path: Path) -> Path:
@@ -296,6 +306,8 @@ def load_tokenizer(src: ModelSource):
     """The model's tokenizer (None for random:NAME models, which take token ids)."""
     if src.folder is None:
         return None
+    if src.tokenizer is not None:
+        return src.tokenizer
     from transformers import AutoTokenizer
 
     try:
