@@ -1,8 +1,8 @@
 """Opt-in Q8_0 / Q4_0 weights for CPU inference of any fp32 Llama (`EngineConfig.quantization`).
 
 CPU decode is memory-bound: each token reads every weight. Quantizing the decoder's Linear
-weights and the lm_head (and a tied embedding) to ggml's blocks lets every step run the kernels
-of `gguf_kernels.py` on 3.8x (Q8_0) or 7x (Q4_0) fewer bytes. The dense fp32 weights are
+weights, the lm_head and the embedding (tied or not) to ggml's blocks lets every step run the
+kernels of `gguf_kernels.py` on 3.8x (Q8_0) or 7x (Q4_0) fewer bytes. The dense fp32 weights are
 dropped once packed: decode and prefill both read the blocks. Numerics change: greedy output
 may differ from the fp32 model's (the weights are rounded, and with math="int8", the default,
 the activations too, as in llama.cpp).
@@ -15,6 +15,7 @@ both byte for byte as ggml's reference quantizers (and `gguf.quants.quantize`).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from corral.model import gguf_kernels as gk
 
@@ -65,8 +66,8 @@ QUANTIZERS = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
 
 def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_ROWS,
                      math: str | None = None) -> str:
-    """Quantize `model`'s decoder Linear weights and its lm_head to `kind` for the kernels,
-    one layer at a time, dropping each dense weight once packed. `math`: "int8" (activations
+    """Quantize `model`'s decoder Linear weights, its lm_head and its embedding to `kind` for
+    the kernels, one layer at a time, dropping each dense weight once packed. `math`: "int8" (activations
     quantized too, integer dot products) or "fp32"; default `gk.default_math()`.
 
     Matmuls whose K is not a multiple of 32 stay dense. Returns a one-line description of the
@@ -89,6 +90,13 @@ def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_R
                                    math=math))
     total = 4 * len(model.model.layers) + 1
     dense_note = f"; {total - n} with K not a multiple of 32 stay dense" if n < total else ""
+    embed = model.model.embed_tokens
+    if isinstance(embed, nn.Embedding) and embed.weight.shape[1] % 32 == 0:
+        # an untied embedding (a tied one reads the lm_head's rows already): packed too, as
+        # llama.cpp keeps token_embd quantized, so no dense view of the weights file stays
+        model.model.embed_tokens = gk.GGUFEmbedding(QUANTIZERS[kind](embed.weight), lib)
+    elif isinstance(embed, nn.Embedding):
+        dense_note += "; the embedding stays dense"
     return (f"{kind.upper()} (quantized at load, no dense copy) {lib.gguf_isa().decode()} "
             f"kernels for {n}/{total} matmuls{dense_note}")
 

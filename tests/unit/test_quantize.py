@@ -201,6 +201,26 @@ def test_k_not_multiple_of_32_stays_dense(lib):
     assert model.packed_lm_head is not None  # untied lm_head, K = 64
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_untied_embedding_is_quantized_too(lib, kind):
+    """Untied lm_head (Llama 2 7B, Llama 3 8B): the embedding is packed as well, no dense
+    parameter but the norms stays, and a lookup returns the packed rows dequantized."""
+    from corral.model.llama import LlamaForCausalLM
+    from corral.model.quantize import QUANTIZERS, attach_quantized
+
+    model = LlamaForCausalLM.random(tiny_config(), torch.float32, torch.device("cpu"))
+    table = model.model.embed_tokens.weight.detach().clone()
+    attach_quantized(model, kind)
+    embed = model.model.embed_tokens
+    assert isinstance(embed, gk.GGUFEmbedding) and embed.packed.kind == kind
+    assert all(n.endswith("norm.weight") for n, _ in model.named_parameters())
+    ids = torch.tensor([[0, 5, 255], [17, 17, 3]])
+    want = gk.gguf_dequantize(lib, QUANTIZERS[kind](table))[ids]
+    assert torch.equal(embed(ids), want)
+    err = (want - table[ids]).abs().max() / table.abs().max()
+    assert 0 < err < (0.01 if kind == "q8_0" else 0.1)  # rounded, and only by the quantizer
+
+
 def test_falls_back_to_dense_without_a_compiler(monkeypatch, tmp_path, capsys):
     from corral.model.llama import LlamaForCausalLM
     from corral.model.quantize import attach_q8_0

@@ -133,16 +133,10 @@ def hf_folder(request, tmp_path_factory, default_folder):
     return path
 
 
-UNTIED_GAP = pytest.mark.xfail(strict=True, reason=(
-    "known gap: with an untied lm_head, --quantize leaves embed_tokens a dense fp32 view of the "
-    "memory-mapped safetensors, which keeps the mapping and every page read from it resident "
-    "(corral/model/quantize.py quantizes only the Linears)"))
-
-
 @pytest.mark.parametrize("hf_folder,kind,bits", [
     pytest.param(True, "q8_0", 8.5, id="tied-q8_0"),
     pytest.param(True, "q4_0", 4.5, id="tied-q4_0"),
-    pytest.param(False, "q8_0", 8.5, id="untied-q8_0", marks=UNTIED_GAP),
+    pytest.param(False, "q8_0", 8.5, id="untied-q8_0"),
 ], indirect=["hf_folder"])
 def test_quantize_at_load_keeps_no_dense_copy(hf_folder, kind, bits):
     """Resident memory once loaded (VmRSS, not the peak: the dense weights are read to be
