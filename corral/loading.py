@@ -17,11 +17,13 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from corral.errors import CorralError
@@ -383,3 +385,44 @@ def iter_safetensors(folder: Path):
             raise
         except Exception as e:  # noqa: BLE001 - any failure becomes one readable CorralError
             raise CorralError(f"cannot read weights file {f}: {type(e).__name__}: {e}") from None
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def safetensors_index(folder: Path) -> dict[str, tuple[Path, str, list[int], int, int]]:
+    """name -> (file, dtype, shape, first byte, end byte) over a folder's *.safetensors, from
+    their JSON headers only."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CorralError(f"{folder} has no *.safetensors weights")
+    index = {}
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise CorralError(f"cannot read weights file {f}: {e}") from None
+        header.pop("__metadata__", None)
+        for name, e in header.items():
+            start, end = e["data_offsets"]
+            index[name] = (f, e["dtype"], e["shape"], 8 + n + start, 8 + n + end)
+    return index
+
+
+def read_tensor(entry: tuple[Path, str, list[int], int, int],
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor of `safetensors_index` (or its rows [r0, r1)), read with plain file reads into
+    its own memory (no mapping: pages of the file never count in this process's RSS)."""
+    path, dtype, shape, start, end = entry
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise CorralError(f"{path}: weights of dtype {dtype} (Corral reads F32, F16, BF16)")
+    if rows is not None:
+        row_bytes = (end - start) // shape[0]
+        start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
+        shape = [rows[1] - rows[0], *shape[1:]]
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        raw = np.fromfile(fh, dtype=np.uint8, count=end - start)
+    return torch.from_numpy(raw).view(_SAFETENSORS_DTYPES[dtype]).reshape(shape)

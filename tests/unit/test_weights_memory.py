@@ -156,3 +156,42 @@ print(json.dumps({{"base": base, "rss": status("VmRSS"), "kv": kv_bytes(core),
     # a resident dense copy would add the whole file (>= 290 MB) on top of the packed weights
     assert grown < packed * 1.3 + res["kv"] + SLACK, (grown / 2**20, packed / 2**20)
     assert max(res["dense"].values()) <= 512, res["dense"]  # norms only
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory):
+    """A random bf16 HF Llama (~170 MB: 330 MB as fp32), untied, as checkpoints ship."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_config
+
+    path = tmp_path_factory.mktemp("hf-bf16")
+    cfg = tiny_config(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                      num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
+                      max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(2)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def test_quantize_while_read_peak_stays_near_packed(bf16_folder):
+    """`load_quantized` never holds the dense model, nor one whole fp32 tensor: peak RSS grows
+    by the packed Q8_0 weights (x1.3) + slack (read buffers, quantizer temporaries), far under
+    the fp32 copy that building the dense model first needs (2x the bf16 files)."""
+    res = run_child(f"""
+from pathlib import Path
+from corral.model.quantize import load_quantized
+folder = Path({str(bf16_folder)!r})
+config = corral.loading.load_config(corral.loading.ModelSource("t", folder))
+reset_peak()
+base = status("VmHWM")
+model, desc = load_quantized(folder, config, "q8_0", max_len=128)
+print(json.dumps({{"base": base, "peak": status("VmHWM"), "desc": desc}}))
+""")
+    stored = sum(f.stat().st_size for f in bf16_folder.glob("*.safetensors"))
+    packed = stored / 16 * 8.5  # bf16 -> 8.5 bits per weight
+    grown = res["peak"] - res["base"]
+    assert res["desc"].startswith("Q8_0 (quantized while read, no dense copy)")
+    assert packed * 1.3 + SLACK < 2 * stored  # the bound tells a dense fp32 copy apart
+    assert grown < packed * 1.3 + SLACK, (grown / 2**20, packed / 2**20)
