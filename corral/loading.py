@@ -17,10 +17,13 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from corral.errors import CorralError
@@ -80,6 +83,9 @@ class ModelSource:
     folder: Path | None
     random_preset: str | None = None
     gguf: Path | None = None  # the .gguf file `folder` was dequantized from
+    # the tokenizer, when resolving built it anyway (a .gguf's first load): saves reading back
+    # the folder's tokenizer.json (~1 s for a 128k-token vocabulary)
+    tokenizer: Any = None
 
 
 def cache_root() -> Path:
@@ -104,8 +110,10 @@ def resolve_source(source: str, revision: str | None = None, weights: bool = Tru
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CorralError(f"GGUF file not found: {path}")
-        folder = materialize_gguf(path) if weights else gguf_metadata_folder(path)
-        return ModelSource(source, folder, gguf=path)
+        if weights:
+            return ModelSource(source, materialize_gguf(path), gguf=path)
+        folder, tokenizer = _gguf_metadata(path)
+        return ModelSource(source, folder, gguf=path, tokenizer=tokenizer)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CorralError(f"{path} has no config.json: not a Hugging Face model folder")
@@ -149,35 +157,54 @@ def _gguf_cache_dir(path: Path) -> Path:
 
 def gguf_metadata_folder(path: Path) -> Path:
     """A cached folder with the GGUF's config, generation config and tokenizer only (small
-    files, built by transformers from the file's metadata; the tensors stay in the file)."""
+    files, built from the file's metadata as transformers builds them; the tensors stay in the
+    file)."""
+    return _gguf_metadata(path)[0]
+
+
+def _gguf_metadata(path: Path) -> tuple[Path, Any]:
+    """(the metadata folder, the tokenizer when this call built it, else None)."""
     dense = _gguf_cache_dir(path)
     if (dense / "config.json").is_file() and (dense / "model.safetensors").is_file():
-        return dense  # already materialized: it holds the same config and tokenizer
+        return dense, None  # already materialized: it holds the same config and tokenizer
     out = cache_root() / "gguf-meta" / dense.name
     if (out / "config.json").is_file():
-        return out
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
+        return out, None
+    from transformers import GenerationConfig, LlamaConfig
+
+    from corral import gguf_metadata as gm
 
     try:
-        config_dict, _ = LlamaConfig.get_config_dict(path.parent, gguf_file=path.name)
-        if config_dict.get("model_type") != "llama":
-            raise CorralError(f"{path} holds a {config_dict.get('model_type')!r} model; Corral "
-                              "runs Llama-architecture models")
-        config = LlamaConfig.from_dict(config_dict)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        meta, tensor_names = gm.read_metadata(path)
+        config = LlamaConfig.from_dict(gm.config_dict(meta, tensor_names, str(path)))
+        tokenizer = gm.build_tokenizer(meta, str(path.parent))
     except CorralError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure becomes one readable CorralError
         raise CorralError(f"cannot read GGUF file {path}: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+
     def save(tmp: Path) -> None:
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _note_added_tokens(tmp, tokenizer)
 
-    return _write_cache_folder(out, path, save)
+    folder = _write_cache_folder(out, path, save)
+    release_freed_memory()  # the metadata's Python strings (~100 MB for a 128k vocabulary)
+    return folder, tokenizer
+
+
+def _note_added_tokens(folder: Path, tokenizer) -> None:
+    """Write the added tokens into tokenizer_config.json, as Hugging Face folders have them:
+    transformers 5 leaves them out for a tokenizers-backed tokenizer, and then every load
+    parses the whole tokenizer.json in Python to find them (0.5 s and ~150 MB transient for a
+    128k vocabulary; the Rust tokenizer reads the file anyway)."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {str(i): t.__getstate__()
+                                      for i, t in tokenizer.added_tokens_decoder.items()}
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def materialize_gguf(path: Path) -> Path:
@@ -296,13 +323,30 @@ def load_tokenizer(src: ModelSource):
     """The model's tokenizer (None for random:NAME models, which take token ids)."""
     if src.folder is None:
         return None
+    if src.tokenizer is not None:
+        return src.tokenizer
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(src.folder)
+        tokenizer = AutoTokenizer.from_pretrained(src.folder)
     except Exception as e:  # noqa: BLE001 - any failure becomes one readable CorralError
         raise CorralError(f"cannot load the tokenizer in {src.folder}: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}") from None
+    release_freed_memory()  # the parsed JSON (~150 MB transient for a 128k vocabulary)
+    return tokenizer
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the OS (glibc keeps freed heap pages; a
+    tokenizer's transient Python objects would stay resident beside the weights); a no-op
+    where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -341,3 +385,44 @@ def iter_safetensors(folder: Path):
             raise
         except Exception as e:  # noqa: BLE001 - any failure becomes one readable CorralError
             raise CorralError(f"cannot read weights file {f}: {type(e).__name__}: {e}") from None
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def safetensors_index(folder: Path) -> dict[str, tuple[Path, str, list[int], int, int]]:
+    """name -> (file, dtype, shape, first byte, end byte) over a folder's *.safetensors, from
+    their JSON headers only."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CorralError(f"{folder} has no *.safetensors weights")
+    index = {}
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise CorralError(f"cannot read weights file {f}: {e}") from None
+        header.pop("__metadata__", None)
+        for name, e in header.items():
+            start, end = e["data_offsets"]
+            index[name] = (f, e["dtype"], e["shape"], 8 + n + start, 8 + n + end)
+    return index
+
+
+def read_tensor(entry: tuple[Path, str, list[int], int, int],
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor of `safetensors_index` (or its rows [r0, r1)), read with plain file reads into
+    its own memory (no mapping: pages of the file never count in this process's RSS)."""
+    path, dtype, shape, start, end = entry
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise CorralError(f"{path}: weights of dtype {dtype} (Corral reads F32, F16, BF16)")
+    if rows is not None:
+        row_bytes = (end - start) // shape[0]
+        start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
+        shape = [rows[1] - rows[0], *shape[1:]]
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        raw = np.fromfile(fh, dtype=np.uint8, count=end - start)
+    return torch.from_numpy(raw).view(_SAFETENSORS_DTYPES[dtype]).reshape(shape)

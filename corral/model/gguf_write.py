@@ -52,9 +52,11 @@ def tensor_bytes(kind: str, shape: tuple[int, int], rng: np.random.Generator,
 def write_llama_gguf(path: Path, hidden: int, intermediate: int, layers: int, heads: int,
                      kv_heads: int, types: Callable[[str], str] | str = "Q8_0",
                      tie: bool = True, rope_theta: float = 10000.0, context: int = 4096,
-                     seed: int = 0, std: float = 0.02) -> Path:
-    """A random Llama GGUF with SmolLM2's tokenizer. `types(name)` gives each 2-D weight's
-    ggml type (a string means one type for all); norms are F32 ones."""
+                     seed: int = 0, std: float = 0.02, tokenizer_from: Path | None = None) -> Path:
+    """A random Llama GGUF with SmolLM2's tokenizer (or the one of the GGUF `tokenizer_from`,
+    e.g. llama.cpp's vocab-only ggml-vocab-llama-bpe.gguf; the vocabulary size follows it).
+    `types(name)` gives each 2-D weight's ggml type (a string means one type for all); norms
+    are F32 ones."""
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
     from gguf.quants import quant_shape_to_byte_shape
 
@@ -74,8 +76,9 @@ def write_llama_gguf(path: Path, hidden: int, intermediate: int, layers: int, he
     writer.add_rope_dimension_count(hidden // heads)
     writer.add_rope_freq_base(rope_theta)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(VOCAB)
-    reader = GGUFReader(smollm2_gguf_path())
+    reader = GGUFReader(tokenizer_from or smollm2_gguf_path())
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    writer.add_vocab_size(vocab)
     for key, field in reader.fields.items():
         if key.startswith("tokenizer."):
             vtype = field.types[0]
@@ -86,7 +89,7 @@ def write_llama_gguf(path: Path, hidden: int, intermediate: int, layers: int, he
     # order, so the same random stream): a 7B file never sits in memory whole.
     plan: list[tuple[str, tuple[int, int] | None, str]] = []
     hd = hidden // heads
-    plan.append(("token_embd.weight", (VOCAB, hidden), pick("token_embd.weight")))
+    plan.append(("token_embd.weight", (vocab, hidden), pick("token_embd.weight")))
     for i in range(layers):
         b = f"blk.{i}."
         plan += [(b + "attn_norm.weight", None, "F32"), (b + "ffn_norm.weight", None, "F32")]
@@ -98,7 +101,7 @@ def write_llama_gguf(path: Path, hidden: int, intermediate: int, layers: int, he
             plan.append((f"{b}{name}.weight", shape, pick(f"{b}{name}.weight")))
     plan.append(("output_norm.weight", None, "F32"))  # norms: 1-D ones, as converters write
     if not tie:
-        plan.append(("output.weight", (VOCAB, hidden), pick("output.weight")))
+        plan.append(("output.weight", (vocab, hidden), pick("output.weight")))
     for name, shape, kind in plan:
         if shape is None:
             writer.add_tensor_info(name, (hidden,), np.dtype(np.float32), 4 * hidden)

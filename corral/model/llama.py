@@ -147,7 +147,10 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # built on the meta device and assigned real weights later: `_weight` skips the random
+        # init, whose normal_ on meta imports torch._dynamo on first use (~1 s, ~100 MB RSS)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -164,7 +167,9 @@ class LlamaForCausalLM(nn.Module):
         self.tie = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = Rotary(config, self.max_len)
+        # the rope tables are built by the loaders, on the real device (from_folder, random,
+        # gguf_kernels.load_gguf_model): a first meta-device arange would import torch._dynamo
+        self.rotary: Rotary | None = None
         # optional logits matmul on packed GGUF weights (model.gguf_kernels.attach_gguf_kernels)
         self.packed_lm_head = None
 

@@ -1,8 +1,8 @@
 """Opt-in Q8_0 / Q4_0 weights for CPU inference of any fp32 Llama (`EngineConfig.quantization`).
 
 CPU decode is memory-bound: each token reads every weight. Quantizing the decoder's Linear
-weights and the lm_head (and a tied embedding) to ggml's blocks lets every step run the kernels
-of `gguf_kernels.py` on 3.8x (Q8_0) or 7x (Q4_0) fewer bytes. The dense fp32 weights are
+weights, the lm_head and the embedding (tied or not) to ggml's blocks lets every step run the
+kernels of `gguf_kernels.py` on 3.8x (Q8_0) or 7x (Q4_0) fewer bytes. The dense fp32 weights are
 dropped once packed: decode and prefill both read the blocks. Numerics change: greedy output
 may differ from the fp32 model's (the weights are rounded, and with math="int8", the default,
 the activations too, as in llama.cpp).
@@ -14,8 +14,11 @@ both byte for byte as ggml's reference quantizers (and `gguf.quants.quantize`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from torch import nn
 
+from corral.errors import CorralError
 from corral.model import gguf_kernels as gk
 
 QUANTIZATIONS = ("q8_0", "q4_0")
@@ -61,12 +64,25 @@ def quantize_q4_0(weight: torch.Tensor) -> gk.PackedWeight:
 
 
 QUANTIZERS = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
+CHUNK_BYTES = 1 << 20  # fp32 rows quantized at a time: the quantizers make ~6 temporaries
+
+
+def pack(weight: torch.Tensor, kind: str) -> gk.PackedWeight:
+    """`QUANTIZERS[kind](weight)` over chunks of rows (each row's blocks are independent, so
+    the result is the same): its full-size temporaries would otherwise be several times the
+    weight, e.g. ~10 GB for Llama 3's 128k x 4096 embedding."""
+    n, k = weight.shape
+    rows = max(1, CHUNK_BYTES // (4 * k))
+    if n <= rows:
+        return QUANTIZERS[kind](weight)
+    chunks = [QUANTIZERS[kind](weight[r:r + rows]).base for r in range(0, n, rows)]
+    return gk.PackedWeight.from_rows(kind, np.concatenate(chunks))
 
 
 def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_ROWS,
                      math: str | None = None) -> str:
-    """Quantize `model`'s decoder Linear weights and its lm_head to `kind` for the kernels,
-    one layer at a time, dropping each dense weight once packed. `math`: "int8" (activations
+    """Quantize `model`'s decoder Linear weights, its lm_head and its embedding to `kind` for
+    the kernels, one layer at a time, dropping each dense weight once packed. `math`: "int8" (activations
     quantized too, integer dot products) or "fp32"; default `gk.default_math()`.
 
     Matmuls whose K is not a multiple of 32 stay dense. Returns a one-line description of the
@@ -85,10 +101,16 @@ def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_R
         if w.shape[1] % 32:
             continue
         # packed and installed one at a time: peak memory stays the dense model + one layer
-        n += len(gk.install_packed(model, {name: QUANTIZERS[kind](w)}, lib, max_rows,
-                                   math=math))
+        n += len(gk.install_packed(model, {name: pack(w, kind)}, lib, max_rows, math=math))
     total = 4 * len(model.model.layers) + 1
     dense_note = f"; {total - n} with K not a multiple of 32 stay dense" if n < total else ""
+    embed = model.model.embed_tokens
+    if isinstance(embed, nn.Embedding) and embed.weight.shape[1] % 32 == 0:
+        # an untied embedding (a tied one reads the lm_head's rows already): packed too, as
+        # llama.cpp keeps token_embd quantized, so no dense view of the weights file stays
+        model.model.embed_tokens = gk.GGUFEmbedding(pack(embed.weight, kind), lib)
+    elif isinstance(embed, nn.Embedding):
+        dense_note += "; the embedding stays dense"
     return (f"{kind.upper()} (quantized at load, no dense copy) {lib.gguf_isa().decode()} "
             f"kernels for {n}/{total} matmuls{dense_note}")
 
@@ -96,3 +118,117 @@ def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_R
 def attach_q8_0(model, max_rows: int = gk.DEFAULT_MAX_ROWS) -> str:
     """`attach_quantized(model, "q8_0")` (the name earlier callers use)."""
     return attach_quantized(model, "q8_0", max_rows)
+
+
+def pack_file_rows(entries: list, kind: str) -> gk.PackedWeight:
+    """The rows of one or more 2-D safetensors entries (`loading.safetensors_index`), stacked,
+    packed as `kind`: read, converted to fp32 and quantized a few rows at a time (blocks never
+    cross rows, so this equals packing the whole stacked matrix), so no fp32 copy of the
+    tensor is ever whole: Llama 3's embedding would be 2 GB."""
+    from corral.loading import read_tensor
+
+    k = entries[0][2][1]
+    if k % 32 or any(e[2][1] != k for e in entries):
+        raise ValueError(f"{kind.upper()} needs one K, a multiple of 32: {[e[2] for e in entries]}")
+    _, per_block, block_bytes = gk.TYPES[gk.TYPE_IDS[kind.upper()]]
+    out = np.empty((sum(e[2][0] for e in entries), k // per_block * block_bytes), np.uint8)
+    step = max(1, CHUNK_BYTES // (4 * k))
+    row = 0
+    for entry in entries:
+        n = entry[2][0]
+        for r in range(0, n, step):
+            rows = read_tensor(entry, (r, min(r + step, n))).float()
+            out[row:row + len(rows)] = QUANTIZERS[kind](rows).base
+            row += len(rows)
+    return gk.PackedWeight.from_rows(kind, out)
+
+
+def load_quantized(folder, config, kind: str = "q8_0", max_len: int | None = None,
+                   max_rows: int = gk.DEFAULT_MAX_ROWS, math: str | None = None):
+    """(model, weight-path description) for an HF safetensors folder quantized to `kind` while
+    it is read: every weight is read a few rows at a time with plain file reads (no mapping),
+    converted to fp32 and packed. The peak is the packed model plus small buffers, never the
+    dense model (`from_folder` + `attach_quantized` hold the whole fp32 copy first: 32 GB for
+    a bf16 Llama 3 8B). Same blocks as `attach_quantized`. None when the kernel library
+    cannot be built (the caller loads dense)."""
+    from corral.loading import read_tensor, release_freed_memory, safetensors_index
+    from corral.model.llama import LlamaForCausalLM, Rotary
+
+    math = math or gk.default_math()
+    lib = gk.load_library()
+    if lib is None:
+        return None
+    index = safetensors_index(folder)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, max_len)
+
+    def entries(*names: str) -> list:
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise CorralError(f"{folder}: weight {missing[0]} is missing (is this a Llama "
+                              "checkpoint?)")
+        return [index[n] for n in names]
+
+    def small(name: str) -> nn.Parameter:  # norms, biases: fp32 in their own memory
+        return nn.Parameter(torch.cat([read_tensor(e).float() for e in entries(name)]),
+                            requires_grad=False)
+
+    def linear(path: str, names: list[str]) -> bool:
+        parent_name, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        dense = getattr(parent, attr)
+        parts = entries(*names)
+        shape = (sum(e[2][0] for e in parts), parts[0][2][1])
+        if shape != tuple(dense.weight.shape):
+            raise CorralError(f"{folder}: {path} is {shape}, the config expects "
+                              f"{tuple(dense.weight.shape)}")
+        bias = None
+        if dense.bias is not None:
+            biases = entries(*[n.replace(".weight", ".bias") for n in names])
+            bias = torch.cat([read_tensor(e).float() for e in biases])
+        if shape[1] % 32:  # no block layout: stays dense
+            dense.weight = nn.Parameter(torch.cat([read_tensor(e).float() for e in parts]),
+                                        requires_grad=False)
+            if bias is not None:
+                dense.bias = nn.Parameter(bias, requires_grad=False)
+            return False
+        packed = pack_file_rows(parts, kind)
+        setattr(parent, attr, gk.GGUFLinear(None, packed, lib, max_rows, bias, math))
+        return True
+
+    n = 0
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        n += linear(a + "qkv_proj", [f"{a}{x}_proj.weight" for x in "qkv"])
+        n += linear(a + "o_proj", [a + "o_proj.weight"])
+        n += linear(m + "gate_up_proj", [m + "gate_proj.weight", m + "up_proj.weight"])
+        n += linear(m + "down_proj", [m + "down_proj.weight"])
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            model.get_submodule(p + norm).weight = small(f"{p}{norm}.weight")
+        release_freed_memory()  # glibc keeps the freed read buffers otherwise (~1 layer each)
+    model.model.norm.weight = small("model.norm.weight")
+    if config.hidden_size % 32:
+        raise CorralError(f"{folder}: hidden size {config.hidden_size} is not a multiple of "
+                          f"32; --quantize {kind} needs blocks of 32")
+    # tied: the embedding reads the head's blocks; untied: its own (llama.cpp keeps
+    # token_embd quantized too)
+    head = "model.embed_tokens.weight" if model.tie else "lm_head.weight"
+    packed_head = pack_file_rows(entries(head), kind)
+    release_freed_memory()
+    model.packed_lm_head = gk.PackedLinear([packed_head], lib, max_rows, math=math)
+    if model.tie:
+        packed_embed = packed_head
+    else:
+        packed_embed = pack_file_rows(entries("model.embed_tokens.weight"), kind)
+        del model.lm_head
+        model.tie = True  # no dense head: compute_logits takes packed_lm_head
+    model.model.embed_tokens = gk.GGUFEmbedding(packed_embed, lib)
+    release_freed_memory()  # the read buffers and quantizer temporaries
+    model.rotary = Rotary(config, model.max_len, device=torch.device("cpu"))
+    model.eval()
+    total = 4 * config.num_hidden_layers + 1
+    dense_note = f"; {total - n - 1} with K not a multiple of 32 stay dense" if n + 1 < total \
+        else ""
+    return model, (f"{kind.upper()} (quantized while read, no dense copy) "
+                   f"{lib.gguf_isa().decode()} kernels for {n + 1}/{total} matmuls{dense_note}")

@@ -201,6 +201,26 @@ def test_k_not_multiple_of_32_stays_dense(lib):
     assert model.packed_lm_head is not None  # untied lm_head, K = 64
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_untied_embedding_is_quantized_too(lib, kind):
+    """Untied lm_head (Llama 2 7B, Llama 3 8B): the embedding is packed as well, no dense
+    parameter but the norms stays, and a lookup returns the packed rows dequantized."""
+    from corral.model.llama import LlamaForCausalLM
+    from corral.model.quantize import QUANTIZERS, attach_quantized
+
+    model = LlamaForCausalLM.random(tiny_config(), torch.float32, torch.device("cpu"))
+    table = model.model.embed_tokens.weight.detach().clone()
+    attach_quantized(model, kind)
+    embed = model.model.embed_tokens
+    assert isinstance(embed, gk.GGUFEmbedding) and embed.packed.kind == kind
+    assert all(n.endswith("norm.weight") for n, _ in model.named_parameters())
+    ids = torch.tensor([[0, 5, 255], [17, 17, 3]])
+    want = gk.gguf_dequantize(lib, QUANTIZERS[kind](table))[ids]
+    assert torch.equal(embed(ids), want)
+    err = (want - table[ids]).abs().max() / table.abs().max()
+    assert 0 < err < (0.01 if kind == "q8_0" else 0.1)  # rounded, and only by the quantizer
+
+
 def test_falls_back_to_dense_without_a_compiler(monkeypatch, tmp_path, capsys):
     from corral.model.llama import LlamaForCausalLM
     from corral.model.quantize import attach_q8_0
@@ -251,3 +271,59 @@ def test_cli_flag(q_model_dir):
     register(serve)
     sp = serve.choices["serve"]
     assert sp.parse_args(["--quantize", "q8_0"]).quantize == "q8_0"
+
+
+def test_pack_in_row_chunks_equals_one_call(monkeypatch):
+    """`pack` quantizes a few rows at a time (small temporaries): the same bytes."""
+    from corral.model import quantize as q
+
+    w = torch.randn(37, 64, generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(q, "CHUNK_BYTES", 5 * 4 * 64)  # 5 rows a chunk, the last one short
+    for kind in q.QUANTIZERS:
+        packed = q.pack(w, kind)
+        assert packed.kind == kind and (packed.n, packed.k) == (37, 64)
+        assert np.array_equal(packed.base, q.QUANTIZERS[kind](w).base)
+
+
+def _packed_state(model) -> dict[str, np.ndarray]:
+    """Every packed matmul's bytes, the embedding's and the norms, by name."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, gk.GGUFLinear):
+            out[name] = np.concatenate([p.base[p.offsets[0]:] for p in mod.fast.parts])
+    out["lm_head"] = model.packed_lm_head.parts[0].base
+    out["embed"] = model.model.embed_tokens.packed.base
+    for name, p in model.named_parameters():
+        out[name] = p.detach().numpy()
+    return out
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_load_quantized_equals_attach_quantized(lib, tmp_path, tie, dtype, kind):
+    """Quantized while read (one layer at a time, no dense model) gives the very blocks that
+    from_folder + attach_quantized give from the whole dense model."""
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from corral.loading import ModelSource, load_config
+    from corral.model.llama import LlamaForCausalLM
+    from corral.model.quantize import attach_quantized, load_quantized
+
+    cfg = tiny_config(tie_word_embeddings=tie, attention_bias=True)
+    torch.manual_seed(4)
+    HFLlama(cfg).to(dtype).save_pretrained(tmp_path)
+    config = load_config(ModelSource("t", tmp_path))
+    dense = LlamaForCausalLM.from_folder(tmp_path, config, torch.float32, torch.device("cpu"),
+                                         max_len=64)
+    want_desc = attach_quantized(dense, kind)
+    model, desc = load_quantized(tmp_path, config, kind, max_len=64)
+    assert desc.replace("quantized while read", "quantized at load") == want_desc
+    want, got = _packed_state(dense), _packed_state(model)
+    assert set(got) == set(want)
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+    assert all(n.endswith(("norm.weight", ".bias")) for n, _ in model.named_parameters())
+    assert model.tie and model.packed_lm_head is not None
+    ids = torch.tensor([3, 7, 255])
+    assert torch.equal(model.model.embed_tokens(ids), dense.model.embed_tokens(ids))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-# Runs in the child: the baseline is taken after the imports and torch's one-time meta-device
-# setup (~100 MB, no weights), with VmHWM reset to the current RSS.
+# Runs in the child: the baseline is taken after the imports, with VmHWM reset to the current
+# RSS. (Loading runs no meta-device op: the first one would import torch._dynamo, ~90 MB.)
 PRELUDE = """
 import json, sys, time, torch, transformers
 import corral.engine.core as c, corral.loading, corral.model.llama, transformers.modeling_rope_utils
@@ -28,9 +28,6 @@ from transformers import PreTrainedTokenizerFast, LlamaConfig
 def status(key):
     line = next(x for x in open("/proc/self/status") if x.startswith(key))
     return int(line.split()[1]) * 1024
-with torch.device("meta"):
-    corral.model.llama.LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, vocab_size=64,
-                                                    hidden_size=64, intermediate_size=64))
 def reset_peak():
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM := current RSS
 def kv_bytes(core):
@@ -101,10 +98,12 @@ core = c.EngineCore(EngineConfig(model=path, max_model_len=128, kv_cache_memory_
 t2 = time.perf_counter()
 generate(core)
 print(json.dumps({{"base": base, "peak": status("VmHWM"), "kv": kv_bytes(core),
-                  "meta_s": t1 - t0, "load_s": t2 - t1, "weights": core.info["weights"]}}))
+                  "meta_s": t1 - t0, "load_s": t2 - t1, "weights": core.info["weights"],
+                  "dynamo": "torch._dynamo" in sys.modules}}))
 """, {"CORRAL_CACHE_DIR": str(fresh_cache)})
     size = mixed_file.stat().st_size
     assert "memory-mapped" in res["weights"] and "no dense copy" in res["weights"]
+    assert not res["dynamo"]  # a meta-device op at load: ~1 s and ~90 MB
     grown = res["peak"] - res["base"]
     assert grown > 0.8 * size  # every weight page was read (the file is resident) ...
     assert grown < size * 1.3 + res["kv"] + SLACK, (grown / 2**20, size / 2**20)  # ... once
@@ -133,16 +132,10 @@ def hf_folder(request, tmp_path_factory, default_folder):
     return path
 
 
-UNTIED_GAP = pytest.mark.xfail(strict=True, reason=(
-    "known gap: with an untied lm_head, --quantize leaves embed_tokens a dense fp32 view of the "
-    "memory-mapped safetensors, which keeps the mapping and every page read from it resident "
-    "(corral/model/quantize.py quantizes only the Linears)"))
-
-
 @pytest.mark.parametrize("hf_folder,kind,bits", [
     pytest.param(True, "q8_0", 8.5, id="tied-q8_0"),
     pytest.param(True, "q4_0", 4.5, id="tied-q4_0"),
-    pytest.param(False, "q8_0", 8.5, id="untied-q8_0", marks=UNTIED_GAP),
+    pytest.param(False, "q8_0", 8.5, id="untied-q8_0"),
 ], indirect=["hf_folder"])
 def test_quantize_at_load_keeps_no_dense_copy(hf_folder, kind, bits):
     """Resident memory once loaded (VmRSS, not the peak: the dense weights are read to be
@@ -163,3 +156,42 @@ print(json.dumps({{"base": base, "rss": status("VmRSS"), "kv": kv_bytes(core),
     # a resident dense copy would add the whole file (>= 290 MB) on top of the packed weights
     assert grown < packed * 1.3 + res["kv"] + SLACK, (grown / 2**20, packed / 2**20)
     assert max(res["dense"].values()) <= 512, res["dense"]  # norms only
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory):
+    """A random bf16 HF Llama (~170 MB: 330 MB as fp32), untied, as checkpoints ship."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_config
+
+    path = tmp_path_factory.mktemp("hf-bf16")
+    cfg = tiny_config(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                      num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
+                      max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(2)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def test_quantize_while_read_peak_stays_near_packed(bf16_folder):
+    """`load_quantized` never holds the dense model, nor one whole fp32 tensor: peak RSS grows
+    by the packed Q8_0 weights (x1.3) + slack (read buffers, quantizer temporaries), far under
+    the fp32 copy that building the dense model first needs (2x the bf16 files)."""
+    res = run_child(f"""
+from pathlib import Path
+from corral.model.quantize import load_quantized
+folder = Path({str(bf16_folder)!r})
+config = corral.loading.load_config(corral.loading.ModelSource("t", folder))
+reset_peak()
+base = status("VmHWM")
+model, desc = load_quantized(folder, config, "q8_0", max_len=128)
+print(json.dumps({{"base": base, "peak": status("VmHWM"), "desc": desc}}))
+""")
+    stored = sum(f.stat().st_size for f in bf16_folder.glob("*.safetensors"))
+    packed = stored / 16 * 8.5  # bf16 -> 8.5 bits per weight
+    grown = res["peak"] - res["base"]
+    assert res["desc"].startswith("Q8_0 (quantized while read, no dense copy)")
+    assert packed * 1.3 + SLACK < 2 * stored  # the bound tells a dense fp32 copy apart
+    assert grown < packed * 1.3 + SLACK, (grown / 2**20, packed / 2**20)
