@@ -300,10 +300,12 @@ def corral_ppl(path: Path, text: Path, threads: int, n_ctx: int, chunks: int) ->
 
 # ---- llama.cpp --------------------------------------------------------------------------------
 
-def llama_single(path: Path, threads: int, n_prompt: int, n_decode: int) -> dict:
+def llama_single(path: Path, threads: int, n_prompt: int, n_decode: int,
+                 repack: bool = True) -> dict:
     """llama-bench: prefill and decode tok/s; llama-server: load time and peak RSS."""
     out = subprocess.run([str(tool("llama-bench")), "-m", str(path), "-t", str(threads),
-                          "-p", str(n_prompt), "-n", str(n_decode), "-r", "2", "-o", "json"],
+                          "-p", str(n_prompt), "-n", str(n_decode), "-r", "2", "-o", "json",
+                          *([] if repack else ["--repack", "0"])],
                          capture_output=True, text=True, env=llama_env(), check=False)
     if out.returncode:
         raise RuntimeError(f"llama-bench failed on {path.name}:\n{out.stderr[-3000:]}")
@@ -313,7 +315,8 @@ def llama_single(path: Path, threads: int, n_prompt: int, n_decode: int) -> dict
         res[key] = r["avg_ts"]
     port = free_port()
     proc = subprocess.Popen([str(tool("llama-server")), "-m", str(path), "-t", str(threads),
-                             "--host", "127.0.0.1", "--port", str(port), "-c", "1024"],
+                             "--host", "127.0.0.1", "--port", str(port), "-c", "1024",
+                             *([] if repack else ["--no-repack"])],
                             env=llama_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         res["load_s"] = wait_http(f"http://127.0.0.1:{port}/health", proc)
@@ -330,12 +333,13 @@ def llama_single(path: Path, threads: int, n_prompt: int, n_decode: int) -> dict
     return res
 
 
-def serve_llama(path: Path, threads: int, load: dict) -> dict:
+def serve_llama(path: Path, threads: int, load: dict, repack: bool = True) -> dict:
     port = free_port()
     streams = load["streams"]
     proc = subprocess.Popen([str(tool("llama-server")), "-m", str(path), "-t", str(threads),
                              "--host", "127.0.0.1", "--port", str(port), "--parallel",
-                             str(streams), "-c", str(streams * 256)], env=llama_env(),
+                             str(streams), "-c", str(streams * 256), *([] if repack else ["--no-repack"])],
+                            env=llama_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc)
@@ -344,11 +348,13 @@ def serve_llama(path: Path, threads: int, load: dict) -> dict:
         stop(proc)
 
 
-def llama_ppl(path: Path, text: Path, threads: int, n_ctx: int, chunks: int) -> dict:
+def llama_ppl(path: Path, text: Path, threads: int, n_ctx: int, chunks: int,
+              repack: bool = True) -> dict:
     t0 = time.perf_counter()
     out = subprocess.run([str(tool("llama-perplexity")), "-m", str(path), "-f", str(text),
                           "-c", str(n_ctx), "-b", str(n_ctx), "--chunks", str(chunks),
-                          "-t", str(threads)], capture_output=True, text=True, env=llama_env(), check=False)
+                          "-t", str(threads), *([] if repack else ["--no-repack"])],
+                         capture_output=True, text=True, env=llama_env(), check=False)
     log = out.stdout + out.stderr
     m = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log)
     if out.returncode or not m:
@@ -445,6 +451,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per server request")
     ap.add_argument("--ppl-context", type=int, default=512)
     ap.add_argument("--ppl-chunks", type=int, default=8)
+    ap.add_argument("--no-repack", action="store_true",
+                    help="llama.cpp without its repacked weight layouts (--repack 0 / --no-repack): "
+                         "on some VMs its AMX path faults in ldtilecfg (SIGILL/SIGSEGV)")
     ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON line here")
     args = ap.parse_args()
     if args.install:
@@ -478,17 +487,18 @@ def main() -> None:
              "corral": corral_single(path, args.threads, args.prompt_tokens, args.decode_tokens)}
         if not args.skip_llamacpp:
             r["llamacpp"] = llama_single(path, args.threads, args.prompt_tokens,
-                                         args.decode_tokens)
+                                         args.decode_tokens, repack=not args.no_repack)
         if not args.skip_serve and name in args.serve_on.split(","):
             r["corral"].update(serve_corral(path, args.threads, load))
             if not args.skip_llamacpp:
-                r["llamacpp"].update(serve_llama(path, args.threads, load))
+                r["llamacpp"].update(serve_llama(path, args.threads, load,
+                                                 repack=not args.no_repack))
         if not args.skip_ppl:
             r["corral"]["ppl"] = corral_ppl(path, text, args.threads, args.ppl_context,
                                             args.ppl_chunks)
             if not args.skip_llamacpp:
                 r["llamacpp"]["ppl"] = llama_ppl(path, text, args.threads, args.ppl_context,
-                                                 args.ppl_chunks)
+                                                 args.ppl_chunks, repack=not args.no_repack)
                 ids = llama_token_ids(path, text)
                 r["corral"]["ppl_own_tokens"] = r["corral"]["ppl"]  # Corral's tokenizer
                 r["corral"]["ppl"] = corral_ppl_on_ids(path, ids, args.threads,
