@@ -1,0 +1,440 @@
+/* A whole decode step of a Llama on quantized CPU weights in one call (model/fused_decode.py).
+ *
+ * M sequences, one new token each, x [M][D] (the embeddings, updated in place). Per layer:
+ *
+ *   xn = rmsnorm(x)            -> qkv = xn @ Wqkv^T                          [stage qkv]
+ *   per (sequence, kv head): rope q (its g query heads) and k, k/v -> the paged cache slot,
+ *       paged decode attention over the sequence's blocks (GQA, online softmax)   [stage attn]
+ *   x += attn @ Wo^T                                                         [stage o]
+ *   xn = rmsnorm(x)            -> h = silu(xn @ Wgate^T) * (xn @ Wup^T)        [stage gate_up]
+ *   x += h @ Wdown^T                                                         [stage down]
+ *
+ * then out = rmsnorm(x) with the final norm. The matmul kernels are gguf_gemm.c's and the
+ * attention is paged_attention.c's (both included below: one translation unit, so their static
+ * inline kernels inline here), so the numbers are the per-call path's: int8 matmuls bit for bit
+ * (the kernels give the same rows whatever the tile split), fp32 matmuls too, and the norms,
+ * SiLU and attention to float rounding (their sums run in another order).
+ *
+ * Threads: ONE OpenMP region for the whole stack, barriers between stages (as llama.cpp's graph
+ * compute), instead of ~4 fork/joins per layer. Each stage hands out its work in chunks through
+ * its own atomic counter (output rows of a matmul; (sequence, kv head) tasks of attention), so
+ * a thread the OS preempts on a busy machine delays the step by one chunk, not by its share.
+ * Small steps (M*K <= REDUNDANT_MAX) normalize and quantize the activations on every thread
+ * (a few microseconds) rather than pay a barrier; gate|up chunks are 256 rows of h wide and
+ * quantize their own h blocks for the down matmul, so SiLU needs no stage of its own. That
+ * leaves 5 barriers a layer.
+ */
+#include "gguf_gemm.c"
+#include "paged_attention.c"
+
+#define MAX_PARTS 4
+#define NSTAGE 8       /* counters per layer (see the stage list in decode_step) */
+#define JCHUNK 256     /* gate|up chunk: h columns, a multiple of every activation block */
+#define REDUNDANT_MAX 4096
+
+/* ---- the model, as fused_decode.py packs it once at load ----------------------------------- */
+
+typedef struct {
+    int type, n, use_int;        /* ggml type, rows, 1: int8 kernel (else the fp32 tile kernel) */
+    const uint8_t *base;
+    const int64_t *offsets;      /* byte offset of each row from base */
+} dpart_t;
+
+typedef struct {
+    int nparts, n, k;
+    int forms;                   /* activation forms the parts read: 1 int8/32, 2 int8/256 */
+    dpart_t parts[MAX_PARTS];    /* rows of the fused matrix, in order */
+} dmat_t;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    dmat_t qkv, o, gate_up, down;
+} dlayer_t;
+
+typedef struct {
+    const dlayer_t *layers;
+    const float *final_norm;
+    int n_layers, D, nh, nkv, hd, inter;
+    float eps, scale;
+} dmodel_t;
+
+/* ==== row-range matmuls: gguf_gemm.c's kernels without their OpenMP region ====================
+ * The caller owns the threads and hands each one ranges of output rows. These follow
+ * gguf_gemm_int / gemm_t8 / gguf_gemm tile for tile; keep them in step with those. */
+
+typedef struct { int8_t *q; float *d; int32_t *s; int16_t *s16; } qbuf_t;
+typedef struct { int K; const float *f; qbuf_t q32, q256; } act_t; /* one matmul's input rows */
+
+static xq_t xq_view(const act_t *a, int B) {
+    const qbuf_t *b = B == 32 ? &a->q32 : &a->q256;
+    const xq_t X = {a->K, a->K / B, b->q, b->d, b->s, b->s16};
+    return X;
+}
+
+/* int8 forms of values [j0, j1) of row i of a->f (j0, j1 multiples of the block sizes asked) */
+static void quant_part(const act_t *a, int forms, int i, int j0, int j1) {
+    const int K = a->K, n = j1 - j0;
+    const float *x = a->f + (size_t)i * K + j0;
+    if (forms & 1) {
+        const qbuf_t *b = &a->q32;
+        quant_row(x, n, 32, b->q + (size_t)i * K + j0, b->d + (size_t)i * (K / 32) + j0 / 32,
+                  b->s + (size_t)i * (K / 32) + j0 / 32, 0);
+    }
+    if (forms & 2) {
+        const qbuf_t *b = &a->q256;
+        quant_row(x, n, 256, b->q + (size_t)i * K + j0, b->d + (size_t)i * (K / 256) + j0 / 256,
+                  b->s + (size_t)i * (K / 32) + j0 / 32, b->s16 + (size_t)i * (K / 16) + j0 / 16);
+    }
+}
+
+/* rows [n0, n1) of one int8-path part: y[t * ldy + (n - n0)] */
+static void rows_int(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
+                     int n0, int n1, float *y, int ldy, void *work) {
+#if INT_SIMD
+    if (M >= T8_MIN_ROWS) {
+        const int B = int_type(type), nb = X->nb;
+        const size_t bb = (size_t)(B == 32 ? (type == 2 ? 18 : (type == 3 ? 20 : 34))
+                                           : (type == 12 ? 144 : (type == 13 ? 176 : 210)));
+        for (int t0r = n0; t0r < n1; t0r += NR8) {
+            const int nr = n1 - t0r < NR8 ? n1 - t0r : NR8;
+            const uint8_t *w[NR8];
+            for (int r = 0; r < NR8; r++) w[r] = base + offsets[t0r + (r < nr ? r : nr - 1)];
+            for (int b = 0; b < nb; b++) {
+                if (B == 32) prep32_block(type, w, b * bb, (prep32 *)work + b);
+                else prep256_block(type, w, b * bb, (prep256 *)work + b);
+            }
+            __m256 a[MT];
+            for (int t0 = 0; t0 < M; t0 += MT) {
+                const int mt = M - t0 < MT ? M - t0 : MT;
+                if (B == 32) tdot32(type, (const prep32 *)work, X, t0, mt, a);
+                else tdot256(type, (const prep256 *)work, X, t0, mt, a);
+                for (int t = 0; t < mt; t++) {
+                    float o[8];
+                    _mm256_storeu_ps(o, a[t]);
+                    for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + (t0r - n0) + r] = o[r];
+                }
+            }
+        }
+        return;
+    }
+#endif
+    (void)work;
+    const int B = int_type(type);
+    for (int n = n0; n < n1; n += NR) {
+        const int nr = n1 - n < NR ? n1 - n : NR;
+        const uint8_t *w[NR], *nw[NR];
+        for (int r = 0; r < NR; r++) w[r] = base + offsets[n + (r < nr ? r : nr - 1)];
+        for (int r = 0; r < NR; r++) nw[r] = n + NR + r < n1 ? base + offsets[n + NR + r] : w[r];
+        float acc[MR][NR];
+        for (int t0 = 0; t0 < M; t0 += MR) {
+            const int mt = M - t0 < MR ? M - t0 : MR;
+            if (B == 32) idot32(type, w, X, t0, mt, acc, nw);
+            else idot256(type, w, X, t0, mt, acc);
+            for (int t = 0; t < mt; t++)
+                for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + (n - n0) + r] = acc[t][r];
+        }
+    }
+}
+
+/* rows [n0, n1) of one fp32-path part (gguf_gemm's tile kernel): work holds NR rows of K */
+static void rows_f32(int type, const float *x, int M, int K, const uint8_t *base,
+                     const int64_t *offsets, int n0, int n1, float *y, int ldy, float *work) {
+    const dequant_fn dq = pick(type);
+    for (int n = n0; n < n1; n += NR) {
+        const int nr = n1 - n < NR ? n1 - n : NR;
+        for (int j = 0; j < nr; j++) dq(base + offsets[n + j], K, work + (size_t)j * K);
+        tile_rows(x, M, K, work, nr, y + (n - n0), ldy);
+    }
+}
+
+/* logical rows [r0, r1) of a fused matrix (its parts one after another) */
+static void mat_rows(const dmat_t *m, const act_t *a, int M, int r0, int r1, float *y, int ldy,
+                     void *work) {
+    int first = 0;
+    for (int p = 0; p < m->nparts; p++) {
+        const dpart_t *P = &m->parts[p];
+        const int lo = first > r0 ? first : r0, hi = first + P->n < r1 ? first + P->n : r1;
+        if (lo < hi) {
+            float *yy = y + (lo - r0);
+            if (P->use_int) {
+                const xq_t X = xq_view(a, int_type(P->type));
+                rows_int(P->type, &X, M, P->base, P->offsets, lo - first, hi - first, yy, ldy, work);
+            } else {
+                rows_f32(P->type, a->f, M, a->K, P->base, P->offsets, lo - first, hi - first, yy,
+                         ldy, (float *)work);
+            }
+        }
+        first += P->n;
+    }
+}
+
+/* ==== the other operations ==================================================================== */
+
+/* out = w * (x / sqrt(mean(x^2) + eps)), as model.llama.RMSNorm (whose sum runs in torch's order) */
+static void rmsnorm(const float *x, const float *w, int D, float eps, float *out) {
+    float lane[16] = {0}, ss = 0.0f;
+    int i = 0;
+    for (; i + 16 <= D; i += 16)
+        for (int l = 0; l < 16; l++) lane[l] += x[i + l] * x[i + l];
+    for (; i < D; i++) ss += x[i] * x[i];
+    for (int l = 0; l < 16; l++) ss += lane[l];
+    const float r = 1.0f / sqrtf(ss / (float)D + eps);
+    for (i = 0; i < D; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* rotate_half rope on one head: out = x * cos + rotate_half(x) * sin (same roundings as torch) */
+static inline void rope(const float *x, const float *c, const float *s, int hd, float *out) {
+    const int h = hd / 2;
+    for (int i = 0; i < h; i++) {
+        out[i] = x[i] * c[i] - x[i + h] * s[i];
+        out[i + h] = x[i + h] * c[i + h] + x[i] * s[i + h];
+    }
+}
+
+/* h[j] = silu(g[j]) * u[j] = g / (1 + exp(-g)) * u */
+static void silu_mul(const float *g, const float *u, int n, float *h) {
+    int j = 0;
+#ifdef __AVX512F__
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; j + 16 <= n; j += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + j);
+        /* exp512 is accurate for any argument <= 88; above, exp(-g) overflows to inf, silu -> -0 */
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(h + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)),
+                                              _mm512_loadu_ps(u + j)));
+    }
+#endif
+    for (; j < n; j++) h[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+}
+
+static inline int grab(int *counter) { return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
+
+/* rows per matmul chunk: ~16 chunks a thread, a multiple of the 8-row tile, 16..256 */
+static int chunk_rows(int N, int T) {
+    int c = (N + 16 * T - 1) / (16 * T);
+    c = (c + 7) / 8 * 8;
+    return c < 16 ? 16 : (c > 256 ? 256 : c);
+}
+
+static size_t align64(size_t n) { return (n + 63) / 64 * 64; }
+
+/* int8 buffers for M rows of K values, carved from *mem */
+static qbuf_t qbuf_carve(char **mem, int M, int K, int B) {
+    qbuf_t b;
+    b.q = (int8_t *)*mem;
+    *mem += align64((size_t)M * K);
+    b.d = (float *)*mem;
+    *mem += align64(sizeof(float) * (size_t)M * (K / B + 1));
+    b.s = (int32_t *)*mem;
+    *mem += align64(sizeof(int32_t) * (size_t)M * (K / 32 + 1));
+    b.s16 = (int16_t *)*mem;
+    *mem += align64(sizeof(int16_t) * (size_t)M * (K / 16 + 1));
+    return b;
+}
+
+static size_t qbuf_bytes(int M, int K, int B) {
+    return align64((size_t)M * K) + align64(sizeof(float) * (size_t)M * (K / B + 1)) +
+           align64(sizeof(int32_t) * (size_t)M * (K / 32 + 1)) +
+           align64(sizeof(int16_t) * (size_t)M * (K / 16 + 1));
+}
+
+/* ==== the step ================================================================================ */
+
+/* Returns 0, or -3 when out of memory. k_caches/v_caches: one [blocks][bs][nkv][hd] fp32 cache
+ * per layer; slots [M], tables [M][bt_stride], ctx [M] (tokens after this one is written). */
+int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sinb,
+                float *const *k_caches, float *const *v_caches, int bs, const int64_t *slots,
+                const int64_t *tables, int64_t bt_stride, const int64_t *ctx, int M, float *out,
+                int n_threads) {
+    const int D = m->D, nh = m->nh, nkv = m->nkv, hd = m->hd, I = m->inter, L = m->n_layers;
+    const int g = nh / nkv, nqkv = (nh + 2 * nkv) * hd, natt = nh * hd;
+    int kmax = D > natt ? D : natt;
+    kmax = kmax > I ? kmax : I;
+    const int redundant = (size_t)M * (D > natt ? D : natt) <= REDUNDANT_MAX;
+    int T = n_threads < 1 ? 1 : n_threads;
+    /* one allocation: shared buffers, then per-thread ones */
+    size_t work_bytes = align64(sizeof(float) * NR * (size_t)kmax);
+#if INT_SIMD
+    const size_t prep = align64((size_t)(kmax / 32 + 1) * sizeof(prep32)) >
+                                align64((size_t)(kmax / 256 + 1) * sizeof(prep256))
+                            ? align64((size_t)(kmax / 32 + 1) * sizeof(prep32))
+                            : align64((size_t)(kmax / 256 + 1) * sizeof(prep256));
+    work_bytes = work_bytes > prep ? work_bytes : prep;
+#endif
+    const size_t act_bytes = qbuf_bytes(M, kmax, 32) + qbuf_bytes(M, kmax, 256) +
+                             align64(sizeof(float) * (size_t)M * kmax);
+    const size_t tmp_bytes = align64(sizeof(float) * (size_t)M * 2 * JCHUNK);
+    const size_t per_thread = work_bytes + tmp_bytes + (redundant ? act_bytes : 0);
+    const size_t shared = align64(sizeof(float) * (size_t)M * nqkv) +
+                          align64(sizeof(float) * (size_t)M * natt) + 2 * act_bytes +
+                          align64(sizeof(int) * (size_t)(L * NSTAGE + 1));
+    char *mem = (char *)aligned_alloc(64, shared + per_thread * T);
+    if (!mem) return -3;
+    char *p = mem;
+    float *qkv = (float *)p;
+    p += align64(sizeof(float) * (size_t)M * nqkv);
+    float *att = (float *)p;
+    p += align64(sizeof(float) * (size_t)M * natt);
+    /* A: the normed x (or the attention output) for qkv, o and gate|up; H: h for down */
+    act_t a_shared, hact;
+    float *xn_shared = (float *)p;
+    p += align64(sizeof(float) * (size_t)M * kmax);
+    a_shared.q32 = qbuf_carve(&p, M, kmax, 32);
+    a_shared.q256 = qbuf_carve(&p, M, kmax, 256);
+    float *hbuf = (float *)p;
+    p += align64(sizeof(float) * (size_t)M * kmax);
+    hact.q32 = qbuf_carve(&p, M, kmax, 32);
+    hact.q256 = qbuf_carve(&p, M, kmax, 256);
+    hact.K = I;
+    hact.f = hbuf;
+    int *counters = (int *)p;
+    p += align64(sizeof(int) * (size_t)(L * NSTAGE + 1));
+    memset(counters, 0, sizeof(int) * (size_t)(L * NSTAGE + 1));
+    char *thread_mem = p;
+
+#pragma omp parallel num_threads(T)
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        char *tp = thread_mem + per_thread * tid;
+        void *work = tp;
+        float *tmp = (float *)(tp + work_bytes);
+        act_t a = a_shared;
+        float *xn = xn_shared;
+        if (redundant) { /* this thread's own copy of the matmul inputs */
+            char *q = tp + work_bytes + tmp_bytes;
+            xn = (float *)q;
+            q += align64(sizeof(float) * (size_t)M * kmax);
+            a.q32 = qbuf_carve(&q, M, kmax, 32);
+            a.q256 = qbuf_carve(&q, M, kmax, 256);
+        }
+        for (int l = 0; l < L; l++) {
+            const dlayer_t *ly = &m->layers[l];
+            int *cnt = counters + l * NSTAGE;
+            float *kc = k_caches[l], *vc = v_caches[l];
+
+            /* 1. xn = rmsnorm(x) and its int8 forms for qkv */
+            a.K = D;
+            a.f = xn;
+            if (redundant) {
+                for (int i = 0; i < M; i++) {
+                    rmsnorm(x + (size_t)i * D, ly->attn_norm, D, m->eps, xn + (size_t)i * D);
+                    quant_part(&a, ly->qkv.forms, i, 0, D);
+                }
+            } else {
+                for (int i; (i = grab(cnt + 0)) < M;) {
+                    rmsnorm(x + (size_t)i * D, ly->attn_norm, D, m->eps, xn + (size_t)i * D);
+                    quant_part(&a, ly->qkv.forms, i, 0, D);
+                }
+#pragma omp barrier
+            }
+
+            /* 2. qkv = xn @ Wqkv^T */
+            {
+                const int ch = chunk_rows(nqkv, nt), nc = (nqkv + ch - 1) / ch;
+                for (int c; (c = grab(cnt + 1)) < nc;) {
+                    const int r0 = c * ch, r1 = r0 + ch < nqkv ? r0 + ch : nqkv;
+                    mat_rows(&ly->qkv, &a, M, r0, r1, qkv + r0, nqkv, work);
+                }
+            }
+#pragma omp barrier
+
+            /* 3. per (sequence, kv head): rope, cache write, attention */
+            for (int task; (task = grab(cnt + 2)) < M * nkv;) {
+                const int i = task / nkv, kh = task % nkv;
+                const float *row = qkv + (size_t)i * nqkv;
+                const float *c = cosb + (size_t)i * hd, *s = sinb + (size_t)i * hd;
+                float qs[g * hd];
+                for (int h = 0; h < g; h++) rope(row + (size_t)(kh * g + h) * hd, c, s, hd, qs + h * hd);
+                for (int e = 0; e < g * hd; e++) qs[e] = qs[e] * m->scale;
+                const int64_t at = (slots[i] * nkv + kh) * (int64_t)hd;
+                rope(row + (size_t)(nh + kh) * hd, c, s, hd, kc + at);
+                memcpy(vc + at, row + (size_t)(nh + nkv + kh) * hd, sizeof(float) * hd);
+                const int64_t *table = tables + (int64_t)i * bt_stride;
+                float *o = att + ((size_t)i * nh + (size_t)kh * g) * hd;
+                const float *kk = kc + (int64_t)kh * hd, *vv = vc + (int64_t)kh * hd;
+                if (hd == 64) attend(qs, kk, vv, table, ctx[i], g, nkv, 64, bs, o);
+                else if (hd == 128) attend(qs, kk, vv, table, ctx[i], g, nkv, 128, bs, o);
+                else attend(qs, kk, vv, table, ctx[i], g, nkv, hd, bs, o);
+            }
+#pragma omp barrier
+
+            /* 4. int8 forms of the attention output for o */
+            a.K = natt;
+            a.f = att;
+            if (ly->o.forms) {
+                if (redundant) {
+                    for (int i = 0; i < M; i++) quant_part(&a, ly->o.forms, i, 0, natt);
+                } else {
+                    for (int i; (i = grab(cnt + 3)) < M;) quant_part(&a, ly->o.forms, i, 0, natt);
+#pragma omp barrier
+                }
+            }
+
+            /* 5. x += att @ Wo^T */
+            {
+                const int ch = chunk_rows(D, nt), nc = (D + ch - 1) / ch;
+                for (int c; (c = grab(cnt + 4)) < nc;) {
+                    const int r0 = c * ch, r1 = r0 + ch < D ? r0 + ch : D, w = r1 - r0;
+                    mat_rows(&ly->o, &a, M, r0, r1, tmp, w, work);
+                    for (int i = 0; i < M; i++)
+                        for (int r = 0; r < w; r++) x[(size_t)i * D + r0 + r] += tmp[(size_t)i * w + r];
+                }
+            }
+#pragma omp barrier
+
+            /* 6. xn = rmsnorm(x) and its int8 forms for gate|up */
+            a.K = D;
+            a.f = xn;
+            if (redundant) {
+                for (int i = 0; i < M; i++) {
+                    rmsnorm(x + (size_t)i * D, ly->ffn_norm, D, m->eps, xn + (size_t)i * D);
+                    quant_part(&a, ly->gate_up.forms, i, 0, D);
+                }
+            } else {
+                for (int i; (i = grab(cnt + 5)) < M;) {
+                    rmsnorm(x + (size_t)i * D, ly->ffn_norm, D, m->eps, xn + (size_t)i * D);
+                    quant_part(&a, ly->gate_up.forms, i, 0, D);
+                }
+#pragma omp barrier
+            }
+
+            /* 7. h = silu(xn @ Wgate^T) * (xn @ Wup^T), chunks of JCHUNK columns of h, each
+             *    quantizing its own blocks for down */
+            {
+                const int nc = (I + JCHUNK - 1) / JCHUNK;
+                for (int c; (c = grab(cnt + 6)) < nc;) {
+                    const int j0 = c * JCHUNK, j1 = j0 + JCHUNK < I ? j0 + JCHUNK : I, w = j1 - j0;
+                    float *gt = tmp, *ut = tmp + (size_t)M * w;
+                    mat_rows(&ly->gate_up, &a, M, j0, j1, gt, w, work);
+                    mat_rows(&ly->gate_up, &a, M, I + j0, I + j1, ut, w, work);
+                    for (int i = 0; i < M; i++) {
+                        silu_mul(gt + (size_t)i * w, ut + (size_t)i * w, w, hbuf + (size_t)i * I + j0);
+                        quant_part(&hact, ly->down.forms, i, j0, j1);
+                    }
+                }
+            }
+#pragma omp barrier
+
+            /* 8. x += h @ Wdown^T */
+            {
+                const int ch = chunk_rows(D, nt), nc = (D + ch - 1) / ch;
+                for (int c; (c = grab(cnt + 7)) < nc;) {
+                    const int r0 = c * ch, r1 = r0 + ch < D ? r0 + ch : D, w = r1 - r0;
+                    mat_rows(&ly->down, &hact, M, r0, r1, tmp, w, work);
+                    for (int i = 0; i < M; i++)
+                        for (int r = 0; r < w; r++) x[(size_t)i * D + r0 + r] += tmp[(size_t)i * w + r];
+                }
+            }
+#pragma omp barrier
+        }
+        /* the final norm */
+        for (int i; (i = grab(counters + L * NSTAGE)) < M;)
+            rmsnorm(x + (size_t)i * D, m->final_norm, D, m->eps, out + (size_t)i * D);
+    }
+    free(mem);
+    return 0;
+}
