@@ -26,6 +26,7 @@
  */
 #include "gguf_gemm.c"
 #include "paged_attention.c"
+#include <sched.h>
 
 #define MAX_PARTS 4
 #define NSTAGE 8       /* counters per layer (see the stage list in decode_step) */
@@ -207,7 +208,43 @@ static void silu_mul(const float *g, const float *u, int n, float *h) {
     for (; j < n; j++) h[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 }
 
-static inline int grab(int *counter) { return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
+/* ---- stages without barriers ---------------------------------------------------------------
+ * A stage's work items (row chunks, tasks) are handed out by `next` and counted by `done`; a
+ * thread waits for a stage's `done` to reach its item count, not for the other threads to
+ * arrive. A thread the OS has preempted holds up the others only while it holds an item: the
+ * rest of the stage and the next ones run without it, and when it comes back it finds them
+ * done. (Work a late thread does for itself, the redundant norms, reads buffers that later
+ * stages may have changed meanwhile; it only uses that work if it then gets an item of the
+ * next stage, and it can only get one while that stage is unfinished, when those buffers
+ * still hold what it read.) Waiting spins briefly, then yields the core (see WAIT_SPINS). */
+typedef struct { int next, done; } stage_t;
+
+static inline int grab(stage_t *s) { return __atomic_fetch_add(&s->next, 1, __ATOMIC_RELAXED); }
+static inline void finish(stage_t *s) { __atomic_fetch_add(&s->done, 1, __ATOMIC_RELEASE); }
+
+#ifndef WAIT_SPINS
+#define WAIT_SPINS 2000
+#endif
+
+static void wait_stage(stage_t *s, int n) {
+    for (int spins = 0; __atomic_load_n(&s->done, __ATOMIC_ACQUIRE) < n; spins++) {
+        if (spins < WAIT_SPINS) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#elif defined(__aarch64__)
+            __asm__ __volatile__("yield");
+#endif
+        } else {
+            sched_yield();
+        }
+    }
+}
+
+#ifdef SYNC_BARRIER /* experiment: OpenMP barriers instead */
+#define SYNC(s, n) _Pragma("omp barrier")
+#else
+#define SYNC(s, n) wait_stage(s, n)
+#endif
 
 /* rows per matmul chunk: ~16 chunks a thread, a multiple of the 8-row tile, 16..256 */
 static int chunk_rows(int N, int T) {
@@ -267,7 +304,7 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
     const size_t per_thread = work_bytes + tmp_bytes + (redundant ? act_bytes : 0);
     const size_t shared = align64(sizeof(float) * (size_t)M * nqkv) +
                           align64(sizeof(float) * (size_t)M * natt) + 2 * act_bytes +
-                          align64(sizeof(int) * (size_t)(L * NSTAGE + 1));
+                          align64(sizeof(stage_t) * (size_t)(L * NSTAGE + 1));
     char *mem = (char *)aligned_alloc(64, shared + per_thread * T);
     if (!mem) return -3;
     char *p = mem;
@@ -287,9 +324,9 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
     hact.q256 = qbuf_carve(&p, M, kmax, 256);
     hact.K = I;
     hact.f = hbuf;
-    int *counters = (int *)p;
-    p += align64(sizeof(int) * (size_t)(L * NSTAGE + 1));
-    memset(counters, 0, sizeof(int) * (size_t)(L * NSTAGE + 1));
+    stage_t *stages = (stage_t *)p;
+    p += align64(sizeof(stage_t) * (size_t)(L * NSTAGE + 1));
+    memset(stages, 0, sizeof(stage_t) * (size_t)(L * NSTAGE + 1));
     char *thread_mem = p;
 
 #pragma omp parallel num_threads(T)
@@ -313,7 +350,7 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
         }
         for (int l = 0; l < L; l++) {
             const dlayer_t *ly = &m->layers[l];
-            int *cnt = counters + l * NSTAGE;
+            stage_t *st = stages + l * NSTAGE;
             float *kc = k_caches[l], *vc = v_caches[l];
 
             /* 1. xn = rmsnorm(x) and its int8 forms for qkv */
@@ -325,25 +362,23 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
                     quant_part(&a, ly->qkv.forms, i, 0, D);
                 }
             } else {
-                for (int i; (i = grab(cnt + 0)) < M;) {
+                for (int i; (i = grab(st + 0)) < M; finish(st + 0)) {
                     rmsnorm(x + (size_t)i * D, ly->attn_norm, D, m->eps, xn + (size_t)i * D);
                     quant_part(&a, ly->qkv.forms, i, 0, D);
                 }
-#pragma omp barrier
+                SYNC(st + 0, M);
             }
 
             /* 2. qkv = xn @ Wqkv^T */
-            {
-                const int ch = chunk_rows(nqkv, nt), nc = (nqkv + ch - 1) / ch;
-                for (int c; (c = grab(cnt + 1)) < nc;) {
-                    const int r0 = c * ch, r1 = r0 + ch < nqkv ? r0 + ch : nqkv;
-                    mat_rows(&ly->qkv, &a, M, r0, r1, qkv + r0, nqkv, work);
-                }
+            const int ch_qkv = chunk_rows(nqkv, nt), nc_qkv = (nqkv + ch_qkv - 1) / ch_qkv;
+            for (int c; (c = grab(st + 1)) < nc_qkv; finish(st + 1)) {
+                const int r0 = c * ch_qkv, r1 = r0 + ch_qkv < nqkv ? r0 + ch_qkv : nqkv;
+                mat_rows(&ly->qkv, &a, M, r0, r1, qkv + r0, nqkv, work);
             }
-#pragma omp barrier
+            SYNC(st + 1, nc_qkv);
 
             /* 3. per (sequence, kv head): rope, cache write, attention */
-            for (int task; (task = grab(cnt + 2)) < M * nkv;) {
+            for (int task; (task = grab(st + 2)) < M * nkv; finish(st + 2)) {
                 const int i = task / nkv, kh = task % nkv;
                 const float *row = qkv + (size_t)i * nqkv;
                 const float *c = cosb + (size_t)i * hd, *s = sinb + (size_t)i * hd;
@@ -360,7 +395,7 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
                 else if (hd == 128) attend(qs, kk, vv, table, ctx[i], g, nkv, 128, bs, o);
                 else attend(qs, kk, vv, table, ctx[i], g, nkv, hd, bs, o);
             }
-#pragma omp barrier
+            SYNC(st + 2, M * nkv);
 
             /* 4. int8 forms of the attention output for o */
             a.K = natt;
@@ -369,22 +404,20 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
                 if (redundant) {
                     for (int i = 0; i < M; i++) quant_part(&a, ly->o.forms, i, 0, natt);
                 } else {
-                    for (int i; (i = grab(cnt + 3)) < M;) quant_part(&a, ly->o.forms, i, 0, natt);
-#pragma omp barrier
+                    for (int i; (i = grab(st + 3)) < M; finish(st + 3)) quant_part(&a, ly->o.forms, i, 0, natt);
+                    SYNC(st + 3, M);
                 }
             }
 
             /* 5. x += att @ Wo^T */
-            {
-                const int ch = chunk_rows(D, nt), nc = (D + ch - 1) / ch;
-                for (int c; (c = grab(cnt + 4)) < nc;) {
-                    const int r0 = c * ch, r1 = r0 + ch < D ? r0 + ch : D, w = r1 - r0;
-                    mat_rows(&ly->o, &a, M, r0, r1, tmp, w, work);
-                    for (int i = 0; i < M; i++)
-                        for (int r = 0; r < w; r++) x[(size_t)i * D + r0 + r] += tmp[(size_t)i * w + r];
-                }
+            const int ch_d = chunk_rows(D, nt), nc_d = (D + ch_d - 1) / ch_d;
+            for (int c; (c = grab(st + 4)) < nc_d; finish(st + 4)) {
+                const int r0 = c * ch_d, r1 = r0 + ch_d < D ? r0 + ch_d : D, w = r1 - r0;
+                mat_rows(&ly->o, &a, M, r0, r1, tmp, w, work);
+                for (int i = 0; i < M; i++)
+                    for (int r = 0; r < w; r++) x[(size_t)i * D + r0 + r] += tmp[(size_t)i * w + r];
             }
-#pragma omp barrier
+            SYNC(st + 4, nc_d);
 
             /* 6. xn = rmsnorm(x) and its int8 forms for gate|up */
             a.K = D;
@@ -395,44 +428,39 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
                     quant_part(&a, ly->gate_up.forms, i, 0, D);
                 }
             } else {
-                for (int i; (i = grab(cnt + 5)) < M;) {
+                for (int i; (i = grab(st + 5)) < M; finish(st + 5)) {
                     rmsnorm(x + (size_t)i * D, ly->ffn_norm, D, m->eps, xn + (size_t)i * D);
                     quant_part(&a, ly->gate_up.forms, i, 0, D);
                 }
-#pragma omp barrier
+                SYNC(st + 5, M);
             }
 
             /* 7. h = silu(xn @ Wgate^T) * (xn @ Wup^T), chunks of JCHUNK columns of h, each
              *    quantizing its own blocks for down */
-            {
-                const int nc = (I + JCHUNK - 1) / JCHUNK;
-                for (int c; (c = grab(cnt + 6)) < nc;) {
-                    const int j0 = c * JCHUNK, j1 = j0 + JCHUNK < I ? j0 + JCHUNK : I, w = j1 - j0;
-                    float *gt = tmp, *ut = tmp + (size_t)M * w;
-                    mat_rows(&ly->gate_up, &a, M, j0, j1, gt, w, work);
-                    mat_rows(&ly->gate_up, &a, M, I + j0, I + j1, ut, w, work);
-                    for (int i = 0; i < M; i++) {
-                        silu_mul(gt + (size_t)i * w, ut + (size_t)i * w, w, hbuf + (size_t)i * I + j0);
-                        quant_part(&hact, ly->down.forms, i, j0, j1);
-                    }
+            const int nc_h = (I + JCHUNK - 1) / JCHUNK;
+            for (int c; (c = grab(st + 6)) < nc_h; finish(st + 6)) {
+                const int j0 = c * JCHUNK, j1 = j0 + JCHUNK < I ? j0 + JCHUNK : I, w = j1 - j0;
+                float *gt = tmp, *ut = tmp + (size_t)M * w;
+                mat_rows(&ly->gate_up, &a, M, j0, j1, gt, w, work);
+                mat_rows(&ly->gate_up, &a, M, I + j0, I + j1, ut, w, work);
+                for (int i = 0; i < M; i++) {
+                    silu_mul(gt + (size_t)i * w, ut + (size_t)i * w, w, hbuf + (size_t)i * I + j0);
+                    quant_part(&hact, ly->down.forms, i, j0, j1);
                 }
             }
-#pragma omp barrier
+            SYNC(st + 6, nc_h);
 
             /* 8. x += h @ Wdown^T */
-            {
-                const int ch = chunk_rows(D, nt), nc = (D + ch - 1) / ch;
-                for (int c; (c = grab(cnt + 7)) < nc;) {
-                    const int r0 = c * ch, r1 = r0 + ch < D ? r0 + ch : D, w = r1 - r0;
-                    mat_rows(&ly->down, &hact, M, r0, r1, tmp, w, work);
-                    for (int i = 0; i < M; i++)
-                        for (int r = 0; r < w; r++) x[(size_t)i * D + r0 + r] += tmp[(size_t)i * w + r];
-                }
+            for (int c; (c = grab(st + 7)) < nc_d; finish(st + 7)) {
+                const int r0 = c * ch_d, r1 = r0 + ch_d < D ? r0 + ch_d : D, w = r1 - r0;
+                mat_rows(&ly->down, &hact, M, r0, r1, tmp, w, work);
+                for (int i = 0; i < M; i++)
+                    for (int r = 0; r < w; r++) x[(size_t)i * D + r0 + r] += tmp[(size_t)i * w + r];
             }
-#pragma omp barrier
+            SYNC(st + 7, nc_d);
         }
         /* the final norm */
-        for (int i; (i = grab(counters + L * NSTAGE)) < M;)
+        for (int i; (i = grab(stages + L * NSTAGE)) < M;)
             rmsnorm(x + (size_t)i * D, m->final_norm, D, m->eps, out + (size_t)i * D);
     }
     free(mem);
