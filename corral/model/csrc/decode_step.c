@@ -15,14 +15,16 @@
  * (the kernels give the same rows whatever the tile split), fp32 matmuls too, and the norms,
  * SiLU and attention to float rounding (their sums run in another order).
  *
- * Threads: ONE OpenMP region for the whole stack, barriers between stages (as llama.cpp's graph
- * compute), instead of ~4 fork/joins per layer. Each stage hands out its work in chunks through
- * its own atomic counter (output rows of a matmul; (sequence, kv head) tasks of attention), so
- * a thread the OS preempts on a busy machine delays the step by one chunk, not by its share.
- * Small steps (M*K <= REDUNDANT_MAX) normalize and quantize the activations on every thread
- * (a few microseconds) rather than pay a barrier; gate|up chunks are 256 rows of h wide and
- * quantize their own h blocks for the down matmul, so SiLU needs no stage of its own. That
- * leaves 5 barriers a layer.
+ * Threads: ONE OpenMP region for the whole stack instead of ~4 fork/joins per layer (the
+ * structure of llama.cpp's graph compute). Each stage hands out its work in chunks through an
+ * atomic counter (output rows of a matmul; (sequence, kv head) tasks of attention) and a
+ * thread goes on to the next stage once every chunk of this one is done, whoever did it (see
+ * "stages without barriers" below): a thread the OS preempts on a busy machine delays the step
+ * by the chunk it holds, not by its share of every stage. Small steps (M*K <= REDUNDANT_MAX)
+ * normalize and quantize the matmul inputs on every thread (a few microseconds) rather than
+ * wait for one thread to do it; gate|up chunks are JCHUNK columns of h wide and quantize their
+ * own h blocks for the down matmul, so SiLU needs no stage of its own. That leaves 5 waits a
+ * layer for a single sequence.
  */
 #include "gguf_gemm.c"
 #include "paged_attention.c"
