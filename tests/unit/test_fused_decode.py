@@ -109,7 +109,9 @@ def both_paths(model, ids, pos, meta, cache, rope_lens=None):
 
 
 BATCHES = {"one": [7], "five": [1, 16, 17, 33, 50],  # the last four straddle block edges
-           "twenty": [1 + (7 * i) % 70 for i in range(20)]}  # rows x D > 4096: shared buffers
+           "twenty": [1 + (7 * i) % 70 for i in range(20)],  # rows x D > 4096: shared buffers
+           # few (sequence, kv head) pairs over long contexts: attention split into parts
+           "long": [300], "long3": [1, 130, 300]}
 
 
 @pytest.mark.parametrize("batch", list(BATCHES))
@@ -133,7 +135,7 @@ def test_fp32_step_equals_layer_path(gguf_files, family, batch):
     assert not torch.equal(k0[slots], cache[0][0].view_as(k0)[slots])  # this step's keys landed
 
 
-@pytest.mark.parametrize("batch", ["one", "twenty"])
+@pytest.mark.parametrize("batch", ["one", "twenty", "long3"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_int8_step_equals_layer_path(gguf_files, family, batch):
     """int8 math: the matmuls are bit for bit the same given the same activations, but the

@@ -277,6 +277,42 @@ static size_t qbuf_bytes(int M, int K, int B) {
            align64(sizeof(int16_t) * (size_t)M * (K / 16 + 1));
 }
 
+/* Attention of a step with few (sequence, kv head) pairs splits each one's context into parts
+ * (flash-decoding), so every thread gets work: parts of at least MIN_PART keys, merged by
+ * whichever thread finishes a pair's last part. */
+#define MIN_PART 64
+
+static int attention_parts(int pairs, int nt) {
+    return pairs >= 4 * nt ? 1 : (4 * nt + pairs - 1) / pairs;
+}
+
+static inline int parts_of(int64_t ctx, int parts) {
+    const int64_t most = (ctx + MIN_PART - 1) / MIN_PART;
+    return most < parts ? (int)(most > 0 ? most : 1) : parts;
+}
+
+/* out[g][hd] from np partial states [acc g*hd | m g | l g] */
+static void merge_parts(const float *parts, int np, int g, int hd, float *out) {
+    const size_t stride = (size_t)g * hd + 2 * g;
+    for (int h = 0; h < g; h++) {
+        float mx = -INFINITY, l = 0.0f;
+        for (int p = 0; p < np; p++) {
+            const float mp = parts[p * stride + (size_t)g * hd + h];
+            mx = mp > mx ? mp : mx;
+        }
+        float *o = out + (size_t)h * hd;
+        for (int e = 0; e < hd; e++) o[e] = 0.0f;
+        for (int p = 0; p < np; p++) {
+            const float *st = parts + p * stride;
+            const float w = expf(st[(size_t)g * hd + h] - mx);
+            l = l + st[(size_t)g * hd + g + h] * w;
+            for (int e = 0; e < hd; e++) o[e] = o[e] + st[(size_t)h * hd + e] * w;
+        }
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int e = 0; e < hd; e++) o[e] = o[e] * inv;
+    }
+}
+
 /* ==== the step ================================================================================ */
 
 /* Returns 0, or -3 when out of memory. k_caches/v_caches: one [blocks][bs][nkv][hd] fp32 cache
@@ -304,12 +340,25 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
                              align64(sizeof(float) * (size_t)M * kmax);
     const size_t tmp_bytes = align64(sizeof(float) * (size_t)M * 2 * JCHUNK);
     const size_t per_thread = work_bytes + tmp_bytes + (redundant ? act_bytes : 0);
-    const size_t shared = align64(sizeof(float) * (size_t)M * nqkv) +
+    const int parts = attention_parts(M * nkv, T), n_att = M * nkv * parts;
+    const size_t part_floats = (size_t)g * hd + 2 * g;
+    const size_t partial_bytes = parts > 1 ? align64(sizeof(float) * (size_t)n_att * part_floats) +
+                                                 align64(sizeof(int) * (size_t)M * nkv)
+                                           : 0;
+    const size_t shared = partial_bytes + align64(sizeof(float) * (size_t)M * nqkv) +
                           align64(sizeof(float) * (size_t)M * natt) + 2 * act_bytes +
                           align64(sizeof(stage_t) * (size_t)(L * NSTAGE + 1));
     char *mem = (char *)aligned_alloc(64, shared + per_thread * T);
     if (!mem) return -3;
     char *p = mem;
+    float *partial = (float *)p;
+    int *merges = 0;
+    if (parts > 1) {
+        p += align64(sizeof(float) * (size_t)n_att * part_floats);
+        merges = (int *)p;
+        memset(merges, 0, sizeof(int) * (size_t)M * nkv);
+        p += align64(sizeof(int) * (size_t)M * nkv);
+    }
     float *qkv = (float *)p;
     p += align64(sizeof(float) * (size_t)M * nqkv);
     float *att = (float *)p;
@@ -379,25 +428,45 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
             }
             SYNC(st + 1, nc_qkv);
 
-            /* 3. per (sequence, kv head): rope, cache write, attention */
-            for (int task; (task = grab(st + 2)) < M * nkv; finish(st + 2)) {
-                const int i = task / nkv, kh = task % nkv;
+            /* 3. per (sequence, kv head, context part): rope, cache write, attention */
+            for (int task; (task = grab(st + 2)) < n_att; finish(st + 2)) {
+                const int i = task / (nkv * parts), kh = task / parts % nkv, part = task % parts;
+                const int np = parts_of(ctx[i], parts);
+                if (part >= np) continue;
                 const float *row = qkv + (size_t)i * nqkv;
                 const float *c = cosb + (size_t)i * hd, *s = sinb + (size_t)i * hd;
                 float qs[g * hd];
                 for (int h = 0; h < g; h++) rope(row + (size_t)(kh * g + h) * hd, c, s, hd, qs + h * hd);
                 for (int e = 0; e < g * hd; e++) qs[e] = qs[e] * m->scale;
-                const int64_t at = (slots[i] * nkv + kh) * (int64_t)hd;
-                rope(row + (size_t)(nh + kh) * hd, c, s, hd, kc + at);
-                memcpy(vc + at, row + (size_t)(nh + nkv + kh) * hd, sizeof(float) * hd);
+                if (part == np - 1) { /* the part that reads the new token writes it */
+                    const int64_t at = (slots[i] * nkv + kh) * (int64_t)hd;
+                    rope(row + (size_t)(nh + kh) * hd, c, s, hd, kc + at);
+                    memcpy(vc + at, row + (size_t)(nh + nkv + kh) * hd, sizeof(float) * hd);
+                }
                 const int64_t *table = tables + (int64_t)i * bt_stride;
                 float *o = att + ((size_t)i * nh + (size_t)kh * g) * hd;
                 const float *kk = kc + (int64_t)kh * hd, *vv = vc + (int64_t)kh * hd;
-                if (hd == 64) attend(qs, kk, vv, table, ctx[i], g, nkv, 64, bs, o);
-                else if (hd == 128) attend(qs, kk, vv, table, ctx[i], g, nkv, 128, bs, o);
-                else attend(qs, kk, vv, table, ctx[i], g, nkv, hd, bs, o);
+                if (np == 1) {
+                    if (hd == 64) attend(qs, kk, vv, table, ctx[i], g, nkv, 64, bs, o);
+                    else if (hd == 128) attend(qs, kk, vv, table, ctx[i], g, nkv, 128, bs, o);
+                    else attend(qs, kk, vv, table, ctx[i], g, nkv, hd, bs, o);
+                    continue;
+                }
+                const int64_t len = (ctx[i] + np - 1) / np, t0 = part * len;
+                const int64_t t1 = t0 + len < ctx[i] ? t0 + len : ctx[i];
+                float *acc = partial + (((size_t)i * nkv + kh) * parts + part) * part_floats;
+                float *pm = acc + g * hd, *pl = pm + g;
+                memset(acc, 0, sizeof(float) * g * hd);
+                for (int h = 0; h < g; h++) { pm[h] = -INFINITY; pl[h] = 0.0f; }
+                if (hd == 64) attend_range(qs, kk, vv, table, t0, t1, g, nkv, 64, bs, acc, pm, pl);
+                else if (hd == 128) attend_range(qs, kk, vv, table, t0, t1, g, nkv, 128, bs, acc, pm, pl);
+                else attend_range(qs, kk, vv, table, t0, t1, g, nkv, hd, bs, acc, pm, pl);
+                /* the last part of this layer to finish merges them all (counts run on across
+                 * layers: a (sequence, head) has np parts in every layer) */
+                if (__atomic_add_fetch(merges + (size_t)i * nkv + kh, 1, __ATOMIC_ACQ_REL) == (l + 1) * np)
+                    merge_parts(partial + ((size_t)i * nkv + kh) * parts * part_floats, np, g, hd, o);
             }
-            SYNC(st + 2, M * nkv);
+            SYNC(st + 2, n_att);
 
             /* 4. int8 forms of the attention output for o */
             a.K = natt;

@@ -106,19 +106,19 @@ static inline void accumulate(float *acc, float alpha, const float *p, const flo
 }
 #endif
 
-/* One (sequence, kv head): g query heads q[g][hd] (already scaled) -> out[g][hd]. Inlined into
- * callers with a constant hd, so the common head sizes get fully unrolled loops. */
-static inline __attribute__((always_inline)) void attend(
+/* Keys [t_begin, t_end) of one (sequence, kv head) folded into the online-softmax state of its
+ * g query heads q[g][hd] (already scaled): running max m[g], sum l[g], unnormalized acc[g][hd].
+ * Inlined into callers with a constant hd, so the common head sizes get fully unrolled loops. */
+static inline __attribute__((always_inline)) void attend_range(
         const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
-        int64_t ctx, int g, int nkv, int hd, int bs, float *out) {
-    float acc[g * hd], m[g], l[g], s[g * TILE], p[TILE];
-    memset(acc, 0, sizeof(acc));
-    for (int h = 0; h < g; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
+        int64_t t_begin, int64_t t_end, int g, int nkv, int hd, int bs, float *acc, float *m,
+        float *l) {
+    float s[g * TILE], p[TILE];
     const int64_t row = (int64_t)nkv * hd;  /* floats between consecutive tokens */
-    for (int64_t t0 = 0; t0 < ctx;) {
+    for (int64_t t0 = t_begin; t0 < t_end;) {
         const int64_t off = t0 % bs;
         int n = (int)(bs - off < TILE ? bs - off : TILE);
-        if (ctx - t0 < n) n = (int)(ctx - t0);
+        if (t_end - t0 < n) n = (int)(t_end - t0);
         const int64_t base = (table[t0 / bs] * bs + off) * row;
         const float *k = k_cache + base, *v = v_cache + base;
         for (int j = 0; j < n; j++)
@@ -133,6 +133,16 @@ static inline __attribute__((always_inline)) void attend(
         }
         t0 += n;
     }
+}
+
+/* One (sequence, kv head), all ctx keys: g query heads q[g][hd] (already scaled) -> out[g][hd]. */
+static inline __attribute__((always_inline)) void attend(
+        const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
+        int64_t ctx, int g, int nkv, int hd, int bs, float *out) {
+    float acc[g * hd], m[g], l[g];
+    memset(acc, 0, sizeof(acc));
+    for (int h = 0; h < g; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
+    attend_range(q, k_cache, v_cache, table, 0, ctx, g, nkv, hd, bs, acc, m, l);
     for (int h = 0; h < g; h++) {
         const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;  /* ctx 0: zeros */
         for (int i = 0; i < hd; i++) out[h * hd + i] = acc[h * hd + i] * inv;
