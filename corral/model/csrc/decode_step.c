@@ -62,8 +62,33 @@ typedef struct {
 } dmodel_t;
 
 /* ==== row-range matmuls: gguf_gemm.c's kernels without their OpenMP region ====================
- * The caller owns the threads and hands each one ranges of output rows. These follow
- * gguf_gemm_int / gemm_t8 / gguf_gemm tile for tile; keep them in step with those. */
+ * The caller owns the threads and hands each one ranges of output rows.
+ *
+ * MERGE NOTE: the gguf_gemm.c kernel rewrite (branch h17-kernels, recognized here by its
+ * USE_NEON macro) exports this as an API: gemm_int_range / gemm_int_work_bytes / int_block /
+ * quant_row. Until both branches are in, the #else half repeats gguf_gemm_int's tile loop over
+ * the older tiles; once merged, keep the first half and drop the rest. */
+#if defined(USE_NEON)
+#define int_type_of int_block
+static size_t int_work_bytes(int type, int K, int M) { return gemm_int_work_bytes(type, K, M); }
+
+static void rows_int(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
+                     int n0, int n1, float *y, int ldy, void *work) {
+    gemm_int_range(type, X, M, base, offsets, n0, n1, y, ldy, work); /* work is big enough */
+}
+#else
+#define int_type_of int_type
+static size_t int_work_bytes(int type, int K, int M) {
+    (void)M;
+#if INT_SIMD
+    return int_type(type) == 32 ? (size_t)(K / 32 + 1) * sizeof(prep32)
+                                : (size_t)(K / 256 + 1) * sizeof(prep256);
+#else
+    (void)type; (void)K;
+    return 0;
+#endif
+}
+
 
 typedef struct { int8_t *q; float *d; int32_t *s; int16_t *s16; } qbuf_t;
 typedef struct { int K; const float *f; qbuf_t q32, q256; } act_t; /* one matmul's input rows */
@@ -138,6 +163,7 @@ static void rows_int(int type, const xq_t *X, int M, const uint8_t *base, const 
         }
     }
 }
+#endif
 
 /* rows [n0, n1) of one fp32-path part (gguf_gemm's tile kernel): work holds NR rows of K */
 static void rows_f32(int type, const float *x, int M, int K, const uint8_t *base,
@@ -160,7 +186,7 @@ static void mat_rows(const dmat_t *m, const act_t *a, int M, int r0, int r1, flo
         if (lo < hi) {
             float *yy = y + (lo - r0);
             if (P->use_int) {
-                const xq_t X = xq_view(a, int_type(P->type));
+                const xq_t X = xq_view(a, int_type_of(P->type));
                 rows_int(P->type, &X, M, P->base, P->offsets, lo - first, hi - first, yy, ldy, work);
             } else {
                 rows_f32(P->type, a->f, M, a->K, P->base, P->offsets, lo - first, hi - first, yy,
@@ -329,13 +355,14 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
     int T = n_threads < 1 ? 1 : n_threads;
     /* one allocation: shared buffers, then per-thread ones */
     size_t work_bytes = align64(sizeof(float) * NR * (size_t)kmax);
-#if INT_SIMD
-    const size_t prep = align64((size_t)(kmax / 32 + 1) * sizeof(prep32)) >
-                                align64((size_t)(kmax / 256 + 1) * sizeof(prep256))
-                            ? align64((size_t)(kmax / 32 + 1) * sizeof(prep32))
-                            : align64((size_t)(kmax / 256 + 1) * sizeof(prep256));
-    work_bytes = work_bytes > prep ? work_bytes : prep;
-#endif
+    static const int int_types[] = {2, 3, 8, 12, 13, 14};
+    const int ks[] = {D, natt, I};
+    for (int a = 0; a < 3; a++) /* the int8 kernels' scratch for any type and K of the step */
+        for (int t = 0; t < 6; t++) {
+            if (ks[a] % int_type_of(int_types[t])) continue;
+            const size_t need = align64(int_work_bytes(int_types[t], ks[a], M));
+            work_bytes = work_bytes > need ? work_bytes : need;
+        }
     const size_t act_bytes = qbuf_bytes(M, kmax, 32) + qbuf_bytes(M, kmax, 256) +
                              align64(sizeof(float) * (size_t)M * kmax);
     const size_t tmp_bytes = align64(sizeof(float) * (size_t)M * 2 * JCHUNK);
