@@ -68,28 +68,6 @@ typedef struct {
  * USE_NEON macro) exports this as an API: gemm_int_range / gemm_int_work_bytes / int_block /
  * quant_row. Until both branches are in, the #else half repeats gguf_gemm_int's tile loop over
  * the older tiles; once merged, keep the first half and drop the rest. */
-#if defined(USE_NEON)
-#define int_type_of int_block
-static size_t int_work_bytes(int type, int K, int M) { return gemm_int_work_bytes(type, K, M); }
-
-static void rows_int(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
-                     int n0, int n1, float *y, int ldy, void *work) {
-    gemm_int_range(type, X, M, base, offsets, n0, n1, y, ldy, work); /* work is big enough */
-}
-#else
-#define int_type_of int_type
-static size_t int_work_bytes(int type, int K, int M) {
-    (void)M;
-#if INT_SIMD
-    return int_type(type) == 32 ? (size_t)(K / 32 + 1) * sizeof(prep32)
-                                : (size_t)(K / 256 + 1) * sizeof(prep256);
-#else
-    (void)type; (void)K;
-    return 0;
-#endif
-}
-
-
 typedef struct { int8_t *q; float *d; int32_t *s; int16_t *s16; } qbuf_t;
 typedef struct { int K; const float *f; qbuf_t q32, q256; } act_t; /* one matmul's input rows */
 
@@ -113,6 +91,27 @@ static void quant_part(const act_t *a, int forms, int i, int j0, int j1) {
         quant_row(x, n, 256, b->q + (size_t)i * K + j0, b->d + (size_t)i * (K / 256) + j0 / 256,
                   b->s + (size_t)i * (K / 32) + j0 / 32, b->s16 + (size_t)i * (K / 16) + j0 / 16);
     }
+}
+
+#if defined(USE_NEON)
+#define int_type_of int_block
+static size_t int_work_bytes(int type, int K, int M) { return gemm_int_work_bytes(type, K, M); }
+
+static void rows_int(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
+                     int n0, int n1, float *y, int ldy, void *work) {
+    gemm_int_range(type, X, M, base, offsets, n0, n1, y, ldy, work); /* work is big enough */
+}
+#else
+#define int_type_of int_type
+static size_t int_work_bytes(int type, int K, int M) {
+    (void)M;
+#if INT_SIMD
+    return int_type(type) == 32 ? (size_t)(K / 32 + 1) * sizeof(prep32)
+                                : (size_t)(K / 256 + 1) * sizeof(prep256);
+#else
+    (void)type; (void)K;
+    return 0;
+#endif
 }
 
 /* rows [n0, n1) of one int8-path part: y[t * ldy + (n - n0)] */
