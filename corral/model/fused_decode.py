@@ -138,10 +138,9 @@ class FusedDecoder:
             return False
         if self.max_rows is not None and x.shape[0] > self.max_rows:
             return False  # the fp32 path runs dequantized panels there
-        qkv = self._attn0.qkv_proj
-        if isinstance(qkv, LoRALinear) and (qkv.step.groups or qkv.step.stacked is not None):
-            return False
-        return True
+        qkv = self._attn0.qkv_proj  # LoRA rows: this step's deltas live in the wrappers
+        lora = isinstance(qkv, LoRALinear) and (qkv.step.groups or qkv.step.stacked is not None)
+        return not lora
 
     def _cache_pointers(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]):
         if self._kv is None or self._kv[0] is not kv_cache:
