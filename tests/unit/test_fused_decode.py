@@ -254,8 +254,8 @@ def engine_tokens(core, prompts, fused: bool, max_tokens: int = 12):
 
 def test_engine_greedy_equal_with_and_without(gguf_files):
     """Staggered requests (prefills joining running decodes: mixed steps, then pure decode
-    steps of up to 4 sequences across block edges) on the K-quant mix (its matmuls take every
-    activation form: int8 per 32 and per 256, and fp32 for the F16 part): the same greedy tokens
+    steps of up to 4 sequences across block edges) on the K-quant mix (fused matmuls of
+    several part types, an untied head), fp32 math as the suite pins: the same greedy tokens
     either way, with the fused step taken on every pure-decode step."""
     family = "kquant"
     from corral.engine.config import EngineConfig
