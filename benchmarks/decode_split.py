@@ -12,7 +12,9 @@ each, once per path. Layer by layer, timers wrap the C kernel calls, the packed 
 (their Python included), attention (rotary, KV write, paged attention), the forward, the LM
 head and the engine step; on the fused path, the one C call for all layers, the forward around
 it (embedding, rope rows, the checks), the LM head and the engine. Prints ms per step per part
-and the host load, and ends with one JSON line. Not part of `make test`.
+and the host load, and ends with one JSON line. Not part of `make test`. On a shared machine
+run it with OMP_WAIT_POLICY=passive (README, the fused decode step): libgomp's idle threads
+otherwise spin after every OpenMP region and take the cores the step needs.
 """
 
 from __future__ import annotations
