@@ -90,7 +90,7 @@ def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_R
     total = 4 * len(model.model.layers) + 1
     dense_note = f"; {total - n} with K not a multiple of 32 stay dense" if n < total else ""
     return (f"{kind.upper()} (quantized at load, no dense copy) {lib.gguf_isa().decode()} "
-            f"kernels for {n}/{total} matmuls{dense_note}{gk.fused_note(model)}")
+            f"kernels for {n}/{total} matmuls{dense_note}{gk.attach_fused(model)}")
 
 
 def attach_q8_0(model, max_rows: int = gk.DEFAULT_MAX_ROWS) -> str:
