@@ -39,15 +39,18 @@ def cpu_id() -> str:
         return platform.processor()
 
 
-def build(name: str, cc: str | None, cflags: list[str],
-          cache_dir: Path | None = None) -> tuple[Path | None, str]:
-    """Compile csrc/<name>.c (or reuse the cached build): (path to the .so, "") or (None, why)."""
+def build(name: str, cc: str | None, cflags: list[str], cache_dir: Path | None = None,
+          deps: tuple[str, ...] = ()) -> tuple[Path | None, str]:
+    """Compile csrc/<name>.c (or reuse the cached build): (path to the .so, "") or (None, why).
+    `deps`: other csrc/ files it #includes (copied beside it, part of the cache key)."""
     from corral.loading import cache_root
 
     if cc is None:
         return None, "no C compiler (gcc/cc) found"
     src = source(name)
-    key = hashlib.sha256(src + " ".join([cc, *cflags]).encode() + cpu_id().encode())
+    dep_src = {dep: source(dep) for dep in deps}
+    key = hashlib.sha256(src + b"".join(dep_src.values()) + " ".join([cc, *cflags]).encode()
+                         + cpu_id().encode())
     out_dir = (cache_dir or cache_root() / "kernels") / key.hexdigest()[:16]
     lib = out_dir / f"{name}.so"
     if lib.is_file():
@@ -56,6 +59,8 @@ def build(name: str, cc: str | None, cflags: list[str],
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         c_file = Path(tmp) / f"{name}.c"
         c_file.write_bytes(src)
+        for dep, text in dep_src.items():
+            (Path(tmp) / f"{dep}.c").write_bytes(text)
         tmp_lib = Path(tmp) / f"{name}.so"
         try:
             proc = subprocess.run([cc, *cflags, "-o", str(tmp_lib), str(c_file)],

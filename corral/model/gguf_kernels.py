@@ -560,7 +560,15 @@ def load_gguf_model(path: Path, config, lib: ctypes.CDLL, max_len: int | None = 
     isa = lib.gguf_isa().decode()
     desc = (f"GGUF {'/'.join(kinds)} memory-mapped ({size / 2**20:.0f} MiB, no dense copy), "
             f"{isa} kernels for all {len(matmuls)} matmul parts ({_math_desc(matmuls, math, max_rows)})")
-    return model, desc
+    return model, desc + attach_fused(model)
+
+
+def attach_fused(model) -> str:
+    """Attach the fused C decode step where it applies (model.fused_decode); a note for the
+    weight-path description."""
+    from corral.model import fused_decode
+
+    return ", fused C decode step" if fused_decode.attach(model) is not None else ""
 
 
 def _math_desc(parts: list[PackedWeight], math: str, max_rows: int) -> str:

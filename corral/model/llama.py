@@ -172,6 +172,8 @@ class LlamaForCausalLM(nn.Module):
         self.rotary: Rotary | None = None
         # optional logits matmul on packed GGUF weights (model.gguf_kernels.attach_gguf_kernels)
         self.packed_lm_head = None
+        # optional whole-stack decode step in C on packed weights (model.fused_decode.attach)
+        self.fused_decode = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -181,6 +183,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, rope_lens)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if self.fused_decode is not None and self.fused_decode.applies(x, meta):
+            return self.fused_decode(x, cos, sin, meta, kv_cache)
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_cache):
             x = layer(x, cos, sin, meta, k_cache, v_cache)
         return self.model.norm(x)

@@ -112,7 +112,7 @@ def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_R
     elif isinstance(embed, nn.Embedding):
         dense_note += "; the embedding stays dense"
     return (f"{kind.upper()} (quantized at load, no dense copy) {lib.gguf_isa().decode()} "
-            f"kernels for {n}/{total} matmuls{dense_note}")
+            f"kernels for {n}/{total} matmuls{dense_note}{gk.attach_fused(model)}")
 
 
 def attach_q8_0(model, max_rows: int = gk.DEFAULT_MAX_ROWS) -> str:

@@ -125,7 +125,7 @@ def test_engine_decodes_on_q8_0_kernel(lib, q_model_dir, monkeypatch):
                                     quantization="q8_0"))
     assert dense.info["weights"] == "dense float32"
     assert quant.info["weights"].startswith("Q8_0 (quantized at load, no dense copy)")
-    assert quant.info["weights"].endswith("kernels for 9/9 matmuls")
+    assert quant.info["weights"].endswith("kernels for 9/9 matmuls, fused C decode step")
     assert quant.model.packed_lm_head is not None  # tied: quantized from embed_tokens
     assert isinstance(quant.model.model.embed_tokens, gk.GGUFEmbedding)  # reads the same blocks
     assert sum(p.numel() for p in quant.model.parameters()) < 2000  # norms only: no dense copy
@@ -136,11 +136,12 @@ def test_engine_decodes_on_q8_0_kernel(lib, q_model_dir, monkeypatch):
     want, want_logits = greedy_with_logits(dense, prompt, n)
     assert not calls  # the dense engine never takes the kernel
     got, got_logits = greedy_with_logits(quant, prompt, n)
-    # the 20-token prefill and the 31 one-token decodes run all 9 matmuls on the tile kernel
-    # (steps up to DEFAULT_MAX_ROWS tokens; the panel path has its own tests)
+    # the 20-token prefill runs all 9 matmuls on the tile kernel (steps up to
+    # DEFAULT_MAX_ROWS tokens; the panel path has its own tests), the 31 one-token decodes
+    # their 8 decoder matmuls in the fused C step (model/fused_decode.py) and the lm_head here
     assert gk.DEFAULT_MAX_ROWS >= len(prompt)
-    assert len(calls) == 9 * n
-    assert calls.count(256) == 3 * n  # qkv_proj (2 layers) and the lm_head
+    assert len(calls) == 9 + (n - 1) and quant.model.fused_decode.steps == n - 1
+    assert calls.count(256) == 2 + n  # qkv_proj (2 layers, prefill) and the lm_head
     assert len(got) == len(want) == n
     same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n)
     # logits on identical inputs: the prefill and every decode step before the first difference

@@ -17,7 +17,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#ifdef __AVX512F__
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
@@ -26,6 +26,7 @@
 #ifdef __AVX512F__
 /* Lanes of x[0..n) for n <= 16. */
 static inline __mmask16 tail_mask(int n) { return (__mmask16)((1u << n) - 1u); }
+static inline __mmask16 tail_mask16(int n) { return n >= 16 ? (__mmask16)0xffff : tail_mask(n); }
 
 /* exp for x <= 0 (Cephes expf: ~1 ulp). Inputs below -87 give ~exp(-87) ≈ 0 relative to the
  * running sum (>= 1), which holds the row's max term exp(0). */
@@ -55,6 +56,38 @@ static inline float dot(const float *a, const float *b, int hd) {
         acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
     }
     return _mm512_reduce_add_ps(acc);
+}
+
+/* r[j] = sum of the 16 lanes of v[j] for j < 16: a transpose-and-add tree (45 shuffles and adds
+ * for 16 sums, against ~10 dependent steps for each _mm512_reduce_add_ps). */
+static inline __m512 sum16(__m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: v2i, v2i+1 partials interleaved */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane: keys 4i..4i+3 */
+        const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++) /* lanes 0,1: keys 8i..8i+3 / 8i+4..8i+7 halves */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                         _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
+}
+
+/* s[j] = dot(q, k + j * stride) for j < n <= 16, hd a multiple of 16 */
+static inline __attribute__((always_inline)) void dots16(const float *q, const float *k,
+                                                        int64_t stride, int n, int hd, float *s) {
+    __m512 acc[16];
+    for (int j = 0; j < 16; j++) { /* a constant trip count keeps acc in registers */
+        acc[j] = _mm512_setzero_ps();
+        if (j < n)
+            for (int i = 0; i < hd; i += 16)
+                acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + j * stride + i), acc[j]);
+    }
+    _mm512_mask_storeu_ps(s, tail_mask16(n), sum16(acc));
 }
 
 /* p[0..n) = exp(s[0..n) - mx); returns their sum. */
@@ -106,21 +139,44 @@ static inline void accumulate(float *acc, float alpha, const float *p, const flo
 }
 #endif
 
-/* One (sequence, kv head): g query heads q[g][hd] (already scaled) -> out[g][hd]. Inlined into
- * callers with a constant hd, so the common head sizes get fully unrolled loops. */
-static inline __attribute__((always_inline)) void attend(
+/* Keys [t_begin, t_end) of one (sequence, kv head) folded into the online-softmax state of its
+ * g query heads q[g][hd] (already scaled): running max m[g], sum l[g], unnormalized acc[g][hd].
+ * Inlined into callers with a constant hd, so the common head sizes get fully unrolled loops. */
+static inline __attribute__((always_inline)) void attend_range(
         const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
-        int64_t ctx, int g, int nkv, int hd, int bs, float *out) {
-    float acc[g * hd], m[g], l[g], s[g * TILE], p[TILE];
-    memset(acc, 0, sizeof(acc));
-    for (int h = 0; h < g; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
+        int64_t t_begin, int64_t t_end, int g, int nkv, int hd, int bs, float *acc, float *m,
+        float *l) {
+    float s[g * TILE], p[TILE];
     const int64_t row = (int64_t)nkv * hd;  /* floats between consecutive tokens */
-    for (int64_t t0 = 0; t0 < ctx;) {
+    for (int64_t t0 = t_begin; t0 < t_end;) {
         const int64_t off = t0 % bs;
         int n = (int)(bs - off < TILE ? bs - off : TILE);
-        if (ctx - t0 < n) n = (int)(ctx - t0);
+        if (t_end - t0 < n) n = (int)(t_end - t0);
         const int64_t base = (table[t0 / bs] * bs + off) * row;
         const float *k = k_cache + base, *v = v_cache + base;
+#if defined(__x86_64__) || defined(__i386__)
+        /* the next tile's rows of this head: blocks sit anywhere in the cache, and reading one
+         * head's rows (hd of every nkv * hd floats) leaves the hardware prefetcher behind */
+        if (t0 + n < t_end) {
+            const int64_t t1 = t0 + n, off1 = t1 % bs;
+            int n1 = (int)(bs - off1 < TILE ? bs - off1 : TILE);
+            if (t_end - t1 < n1) n1 = (int)(t_end - t1);
+            const int64_t base1 = (table[t1 / bs] * bs + off1) * row;
+            for (int j = 0; j < n1; j++)
+                for (int i = 0; i < hd; i += 16) {
+                    _mm_prefetch((const char *)(k_cache + base1 + j * row + i), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(v_cache + base1 + j * row + i), _MM_HINT_T0);
+                }
+        }
+#endif
+#ifdef __AVX512F__
+        if (hd % 16 == 0) {
+            for (int h = 0; h < g; h++)
+                for (int j0 = 0; j0 < n; j0 += 16)
+                    dots16(q + h * hd, k + j0 * row, row, n - j0 < 16 ? n - j0 : 16, hd,
+                           s + h * TILE + j0);
+        } else
+#endif
         for (int j = 0; j < n; j++)
             for (int h = 0; h < g; h++) s[h * TILE + j] = dot(q + h * hd, k + j * row, hd);
         for (int h = 0; h < g; h++) {
@@ -133,6 +189,16 @@ static inline __attribute__((always_inline)) void attend(
         }
         t0 += n;
     }
+}
+
+/* One (sequence, kv head), all ctx keys: g query heads q[g][hd] (already scaled) -> out[g][hd]. */
+static inline __attribute__((always_inline)) void attend(
+        const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
+        int64_t ctx, int g, int nkv, int hd, int bs, float *out) {
+    float acc[g * hd], m[g], l[g];
+    memset(acc, 0, sizeof(acc));
+    for (int h = 0; h < g; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
+    attend_range(q, k_cache, v_cache, table, 0, ctx, g, nkv, hd, bs, acc, m, l);
     for (int h = 0; h < g; h++) {
         const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;  /* ctx 0: zeros */
         for (int i = 0; i < hd; i++) out[h * hd + i] = acc[h * hd + i] * inv;
