@@ -30,7 +30,7 @@ from corral.engine.sampler import (
     sample,
 )
 from corral.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from corral.engine.sequence import Sequence
+from corral.engine.sequence import Sequence, Status
 from corral.engine.structured import StructuredCompiler
 from corral.engine.tp import TensorParallelError
 from corral.errors import CorralError
@@ -70,7 +70,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        for s in self.seqs:
+            if s.status is not Status.FINISHED:
+                return False
+        return True
 
 
 class EngineCore:
@@ -158,6 +161,7 @@ class EngineCore:
         self._decoders: dict[bool, TokenDecoder] = {}  # by skip_special_tokens
         self._chat_format = None
         self._failed: dict[str, RequestOutput] = {}  # this step's failed requests
+        self._produced: set[str] = set()  # this step's requests that got a token
         self._structured: StructuredCompiler | None = None
         self._structured_lock = threading.Lock()
 
@@ -422,9 +426,13 @@ class EngineCore:
             () if params.ignore_eos else self.eos_token_ids)
         max_num = self.max_model_len if params.max_tokens is None else min(
             self.max_model_len, len(ids) + params.max_tokens)
+        # nothing for _pick to do beyond the sampler itself
+        plain = (params.logprobs is None and not params.min_tokens and params.structured is None
+                 and params.repetition_penalty == 1.0 and not params.presence_penalty
+                 and not params.frequency_penalty)
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids), params,
-                           lora=adapter, end_ids=end_ids, max_num_tokens=max_num)
+                           lora=adapter, end_ids=end_ids, max_num_tokens=max_num, plain=plain)
             if params.structured is not None:
                 seq.matcher = self.structured.matcher(params.structured)
             if params.seed is not None:
@@ -489,6 +497,7 @@ class EngineCore:
         output carries `error` and its blocks are freed; everyone else keeps going.
         """
         self._failed = {}
+        self._produced = set()
         for req in self.requests.values():
             if req.pending and req.seqs[0].num_computed_tokens >= req.seqs[0].num_prompt_tokens:
                 self._release(req)
@@ -515,8 +524,7 @@ class EngineCore:
                 results.append(self._failed[rid])
                 continue
             finished = req.finished
-            if not finished and not any(s.num_output_tokens > s.num_tokens_sent
-                                        for s in req.seqs):
+            if not finished and rid not in self._produced:
                 continue  # a prompt chunk: nothing new to tell
             try:
                 results.append(self._output(req, finished))
@@ -581,7 +589,8 @@ class EngineCore:
             self._sample(batch, out)
 
     def _sample(self, batch: ScheduledBatch, out: StepLogits) -> None:
-        keep = [j for j, r in enumerate(out.sample_rows) if self._live(batch.seqs[r])]
+        keep = ([j for j, r in enumerate(out.sample_rows) if self._live(batch.seqs[r])]
+                if self._failed else range(len(out.sample_rows)))
         if not keep:
             return
         seqs = [batch.seqs[out.sample_rows[j]] for j in keep]
@@ -615,6 +624,7 @@ class EngineCore:
             if rid in self._failed:
                 continue
             req = self.requests[rid]
+            self._produced.add(rid)
             m = req.metrics
             if m.first_token_time is None:
                 m.first_token_time = now
@@ -639,6 +649,9 @@ class EngineCore:
         """Tokens for fp32 logits [N, V], each row's logprobs entry (when it asked for
         logprobs) and {row: reason} for rows that cannot be sampled. Penalties and masks
         write into the logits: on a copy when `keep_input`, and only if some row has them."""
+        if all(s.plain for s in seqs):
+            tokens, bad = sample(logits, seqs, self._rng)
+            return tokens, [None] * len(seqs), bad
         vocab = logits.shape[1]
         want = [j for j, s in enumerate(seqs) if s.params.logprobs is not None]
         too_many = {j: f"logprobs must be at most the vocabulary size ({vocab}), got "
@@ -717,7 +730,7 @@ class EngineCore:
         whole history as views (nothing is copied here; see CompletionOutput.view)."""
         outputs = []
         for seq in req.seqs:
-            end = streamable_text_end(seq)
+            end = len(seq.text) if not seq.params.stop else streamable_text_end(seq)
             ntok = len(seq.token_ids)
             outputs.append(CompletionOutput.view(
                 seq.index, seq.text, end, seq.token_ids, seq.num_prompt_tokens, ntok,

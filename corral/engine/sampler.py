@@ -96,70 +96,62 @@ def block_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[
         logits[torch.tensor(rows).to(dev), torch.tensor(cols).to(dev)] = float("-inf")
 
 
-def _cut(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(threshold, last kept rank) per row from probabilities sorted descending [N, K]:
-    keep the top_k most likely, and the smallest set whose mass reaches top_p (mass of the
-    whole row's distribution; the top token is always kept)."""
-    ranks = torch.arange(sorted_probs.shape[1], device=sorted_probs.device)
-    # mass of the tokens ranked above (exact prefix sums, so it never decreases)
-    before = torch.nn.functional.pad(sorted_probs.cumsum(dim=-1)[:, :-1], (1, 0))
-    keep = (before < top_p[:, None]) & (ranks[None, :] < top_k[:, None])  # a prefix
-    last = (keep.sum(dim=-1) - 1).clamp_(min=0)
-    return sorted_probs.gather(1, last[:, None])[:, 0], last
+def _cut(vals: torch.Tensor, last_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The smallest kept probability per row, from probabilities ranked descending [N, K]:
+    keep the top_k most likely (`last_k` = top_k - 1), and the smallest set whose mass reaches
+    top_p (mass of the row's whole distribution; the top token is always kept)."""
+    cs = vals.cumsum(dim=-1)  # never decreases: a sum of non-negative numbers
+    last = (cs < top_p[:, None]).sum(dim=-1)  # ranks before the one that reaches top_p
+    last = torch.minimum(last, last_k).clamp_(min=0, max=vals.shape[1] - 1)
+    return vals.gather(1, last[:, None])[:, 0]
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor) -> torch.Tensor:
     """Reference filter by full sort: mask to -inf what top-k / top-p / min-p exclude.
     logits [N, V] already temperature-scaled; top_k [N] (<= 0 or >= V: off), top_p [N],
-    min_p [N]. Ties with the last kept token are kept."""
+    min_p [N]. Ties with the last kept token are kept (as the sampler does)."""
+    vocab = logits.shape[1]
     probs = logits.softmax(dim=-1)
-    thr = _thresholds_by_sort(probs, top_k, top_p, min_p)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
+    vals = probs.sort(dim=-1, descending=True).values
+    thr = torch.maximum(_cut(vals, k - 1, top_p), vals[:, 0] * min_p.clamp(0.0, 1.0))
     return logits.masked_fill(probs < thr[:, None], float("-inf"))
 
 
-def _thresholds_by_sort(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                        min_p: torch.Tensor) -> torch.Tensor:
-    vocab = probs.shape[1]
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
-    sorted_probs = probs.sort(dim=-1, descending=True).values
-    t, _ = _cut(sorted_probs, k, top_p)
-    return torch.maximum(t, sorted_probs[:, 0] * min_p.clamp(0.0, 1.0))
-
-
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row, the first column whose running sum of `weights` [N, K] exceeds u * total."""
+    """Per row, the first column whose running sum of `weights` [N, K] exceeds u * total
+    (u <= 1 - 2**-22, so u * total stays below total in fp32 and a column always exists)."""
     cdf = weights.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    # u < 1, but u * total may round up to total: stay strictly below it
-    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    target = u[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=weights.shape[1] - 1)
 
 
-def _ranked_draw(vals: torch.Tensor, ids: torch.Tensor, top_k: torch.Tensor,
-                 top_p: torch.Tensor, floor: torch.Tensor | None, u: torch.Tensor
+def _ranked_draw(vals: torch.Tensor, ids: torch.Tensor, last_k: torch.Tensor,
+                 top_p: torch.Tensor, min_p: torch.Tensor | None, u: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token, cut) per row from probabilities ranked descending `vals` [N, K] and their token
-    ids: cut by top-k / top-p (and the min-p `floor`), drawn in that ranked order."""
-    t, _ = _cut(vals, top_k, top_p)
-    if floor is not None:
-        t = torch.maximum(t, floor)
+    """(token, cut) per row from probabilities ranked descending `vals` [N, K] (the row's
+    most likely first) and their ids: cut by top-k / top-p / min-p, drawn in ranked order."""
+    t = _cut(vals, last_k, top_p)
+    if min_p is not None:
+        t = torch.maximum(t, vals[:, 0] * min_p)
     w = vals.masked_fill(vals < t[:, None], 0.0)
     return ids.gather(1, _inverse_cdf(w, u)[:, None])[:, 0], t
 
 
-def _draw(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-          u: torch.Tensor, groups: dict[int, list[int]], any_min_p: bool) -> torch.Tensor:
+def _draw(probs: torch.Tensor, last_k: torch.Tensor, top_p: torch.Tensor,
+          min_p: torch.Tensor | None, u: torch.Tensor, groups: dict[int, list[int]]
+          ) -> torch.Tensor:
     """Token per row of probabilities [M, V]. `groups`: {K: rows} for rows with top-k or top-p,
     drawn over their K most likely tokens in ranked order (their whole row sorted when their
     cut may lie past those, or when K >= V); other rows draw over the vocabulary in its order.
     Which way a row goes depends on that row alone, so its token does not depend on the batch.
+    `min_p`: None when no row has it.
     """
     m, vocab = probs.shape
     dev = probs.device
-    picks = torch.empty(m, dtype=torch.long, device=dev)
-    floor = probs.amax(dim=-1) * min_p if any_min_p else None
+    picks = None if len(groups) == 1 and len(next(iter(groups.values()))) == m else \
+        torch.empty(m, dtype=torch.long, device=dev)
 
     def sel(t: torch.Tensor | None, r: torch.Tensor | None) -> torch.Tensor | None:
         return t if t is None or r is None else t.index_select(0, r)
@@ -173,24 +165,25 @@ def _draw(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: 
             vals, ids = sub.topk(kk, dim=-1)
         else:
             vals, ids = sub.sort(dim=-1, descending=True)
-        got, t = _ranked_draw(vals, ids, sel(top_k, r), sel(top_p, r), sel(floor, r), sel(u, r))
-        if kk < vocab:
-            # a token outside the candidates could reach the cut: sort those rows in full
-            spill = (vals[:, -1] >= t).nonzero()[:, 0]
-            if spill.numel():
-                sp = spill if r is None else r[spill]
-                vals, ids = probs.index_select(0, sp).sort(dim=-1, descending=True)
-                got[spill], _ = _ranked_draw(vals, ids, top_k[sp], top_p[sp], sel(floor, sp),
-                                             u[sp])
-        if r is None:
+        got, t = _ranked_draw(vals, ids, sel(last_k, r), sel(top_p, r), sel(min_p, r),
+                              sel(u, r))
+        # a token outside the candidates could reach the cut: sort those rows in full
+        spill = vals[:, -1] >= t
+        if kk < vocab and bool(spill.any()):
+            spill = spill.nonzero()[:, 0]
+            sp = spill if r is None else r[spill]
+            vals, ids = probs.index_select(0, sp).sort(dim=-1, descending=True)
+            got[spill], _ = _ranked_draw(vals, ids, last_k[sp], top_p[sp], sel(min_p, sp),
+                                         u[sp])
+        if picks is None:
             return got
         picks[r] = got
     rest = [i for i in range(m) if i not in grouped]
     if rest:
         r = torch.tensor(rest).to(dev, non_blocking=True) if len(rest) < m else None
-        p = sel(probs, r)
-        f = sel(floor, r)
-        w = p if f is None else p.masked_fill(p < f[:, None], 0.0)
+        w = sel(probs, r)
+        if min_p is not None:
+            w = w.masked_fill(w < (w.amax(dim=-1) * sel(min_p, r))[:, None], 0.0)
         got = _inverse_cdf(w, sel(u, r))
         if r is None:
             return got
@@ -207,57 +200,82 @@ def _candidates(top_k: int, vocab: int) -> int:
     return k
 
 
+# u is drawn in [0, 1) and scaled by this so that u * total < total holds after fp32 rounding
+_U_SCALE = np.float32(1.0 - 2.0**-22)
+
+
+def _sample_row(seq: Sequence, vocab: int) -> tuple:
+    """(scale, top_k - 1, top_p, min_p, K, vocab, bad) for a row, kept on the sequence (its
+    parameters do not change while it runs). K: -1 greedy (or a bad temperature), 0 random
+    over the whole vocabulary, else how many candidates its top-k / top-p cut looks at."""
+    p = seq.params
+    t = p.temperature
+    bad = not (0 <= t < math.inf)  # NaN too
+    top_k = p.top_k if 0 < p.top_k < vocab else vocab
+    if bad or t == 0:
+        k = -1
+    elif top_k < vocab or p.top_p < 1:
+        k = _candidates(top_k, vocab)
+    else:
+        k = 0
+    row = (t if k >= 0 else 1.0, top_k - 1, p.top_p, min(max(p.min_p, 0.0), 1.0), k, vocab, bad)
+    seq.sample_row = row
+    return row
+
+
 def sample_tensor(logits: torch.Tensor, seqs: list[Sequence],
                   rng: torch.Generator | None = None) -> torch.Tensor:
     """Tokens for fp32 logits [N, V] (penalties and masks applied): int64 [N] on the logits'
     device, -1 for a row that cannot be sampled (see `unsampleable_reason`). `rng` draws the
-    unseeded rows' numbers. No device->host sync, except for a top-k/top-p row whose cut may
-    lie past its candidates."""
+    unseeded rows' numbers. No device->host sync, except a one-flag check when some row has
+    top-k / top-p (whether its cut may lie past its candidates)."""
     n, vocab = logits.shape
     dev = logits.device
-    params = [s.params for s in seqs]
-    temps = [p.temperature for p in params]
-    rand = [i for i, t in enumerate(temps) if 0 < t < math.inf]
-    scale = [t if 0 < t < math.inf else 1.0 for t in temps]
-    bad_t = [i for i, t in enumerate(temps) if not (0 <= t < math.inf)]  # NaN too
+    rows = [r if (r := s.sample_row) is not None and r[5] == vocab else _sample_row(s, vocab)
+            for s in seqs]
+    peak, tokens = logits.max(dim=-1)  # NaN propagates: one NaN logit makes the peak NaN
+    rand = [i for i, r in enumerate(rows) if r[4] >= 0]
+    bad_t = [i for i, r in enumerate(rows) if r[6]]
+    if not rand and not bad_t:  # all greedy: nothing to send
+        return tokens.masked_fill(~torch.isfinite(peak), -1)
+    r = len(rand)
+    # one flat float32 array, one copy: scales [N], then per random row top_k - 1, top_p,
+    # min_p, u and its row index (integers below 2**24 are exact)
+    host = np.empty(n + 5 * r, dtype=np.float32)
+    host[:n] = [row[0] for row in rows]
+    groups: dict[int, list[int]] = {}
+    any_min_p = False
     if rand:
-        sub = [params[i] for i in rand]
-        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in sub]
-        top_p = [p.top_p for p in sub]
-        min_p = [min(max(p.min_p, 0.0), 1.0) for p in sub]
+        sub = np.array([rows[i][1:4] for i in rand], dtype=np.float32)  # [r, 3]
+        host[n:n + 3 * r] = sub.T.ravel()
+        any_min_p = bool(sub[:, 2].any())
+        u = host[n + 3 * r:n + 4 * r]
         seeded = [j for j, i in enumerate(rand) if seqs[i].seed is not None]
-        u = np.empty(len(rand), dtype=np.float32)
         if seeded:
             u[seeded] = seeded_uniforms([seqs[rand[j]].seed for j in seeded],
                                         [seqs[rand[j]].num_output_tokens for j in seeded])
-        if len(seeded) < len(rand):
-            free = [j for j in range(len(rand)) if seqs[rand[j]].seed is None]
+        if len(seeded) < r:
+            free = [j for j in range(r) if seqs[rand[j]].seed is None]
             u[free] = torch.rand(len(free), generator=rng).numpy()
-        # one flat float32 row: scales [N], then per random row top_k, top_p, min_p, u, its
-        # row index (ints below 2**24 are exact)
-        host = torch.cat([torch.tensor(scale + top_k + top_p + min_p, dtype=torch.float32),
-                          torch.from_numpy(u), torch.tensor(rand, dtype=torch.float32)])
-    else:
-        host = torch.tensor(scale, dtype=torch.float32)
+        u *= _U_SCALE
+        host[n + 4 * r:] = rand
+        for j, i in enumerate(rand):
+            if rows[i][4]:
+                groups.setdefault(rows[i][4], []).append(j)
+    d = torch.from_numpy(host)
     if dev.type == "cuda":
-        host = host.pin_memory()
-    host = host.to(dev, non_blocking=True)  # everything in one copy
-    scale_t = host[:n]
-    peak, tokens = logits.max(dim=-1)  # NaN propagates: one NaN logit makes the peak NaN
-    broken = ~torch.isfinite(peak / scale_t)
+        d = d.pin_memory()
+    d = d.to(dev, non_blocking=True)
+    scale = d[:n]
+    broken = ~torch.isfinite(peak / scale)
     if bad_t:
         broken[torch.tensor(bad_t, device=dev)] = True
     if rand:
-        r = len(rand)
-        k_t, p_t, mp_t, u_t = (host[n + c * r:n + (c + 1) * r] for c in range(4))
-        idx = host[n + 4 * r:].long() if r < n else None
+        last_k, top_p, mp, u = (d[n + c * r:n + (c + 1) * r] for c in range(4))
+        idx = d[n + 4 * r:].long() if r < n else None
         x = logits if idx is None else logits.index_select(0, idx)
-        probs = (x / scale_t[:, None] if idx is None else x / scale_t[idx][:, None]).softmax(-1)
-        groups: dict[int, list[int]] = {}
-        for j, p in enumerate(sub):
-            if top_k[j] < vocab or p.top_p < 1:
-                groups.setdefault(_candidates(top_k[j], vocab), []).append(j)
-        picks = _draw(probs, k_t.long(), p_t, mp_t, u_t, groups, any(m > 0 for m in min_p))
+        probs = (x / (scale if idx is None else scale[idx])[:, None]).softmax(dim=-1)
+        picks = _draw(probs, last_k.long(), top_p, mp if any_min_p else None, u, groups)
         tokens = picks if idx is None else tokens.index_copy(0, idx, picks)
     return tokens.masked_fill(broken, -1)
 

@@ -43,6 +43,8 @@ class Sequence:
     # set by the engine at admission so the per-token finish check is two lookups
     end_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
     max_num_tokens: int = 2**62  # prompt + output length at which it stops ("length")
+    plain: bool = False  # no logprobs, penalties, min_tokens or grammar: sampling alone
+    sample_row: tuple | None = None  # the sampler's view of params (sampler._sample_row)
 
     @property
     def num_tokens(self) -> int:
