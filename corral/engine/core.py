@@ -580,9 +580,11 @@ class EngineCore:
         return done
 
     def _after_forward(self, batch: ScheduledBatch, out: StepLogits) -> None:
+        bm, bs = self.bm, self.bm.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.bm.commit_full_blocks(seq)
+            if seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * bs:  # a block filled
+                bm.commit_full_blocks(seq)
         for row, lps in out.prompt_logprobs.items():
             batch.seqs[row].prompt_logprobs.extend(lps)
         if out.sample_rows:
@@ -595,54 +597,64 @@ class EngineCore:
             return
         seqs = [batch.seqs[out.sample_rows[j]] for j in keep]
         logits = out.logits if len(keep) == len(out.sample_rows) else out.logits[keep]
-        groups = _rows_by_request(seqs)
+        first = seqs[0].request_id
+        several = any(s.request_id != first for s in seqs)
         try:
             # with several requests, keep the logits intact for a retry without the bad one
-            tokens, lps, bad = self._pick(logits, seqs, keep_input=len(groups) > 1)
+            tokens, lps, bad = self._pick(logits, seqs, keep_input=several)
         except Exception as e:  # noqa: BLE001 - isolated below
-            if len(groups) == 1:
-                self._fault(self.requests[groups[0][0]], "sampling failed", e)
+            if not several:
+                self._fault(self.requests[first], "sampling failed", e)
                 return
-            # seeded rows draw from (seed, position) alone, so their retried tokens are the same
-            log.warning("sampling failed for a batch of %d requests (%s); sampling each "
-                        "request alone", len(groups), _describe(e))
-            tokens, lps, bad = [0] * len(seqs), [None] * len(seqs), {}
-            for rid, js in groups:
-                try:
-                    t, lp, b = self._pick(logits[js], [seqs[j] for j in js], keep_input=False)
-                except Exception as e2:  # noqa: BLE001 - this request's values
-                    self._fault(self.requests[rid], "sampling failed", e2)
-                    continue
-                for k, j in enumerate(js):
-                    tokens[j], lps[j] = t[k], lp[k]
-                    if k in b:
-                        bad[j] = b[k]
+            tokens, lps, bad = self._pick_each(logits, seqs, e)
         for j, reason in bad.items():
             self._fault(self.requests[seqs[j].request_id], "sampling failed", reason)
         now = time.time()
-        for rid, js in groups:
-            if rid in self._failed:
+        failed, produced, requests = self._failed, self._produced, self.requests
+        for seq, tok, lp in zip(seqs, tokens, lps):
+            rid = seq.request_id
+            if rid in failed:
                 continue
-            req = self.requests[rid]
-            self._produced.add(rid)
-            m = req.metrics
-            if m.first_token_time is None:
-                m.first_token_time = now
-            m.last_token_time = now
+            req = requests[rid]
             try:
-                for j in js:
-                    seq, tok = seqs[j], tokens[j]
-                    seq.token_ids.append(tok)
-                    if lps[j] is not None:
-                        seq.logprobs.append(lps[j])
-                    m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
-                    if seq.matcher is not None:
-                        self._advance_matcher(seq, tok)
-                    self._check_finish(seq, tok)
+                seq.token_ids.append(tok)
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                m = req.metrics
+                if m.first_token_time is None:
+                    m.first_token_time = now
+                m.last_token_time = now
+                m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
+                if seq.matcher is not None:
+                    self._advance_matcher(seq, tok)
+                self._check_finish(seq, tok)
             except BaseException as e:  # its detokenizer, stop rules
                 if isinstance(e, _NOT_FAULTS):
                     raise
                 self._fault(req, "processing the sampled token failed", e)
+                continue
+            produced.add(rid)
+
+    def _pick_each(self, logits: torch.Tensor, seqs: list[Sequence], error: Exception
+                   ) -> tuple[list[int], list[Logprobs | None], dict[int, str]]:
+        """After sampling failed for a batch of several requests: each request alone (its
+        own failure fails it alone). Seeded rows draw from (seed, position) only, so their
+        tokens are the ones the batch would have given."""
+        groups = _rows_by_request(seqs)
+        log.warning("sampling failed for a batch of %d requests (%s); sampling each "
+                    "request alone", len(groups), _describe(error))
+        tokens, lps, bad = [0] * len(seqs), [None] * len(seqs), {}
+        for rid, js in groups:
+            try:
+                t, lp, b = self._pick(logits[js], [seqs[j] for j in js], keep_input=False)
+            except Exception as e:  # noqa: BLE001 - this request's values
+                self._fault(self.requests[rid], "sampling failed", e)
+                continue
+            for k, j in enumerate(js):
+                tokens[j], lps[j] = t[k], lp[k]
+                if k in b:
+                    bad[j] = b[k]
+        return tokens, lps, bad
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence], keep_input: bool
               ) -> tuple[list[int], list[Logprobs | None], dict[int, str]]:
@@ -701,7 +713,9 @@ class EngineCore:
                 seq.finish_reason, seq.stop_reason = "stop", tok
         if seq.detok is not None:
             delta = seq.detok.step(seq.token_ids, final=seq.finish_reason is not None)
-            if (delta and check_stop_strings(seq, delta)):
+            if not seq.params.stop:
+                seq.text += delta
+            elif check_stop_strings(seq, delta):
                 seq.finish_reason = "stop"
         if seq.finish_reason is None:
             if len(seq.token_ids) < seq.max_num_tokens:
