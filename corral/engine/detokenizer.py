@@ -8,7 +8,7 @@ gives U+FFFD. We decode a short window of tokens and emit only the text that is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 
 from corral.engine.sequence import Sequence
 
@@ -23,20 +23,17 @@ class TokenDecoder:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.backend = _plain_backend(tokenizer)
+        owner = self.backend if self.backend is not None else tokenizer
+        self.decode = functools.partial(owner.decode, skip_special_tokens=skip_special_tokens)
         self.single: dict[int, str] = {}
 
     def __call__(self, ids: list[int]) -> str:
         if len(ids) == 1:
             text = self.single.get(ids[0])
             if text is None:
-                text = self.single[ids[0]] = self._decode(ids)
+                text = self.single[ids[0]] = self.decode(ids)
             return text
-        return self._decode(ids)
-
-    def _decode(self, ids: list[int]) -> str:
-        if self.backend is not None:
-            return self.backend.decode(ids, skip_special_tokens=self.skip)
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+        return self.decode(ids)
 
 
 def _plain_backend(tokenizer):
@@ -66,17 +63,18 @@ def _plain_backend(tokenizer):
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
-                 decode: Callable[[list[int]], str] | None = None):
-        self.decode = decode or TokenDecoder(tokenizer, skip_special_tokens)
+                 decoder: TokenDecoder | None = None):
+        self.decoder = decoder or TokenDecoder(tokenizer, skip_special_tokens)
+        self.decode = self.decoder.decode  # windows of several tokens: no cache to look in
         self.read_offset = len(prompt_ids)
         self.prefix_offset = max(len(prompt_ids) - 5, 0)  # context for leading-space rules
         self.prefix_text: str | None = None  # decode(ids[prefix_offset:read_offset])
 
     def step(self, ids: list[int], final: bool = False) -> str:
         """Text newly completed by the tokens appended to `ids` since the last call."""
-        if self.prefix_text is None:  # after a read: the tokens just read, often just one
-            self.prefix_text = self.decode(ids[self.prefix_offset:self.read_offset])
         prefix = self.prefix_text
+        if prefix is None:  # after a read: the tokens just read, often just one
+            prefix = self.prefix_text = self.decoder(ids[self.prefix_offset:self.read_offset])
         full = self.decode(ids[self.prefix_offset:])
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             self.prefix_offset, self.read_offset = self.read_offset, len(ids)
