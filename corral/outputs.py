@@ -129,6 +129,9 @@ class CompletionOutput:
 
     __hash__ = None  # mutable, like the dataclass it replaces
 
+    def __reduce__(self):  # pickle / copy the values, not the sequence's whole lists
+        return (CompletionOutput, self._fields())
+
     def __repr__(self) -> str:
         names = ("index", "text", "token_ids", "logprobs", "finish_reason", "stop_reason",
                  "delta_text", "delta_token_ids", "delta_logprobs")

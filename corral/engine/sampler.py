@@ -204,6 +204,16 @@ def _candidates(top_k: int, vocab: int) -> int:
 _U_SCALE = np.float32(1.0 - 2.0**-22)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's maximum (the first one on ties; a NaN counts as the maximum), as
+    torch.argmax. On CPU through numpy: torch's CPU argmax is ~10x slower than numpy's
+    vectorized one (6.3 vs 0.55 ms for 64 x 49,152 fp32 here), which made greedy decoding's
+    host time grow with the vocabulary."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(np.argmax(x.numpy(), axis=1))
+    return x.argmax(dim=-1)
+
+
 def _sample_row(seq: Sequence, vocab: int) -> tuple:
     """(scale, top_k - 1, top_p, min_p, K, vocab, bad) for a row, kept on the sequence (its
     parameters do not change while it runs). K: -1 greedy (or a bad temperature), 0 random
@@ -233,7 +243,9 @@ def sample_tensor(logits: torch.Tensor, seqs: list[Sequence],
     dev = logits.device
     rows = [r if (r := s.sample_row) is not None and r[5] == vocab else _sample_row(s, vocab)
             for s in seqs]
-    peak, tokens = logits.max(dim=-1)  # NaN propagates: one NaN logit makes the peak NaN
+    tokens = argmax_rows(logits)
+    # the chosen logit is the row's peak, NaN if the row has one (argmax picks NaN first)
+    peak = logits.gather(1, tokens[:, None])[:, 0]
     rand = [i for i, r in enumerate(rows) if r[4] >= 0]
     bad_t = [i for i, r in enumerate(rows) if r[6]]
     if not rand and not bad_t:  # all greedy: nothing to send
