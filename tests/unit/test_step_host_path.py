@@ -250,9 +250,9 @@ def test_seeded_row_draws_the_same_in_any_batch(vocab):
     logits[3, :40] = 2.0  # a wide tie at the top
 
     def params(i):
-        kinds = [dict(top_k=10), dict(top_p=0.9), dict(top_k=200, top_p=0.95),
-                 dict(top_p=0.5), dict(min_p=0.1), dict(), dict(top_k=63), dict(top_k=64),
-                 dict(top_p=0.99, min_p=0.02), dict(top_k=3000)]
+        kinds = [{"top_k": 10}, {"top_p": 0.9}, {"top_k": 200, "top_p": 0.95},
+                 {"top_p": 0.5}, {"min_p": 0.1}, {}, {"top_k": 63}, {"top_k": 64},
+                 {"top_p": 0.99, "min_p": 0.02}, {"top_k": 3000}]
         if i == 11:
             return SamplingParams(temperature=0)
         return SamplingParams(temperature=0.7 + 0.1 * (i % 4), seed=5, **kinds[i % len(kinds)])
@@ -308,11 +308,11 @@ def _frequencies(logits_row, params, n):
 
 
 @pytest.mark.parametrize("kw, keep", [
-    (dict(), [0, 1, 2, 3, 4, 5]),
-    (dict(top_k=3), [0, 1, 2]),
-    (dict(top_p=0.7), [0, 1, 2]),  # 0.35 + 0.25 < 0.7: the third token completes it
-    (dict(min_p=0.5), [0, 1]),
-    (dict(top_k=4, top_p=0.9, min_p=0.2), [0, 1, 2, 3]),
+    ({}, [0, 1, 2, 3, 4, 5]),
+    ({"top_k": 3}, [0, 1, 2]),
+    ({"top_p": 0.7}, [0, 1, 2]),  # 0.35 + 0.25 < 0.7: the third token completes it
+    ({"min_p": 0.5}, [0, 1]),
+    ({"top_k": 4, "top_p": 0.9, "min_p": 0.2}, [0, 1, 2, 3]),
 ])
 def test_draws_follow_the_filtered_distribution(kw, keep):
     probs = torch.tensor([0.35, 0.25, 0.15, 0.1, 0.08, 0.07])
