@@ -271,12 +271,13 @@ def test_seeded_row_draws_the_same_in_any_batch(vocab):
     assert mixed[:2] == together[:2]
 
 
-def test_candidate_draw_equals_the_full_sort_draw(monkeypatch):
+@pytest.mark.parametrize("vocab", [2000, 64 * 300])  # topk / through the chunks' maxima
+def test_candidate_draw_equals_the_full_sort_draw(monkeypatch, vocab):
     """Drawing over the K most likely tokens gives the token the whole sorted row gives."""
     from corral.engine import sampler
 
     torch.manual_seed(3)
-    logits = torch.randn(40, 2000) * torch.linspace(0.1, 5, 40)[:, None]
+    logits = torch.randn(40, vocab) * torch.linspace(0.1, 5, 40)[:, None]
     seqs = _rows(40, lambda i: SamplingParams(temperature=1.0, seed=11,
                                               top_k=[0, 20, 100][i % 3],
                                               top_p=[0.8, 1.0, 0.97, 0.3][i % 4]))
@@ -290,10 +291,26 @@ def test_candidate_draw_equals_the_full_sort_draw(monkeypatch):
     monkeypatch.setattr(sampler, "_ranked_draw", ranked)
     fast, _ = sample(logits.clone(), seqs)
     # candidates (64, 128 for top_k 100) and, for the flat top-p rows, whole sorted rows
-    assert {w[1] for w in widths} == {64, 128, 2000}
+    assert {w[1] for w in widths} == {64, 128, vocab}
     monkeypatch.setattr(sampler, "CANDIDATES", 4096)  # every filtered row: a full sort
     full, _ = sample(logits.clone(), seqs)
     assert fast == full
+
+
+def test_top_candidates_through_chunk_maxima_equal_topk():
+    from corral.engine.sampler import _top_candidates
+
+    torch.manual_seed(4)
+    x = torch.randn(6, 64 * 400)
+    x[1, 100:300] = 9.0  # a tie wider than k, across chunks
+    x[2] = x[2].round()  # many ties
+    x[3, 5000] = float("nan")
+    for k in (1, 64, 100):
+        vals, ids = _top_candidates(x, k)
+        want, _ = x.topk(k, dim=-1)
+        same = {"rtol": 0, "atol": 0, "equal_nan": True}
+        torch.testing.assert_close(vals, want, **same)  # NaN ranks first in both
+        torch.testing.assert_close(x.gather(1, ids), vals, **same)
 
 
 def _frequencies(logits_row, params, n):
