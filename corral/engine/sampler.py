@@ -174,10 +174,12 @@ def _draw(x: torch.Tensor, peak: torch.Tensor, scale: torch.Tensor, last_k: torc
     only = len(groups) == 1 and len(next(iter(groups.values()))) == m
     picks = None if only else torch.empty(m, dtype=torch.long, device=dev)
     z = torch.ones(m, dtype=x.dtype, device=dev)
-    if with_p:  # sum over the row of exp((x - max) / T): one pass, rows with top-p only
+    if with_p:  # sum over the row of exp((x - max) / T), rows with top-p only
         r = torch.tensor(with_p).to(dev, non_blocking=True) if len(with_p) < m else None
-        xp = x if r is None else x.index_select(0, r)
-        zp = (xp - sel(peak, r)[:, None]).div_(sel(scale, r)[:, None]).exp_().sum(dim=-1)
+        e = (sel(x, r) - sel(peak, r)[:, None]).div_(sel(scale, r)[:, None]).exp_()
+        # a running sum, not sum(): its order is the row's own, whatever the batch's shape
+        # (a reduction may be split differently for another number of rows)
+        zp = torch.cumsum(e, dim=-1, out=e)[:, -1]
         z = zp if r is None else z.index_copy(0, r, zp)
 
     grouped: set[int] = set()
