@@ -138,9 +138,11 @@ def _top_candidates(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     c = 64
     if x.device.type != "cpu" or vocab % c or vocab // c <= 4 * k:
         return x.topk(k, dim=-1)
-    chunks = x.view(n, vocab // c, c)
-    top = chunks.amax(dim=-1).topk(k, dim=-1).indices  # [N, k] chunk numbers
-    cand = chunks.gather(1, top[:, :, None].expand(-1, -1, c)).view(n, k * c)
+    per_row = vocab // c
+    x = x.contiguous()
+    top = x.view(n, per_row, c).amax(dim=-1).topk(k, dim=-1).indices  # [N, k] chunk numbers
+    rows = torch.arange(n, device=x.device)[:, None] * per_row
+    cand = x.view(n * per_row, c).index_select(0, (top + rows).flatten()).view(n, k * c)
     vals, j = cand.topk(k, dim=-1)
     return vals, top.gather(1, j // c) * c + j % c
 
@@ -176,10 +178,9 @@ def _draw(x: torch.Tensor, peak: torch.Tensor, scale: torch.Tensor, last_k: torc
     z = torch.ones(m, dtype=x.dtype, device=dev)
     if with_p:  # sum over the row of exp((x - max) / T), rows with top-p only
         r = torch.tensor(with_p).to(dev, non_blocking=True) if len(with_p) < m else None
-        e = (sel(x, r) - sel(peak, r)[:, None]).div_(sel(scale, r)[:, None]).exp_()
-        # a running sum, not sum(): its order is the row's own, whatever the batch's shape
-        # (a reduction may be split differently for another number of rows)
-        zp = torch.cumsum(e, dim=-1, out=e)[:, -1]
+        # (a reduction's rounding may depend on the batch's shape when torch splits it over
+        # threads: like the model's own logits, equal to a few ulp, not bit for bit)
+        zp = (sel(x, r) - sel(peak, r)[:, None]).div_(sel(scale, r)[:, None]).exp_().sum(-1)
         z = zp if r is None else z.index_copy(0, r, zp)
 
     grouped: set[int] = set()
