@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,18 +17,24 @@ import torch
 from corral.engine.config import EngineConfig
 from corral.engine.detokenizer import (
     IncrementalDetokenizer,
+    TokenDecoder,
     check_stop_strings,
     streamable_text_end,
 )
 from corral.engine.kv_cache import BlockManager
 from corral.engine.runner import ModelRunner, StepLogits, kv_bytes_per_block, profiled_kv_budget
-from corral.engine.sampler import apply_penalties, block_stop_tokens, sample, top_logprobs
+from corral.engine.sampler import (
+    apply_penalties,
+    batch_top_logprobs,
+    block_stop_tokens,
+    sample,
+)
 from corral.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from corral.engine.sequence import Sequence
+from corral.engine.sequence import Sequence, Status
 from corral.engine.structured import StructuredCompiler
 from corral.engine.tp import TensorParallelError
 from corral.errors import CorralError
-from corral.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from corral.outputs import CompletionOutput, Logprobs, RequestMetrics, RequestOutput
 from corral.sampling_params import SamplingParams
 
 log = logging.getLogger("corral.engine")
@@ -61,10 +66,14 @@ class Request:
     pending: list[Sequence] = field(default_factory=list)  # n>1 samples waiting for the prompt
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
     error: str | None = None
+    prompt_logprobs_out: list | None = None  # [None] + every prompt position, once complete
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        for s in self.seqs:
+            if s.status is not Status.FINISHED:
+                return False
+        return True
 
 
 class EngineCore:
@@ -148,9 +157,11 @@ class EngineCore:
             self._capture_decode_graphs()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
-        self._rng = torch.Generator().manual_seed(config.seed)
+        self._rng = torch.Generator().manual_seed(config.seed)  # unseeded requests' draws
+        self._decoders: dict[bool, TokenDecoder] = {}  # by skip_special_tokens
         self._chat_format = None
         self._failed: dict[str, RequestOutput] = {}  # this step's failed requests
+        self._produced: set[str] = set()  # this step's requests that got a token
         self._structured: StructuredCompiler | None = None
         self._structured_lock = threading.Lock()
 
@@ -411,16 +422,24 @@ class EngineCore:
                               f"{self.max_model_len} tokens (including the answer)")
         self.compile_structured(params)  # normally done already, off the engine thread
         req = Request(request_id, text, ids, params, [])
+        end_ids = frozenset(params.stop_token_ids).union(
+            () if params.ignore_eos else self.eos_token_ids)
+        max_num = self.max_model_len if params.max_tokens is None else min(
+            self.max_model_len, len(ids) + params.max_tokens)
+        # nothing for _pick to do beyond the sampler itself
+        plain = (params.logprobs is None and not params.min_tokens and params.structured is None
+                 and params.repetition_penalty == 1.0 and not params.presence_penalty
+                 and not params.frequency_penalty)
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, i, list(ids), len(ids), params,
-                           lora=adapter)
+                           lora=adapter, end_ids=end_ids, max_num_tokens=max_num, plain=plain)
             if params.structured is not None:
                 seq.matcher = self.structured.matcher(params.structured)
-            seed = (params.seed + i) % 2**64 if params.seed is not None else int(
-                torch.randint(0, 2**62, (1,), generator=self._rng))
-            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+            if params.seed is not None:
+                seq.seed = (params.seed + i) % 2**64
             if self.tokenizer is not None and params.detokenize:
-                seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                                   self._decoder(params.skip_special_tokens))
             req.seqs.append(seq)
         self.requests[request_id] = req
         self.scheduler.add(req.seqs[0])
@@ -428,6 +447,13 @@ class EngineCore:
         if not self.bm.enable_prefix_caching:
             self._release(req)
         return req
+
+    def _decoder(self, skip_special_tokens: bool) -> TokenDecoder:
+        dec = self._decoders.get(skip_special_tokens)
+        if dec is None:
+            dec = self._decoders[skip_special_tokens] = TokenDecoder(self.tokenizer,
+                                                                     skip_special_tokens)
+        return dec
 
     def _release(self, req: Request) -> None:
         for seq in reversed(req.pending):
@@ -444,7 +470,7 @@ class EngineCore:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
         req.pending = []
-        return self._snapshot(req)
+        return self._output(req)
 
     def has_work(self) -> bool:
         return bool(self.requests)
@@ -463,13 +489,15 @@ class EngineCore:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return a snapshot of every request that changed.
+        """Run one batch; return an output (deltas since the last one) for every request that
+        produced something or finished.
 
         A fault that belongs to one request (its values, its tokens, a non-finite row of its
         logits, a forward that fails only with it in the batch) fails that request alone: its
         output carries `error` and its blocks are freed; everyone else keeps going.
         """
         self._failed = {}
+        self._produced = set()
         for req in self.requests.values():
             if req.pending and req.seqs[0].num_computed_tokens >= req.seqs[0].num_prompt_tokens:
                 self._release(req)
@@ -495,15 +523,18 @@ class EngineCore:
             if rid in self._failed:
                 results.append(self._failed[rid])
                 continue
+            finished = req.finished
+            if not finished and rid not in self._produced:
+                continue  # a prompt chunk: nothing new to tell
             try:
-                results.append(self._snapshot(req))
+                results.append(self._output(req, finished))
             except BaseException as e:  # see _NOT_FAULTS
                 if isinstance(e, _NOT_FAULTS):
                     raise
                 self._fault(req, "building the output failed", e)
                 results.append(self._failed[rid])
                 continue
-            if req.finished:
+            if finished:
                 self.requests.pop(rid, None)
         return results
 
@@ -549,90 +580,120 @@ class EngineCore:
         return done
 
     def _after_forward(self, batch: ScheduledBatch, out: StepLogits) -> None:
+        bm, bs = self.bm, self.bm.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.bm.commit_full_blocks(seq)
+            if seq.num_computed_tokens >= (seq.num_hashed_blocks + 1) * bs:  # a block filled
+                bm.commit_full_blocks(seq)
         for row, lps in out.prompt_logprobs.items():
             batch.seqs[row].prompt_logprobs.extend(lps)
         if out.sample_rows:
             self._sample(batch, out)
 
     def _sample(self, batch: ScheduledBatch, out: StepLogits) -> None:
-        keep = [j for j, r in enumerate(out.sample_rows) if self._live(batch.seqs[r])]
+        keep = ([j for j, r in enumerate(out.sample_rows) if self._live(batch.seqs[r])]
+                if self._failed else range(len(out.sample_rows)))
         if not keep:
             return
         seqs = [batch.seqs[out.sample_rows[j]] for j in keep]
         logits = out.logits if len(keep) == len(out.sample_rows) else out.logits[keep]
-        groups = _rows_by_request(seqs)
-        pristine, states = None, []
-        if len(groups) > 1:
-            # Penalties work in place and seeded rows advance their generators: keep what a
-            # retry without the failing request needs to give every other row the same token.
-            pristine = logits.clone()
-            states = [(s.generator, s.generator.get_state()) for s in seqs
-                      if s.params.seed is not None and s.generator is not None]
+        first = seqs[0].request_id
+        several = any(s.request_id != first for s in seqs)
         try:
-            tokens, lps, bad = self._pick(logits, seqs)
+            # with several requests, keep the logits intact for a retry without the bad one
+            tokens, lps, bad = self._pick(logits, seqs, keep_input=several)
         except Exception as e:  # noqa: BLE001 - isolated below
-            if pristine is None:
-                self._fault(self.requests[groups[0][0]], "sampling failed", e)
+            if not several:
+                self._fault(self.requests[first], "sampling failed", e)
                 return
-            log.warning("sampling failed for a batch of %d requests (%s); sampling each "
-                        "request alone", len(groups), _describe(e))
-            for gen, state in states:
-                gen.set_state(state)
-            tokens, lps, bad = [0] * len(seqs), [None] * len(seqs), {}
-            for rid, js in groups:
-                try:
-                    t, lp, b = self._pick(pristine[js], [seqs[j] for j in js])
-                except Exception as e2:  # noqa: BLE001 - this request's values
-                    self._fault(self.requests[rid], "sampling failed", e2)
-                    continue
-                for k, j in enumerate(js):
-                    tokens[j], lps[j] = t[k], lp[k]
-                    if k in b:
-                        bad[j] = b[k]
+            tokens, lps, bad = self._pick_each(logits, seqs, e)
         for j, reason in bad.items():
             self._fault(self.requests[seqs[j].request_id], "sampling failed", reason)
         now = time.time()
-        for rid, js in groups:
-            if rid in self._failed:
+        failed, produced, requests = self._failed, self._produced, self.requests
+        for seq, tok, lp in zip(seqs, tokens, lps):
+            rid = seq.request_id
+            if rid in failed:
                 continue
-            req = self.requests[rid]
+            req = requests[rid]
             try:
-                for j in js:
-                    seq, tok = seqs[j], tokens[j]
-                    seq.token_ids.append(tok)
-                    if seq.params.logprobs is not None:
-                        seq.logprobs.append(top_logprobs(lps[j], tok, seq.params.logprobs))
-                    m = req.metrics
-                    m.first_token_time = m.first_token_time or now
-                    m.last_token_time = now
-                    m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
-                    if seq.matcher is not None:
-                        self._advance_matcher(seq, tok)
-                    self._check_finish(seq, tok)
-            except BaseException as e:  # its detokenizer, logprobs, stop rules
+                seq.token_ids.append(tok)
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                m = req.metrics
+                if m.first_token_time is None:
+                    m.first_token_time = now
+                m.last_token_time = now
+                m.num_cached_tokens = max(m.num_cached_tokens, seq.num_cached_tokens)
+                if seq.matcher is not None:
+                    self._advance_matcher(seq, tok)
+                self._check_finish(seq, tok)
+            except BaseException as e:  # its detokenizer, stop rules
                 if isinstance(e, _NOT_FAULTS):
                     raise
                 self._fault(req, "processing the sampled token failed", e)
+                continue
+            produced.add(rid)
 
-    def _pick(self, logits: torch.Tensor, seqs: list[Sequence]
-              ) -> tuple[list[int], list[torch.Tensor | None], dict[int, str]]:
-        """Tokens for fp32 logits [N, V] (modified in place), each row's raw log-probs (when
-        it asked for logprobs) and {row: reason} for rows that cannot be sampled."""
+    def _pick_each(self, logits: torch.Tensor, seqs: list[Sequence], error: Exception
+                   ) -> tuple[list[int], list[Logprobs | None], dict[int, str]]:
+        """After sampling failed for a batch of several requests: each request alone (its
+        own failure fails it alone). Seeded rows draw from (seed, position) only, so their
+        tokens are the ones the batch would have given."""
+        groups = _rows_by_request(seqs)
+        log.warning("sampling failed for a batch of %d requests (%s); sampling each "
+                    "request alone", len(groups), _describe(error))
+        tokens, lps, bad = [0] * len(seqs), [None] * len(seqs), {}
+        for rid, js in groups:
+            try:
+                t, lp, b = self._pick(logits[js], [seqs[j] for j in js], keep_input=False)
+            except Exception as e:  # noqa: BLE001 - this request's values
+                self._fault(self.requests[rid], "sampling failed", e)
+                continue
+            for k, j in enumerate(js):
+                tokens[j], lps[j] = t[k], lp[k]
+                if k in b:
+                    bad[j] = b[k]
+        return tokens, lps, bad
+
+    def _pick(self, logits: torch.Tensor, seqs: list[Sequence], keep_input: bool
+              ) -> tuple[list[int], list[Logprobs | None], dict[int, str]]:
+        """Tokens for fp32 logits [N, V], each row's logprobs entry (when it asked for
+        logprobs) and {row: reason} for rows that cannot be sampled. Penalties and masks
+        write into the logits: on a copy when `keep_input`, and only if some row has them."""
+        if all(s.plain for s in seqs):
+            tokens, bad = sample(logits, seqs, self._rng)
+            return tokens, [None] * len(seqs), bad
+        vocab = logits.shape[1]
+        want = [j for j, s in enumerate(seqs) if s.params.logprobs is not None]
+        too_many = {j: f"logprobs must be at most the vocabulary size ({vocab}), got "
+                       f"{seqs[j].params.logprobs}"
+                    for j in want if not 0 <= seqs[j].params.logprobs <= vocab}
+        want = [j for j in want if j not in too_many]
         raw_lp = None
-        if any(s.params.logprobs is not None for s in seqs):
-            raw_lp = torch.log_softmax(logits, dim=-1)
+        if want:  # the model's own distribution, before penalties and masks
+            rows = logits if len(want) == len(seqs) else logits[want]
+            raw_lp = torch.log_softmax(rows, dim=-1)
+        params = [s.params for s in seqs]
+        blocked = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+        constrained = any(s.matcher is not None for s in seqs)
+        if keep_input and (blocked or constrained or any(
+                p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                for p in params)):
+            logits = logits.clone()
         apply_penalties(logits, seqs)
-        block_stop_tokens(logits, seqs, self.eos_token_ids)
-        if any(s.matcher is not None for s in seqs):
-            blocked = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+        if blocked:
+            block_stop_tokens(logits, seqs, self.eos_token_ids)
+        if constrained:
             self.structured.apply_masks(logits, [s.matcher for s in seqs], blocked)
-        bad = _unsampleable_rows(logits, seqs)
-        tokens = sample(logits, seqs)
-        lps = [raw_lp[j] if raw_lp is not None and s.params.logprobs is not None else None
-               for j, s in enumerate(seqs)]
+        tokens, bad = sample(logits, seqs, self._rng)
+        bad.update(too_many)
+        lps: list[Logprobs | None] = [None] * len(seqs)
+        if want:
+            chosen = [max(tokens[j], 0) for j in want]  # a bad row's -1: any id, dropped
+            for j, d in zip(want, batch_top_logprobs(raw_lp, chosen,
+                                                     [params[j].logprobs for j in want])):
+                lps[j] = d
         return tokens, lps, bad
 
     def _advance_matcher(self, seq: Sequence, tok: int) -> None:
@@ -644,18 +705,20 @@ class EngineCore:
                 seq.stop_reason = tok
 
     def _check_finish(self, seq: Sequence, tok: int) -> None:
-        p = seq.params
-        if tok in self.eos_token_ids and not p.ignore_eos:
-            seq.finish_reason = "stop"
-        elif tok in p.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", tok
+        if tok in seq.end_ids:  # EOS (unless ignore_eos) or a stop token id
+            p = seq.params
+            if tok in self.eos_token_ids and not p.ignore_eos:
+                seq.finish_reason = "stop"
+            else:
+                seq.finish_reason, seq.stop_reason = "stop", tok
         if seq.detok is not None:
             delta = seq.detok.step(seq.token_ids, final=seq.finish_reason is not None)
-            if check_stop_strings(seq, delta):
+            if not seq.params.stop:
+                seq.text += delta
+            elif check_stop_strings(seq, delta):
                 seq.finish_reason = "stop"
         if seq.finish_reason is None:
-            at_limit = p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens
-            if not (at_limit or seq.num_tokens >= self.max_model_len):
+            if len(seq.token_ids) < seq.max_num_tokens:
                 return
             seq.finish_reason = "length"
             # flush a character still waiting for its last byte
@@ -674,33 +737,38 @@ class EngineCore:
                 self.scheduler.finish(seq)
         req.pending = []
         self.requests.pop(req.request_id, None)
-        return self._snapshot(req)
+        return self._output(req)
 
-    def _snapshot(self, req: Request) -> RequestOutput:
+    def _output(self, req: Request, finished: bool | None = None) -> RequestOutput:
+        """The request's output now: per sample, what is new since its last output, and the
+        whole history as views (nothing is copied here; see CompletionOutput.view)."""
         outputs = []
         for seq in req.seqs:
-            end = streamable_text_end(seq)
-            out_ids = seq.output_token_ids
-            sent = seq.num_tokens_sent
-            lp = seq.logprobs if seq.params.logprobs is not None else None
-            outputs.append(CompletionOutput(
-                index=seq.index, text=seq.text[:end], token_ids=list(out_ids),
-                logprobs=list(lp) if lp is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                delta_text=seq.text[seq.num_text_sent:end], delta_token_ids=out_ids[sent:],
-                delta_logprobs=lp[sent:] if lp is not None else None,
-            ))
-            seq.num_text_sent, seq.num_tokens_sent = end, len(out_ids)
-        finished = req.finished
+            end = len(seq.text) if not seq.params.stop else streamable_text_end(seq)
+            ntok = len(seq.token_ids)
+            outputs.append(CompletionOutput.view(
+                seq.index, seq.text, end, seq.token_ids, seq.num_prompt_tokens, ntok,
+                seq.logprobs if seq.params.logprobs is not None else None,
+                seq.num_tokens_sent, seq.num_text_sent, seq.finish_reason, seq.stop_reason))
+            seq.num_text_sent, seq.num_tokens_sent = end, ntok - seq.num_prompt_tokens
+        if finished is None:
+            finished = req.finished
         if finished and req.metrics.finished_time is None:
             req.metrics.finished_time = time.time()
-        first = req.seqs[0]
-        prompt_lp = None
-        if req.params.prompt_logprobs is not None and (
-                len(first.prompt_logprobs) >= first.num_prompt_tokens - 1 or finished):
-            prompt_lp = [None] + list(first.prompt_logprobs)
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outputs, finished,
-                             prompt_lp, req.metrics, req.error)
+                             self._prompt_logprobs(req, finished), req.metrics, req.error)
+
+    @staticmethod
+    def _prompt_logprobs(req: Request, finished: bool) -> list | None:
+        if req.params.prompt_logprobs is None:
+            return None
+        if req.prompt_logprobs_out is not None:
+            return req.prompt_logprobs_out  # complete: every output shares the one list
+        first = req.seqs[0]
+        if len(first.prompt_logprobs) >= first.num_prompt_tokens - 1:
+            req.prompt_logprobs_out = [None] + list(first.prompt_logprobs)
+            return req.prompt_logprobs_out
+        return [None] + list(first.prompt_logprobs) if finished else None
 
 
 def _release_freed_memory() -> None:
@@ -725,42 +793,6 @@ def _rows_by_request(seqs: list[Sequence]) -> list[tuple[str, list[int]]]:
     for i, s in enumerate(seqs):
         groups.setdefault(s.request_id, []).append(i)
     return list(groups.items())
-
-
-def _unsampleable_rows(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, str]:
-    """Rows whose sampling distribution is not a distribution, found before sampling and
-    masked (in place) so they cannot break the other rows: a NaN anywhere, +inf, every token
-    forbidden, or a temperature that overflows fp32 (e.g. 1e-40) or is not a number.
-
-    One reduction over the logits and one small host transfer per step."""
-    temps = [s.params.temperature for s in seqs]
-    bad = {i: f"temperature must be a finite number >= 0, got {t}"
-           for i, t in enumerate(temps) if not (math.isfinite(t) and t >= 0)}
-    # the sampler divides fp32 logits by an fp32 temperature: 1e-300 is 0 there
-    scale = torch.tensor([t if t > 0 and i not in bad else 1.0 for i, t in enumerate(temps)],
-                         dtype=torch.float32, device=logits.device)
-    peak = logits.amax(dim=-1)  # NaN propagates: one NaN logit makes the row's peak NaN
-    broken = ~torch.isfinite(peak / scale)
-    if bad:
-        broken[list(bad)] = True
-    rows = broken.nonzero().flatten().tolist()
-    if not rows:
-        return bad
-    logits[rows] = 0.0  # any value the sampler accepts: these rows' tokens are dropped
-    peaks = peak[rows].tolist()
-    for i, v in zip(rows, peaks):
-        if i in bad:
-            continue
-        if math.isnan(v):
-            bad[i] = "the logits contain NaN (after penalties)"
-        elif v == float("-inf"):
-            bad[i] = "every token is forbidden (min_tokens / stop tokens / constraints)"
-        elif math.isinf(v):
-            bad[i] = "the logits overflowed to infinity (check repetition_penalty)"
-        else:
-            bad[i] = (f"temperature {temps[i]} turns the logits into infinities; "
-                      "use a larger temperature or 0 for greedy")
-    return bad
 
 
 def _eos_ids(src, config, tokenizer) -> list[int]:

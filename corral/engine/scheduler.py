@@ -57,9 +57,15 @@ class Scheduler:
         chosen: list[tuple[Sequence, int]] = []
         preempted = 0
         i = 0
+        bs = self.bm.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.num_computed_tokens + n <= len(seq.block_table) * bs:  # its blocks hold it
+                chosen.append((seq, n))
+                budget -= n
+                i += 1
+                continue
             while not self.bm.allocate_slots(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from corral.outputs import Logprobs
 from corral.sampling_params import SamplingParams
 
@@ -30,7 +28,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_hashed_blocks: int = 0  # leading blocks of block_table already in the prefix cache
-    generator: torch.Generator | None = None
+    seed: int | None = None  # this sample's seed (params.seed + index); None: unseeded
     logprobs: list[Logprobs] = field(default_factory=list)
     prompt_logprobs: list[Logprobs | None] = field(default_factory=list)
     text: str = ""  # detokenized output (stop strings already cut)
@@ -42,6 +40,11 @@ class Sequence:
     num_preemptions: int = 0
     matcher: object | None = None  # xgrammar GrammarMatcher when params.structured is set
     lora: object | None = None  # model.lora.Adapter this sequence runs under (None: the base)
+    # set by the engine at admission so the per-token finish check is two lookups
+    end_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
+    max_num_tokens: int = 2**62  # prompt + output length at which it stops ("length")
+    plain: bool = False  # no logprobs, penalties, min_tokens or grammar: sampling alone
+    sample_row: tuple | None = None  # the sampler's view of params (sampler._sample_row)
 
     @property
     def num_tokens(self) -> int:

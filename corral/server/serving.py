@@ -183,9 +183,9 @@ class Serving:
             async for out in _user_errors(source):
                 now = time.perf_counter()
                 new = 0
-                for c in out.outputs:
-                    new += len(c.token_ids) - seen[c.index]
-                    seen[c.index] = len(c.token_ids)
+                for c in out.outputs:  # num_tokens: the count, without copying token_ids
+                    new += c.num_tokens - seen[c.index]
+                    seen[c.index] = c.num_tokens
                 if new:
                     m.generation_tokens.inc(new)
                     record.completion_tokens += new

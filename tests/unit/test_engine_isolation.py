@@ -155,13 +155,13 @@ def test_nan_row_fails_only_that_request(core, monkeypatch):
 
 
 def test_sampler_exception_after_other_rows_sampled_keeps_their_tokens(core, monkeypatch):
-    """The sampler raises after it has drawn every row (seeded generators advanced): the
-    retry without the bad request restores them, so the others' tokens do not change."""
+    """The sampler raises after it has drawn every row: the retry without the bad request
+    draws the seeded rows' numbers again, so the others' tokens do not change."""
     start, expected = core.test_start_blocks, core.test_expected
     real = core_module.sample
 
-    def sample(logits, seqs):
-        tokens = real(logits, seqs)
+    def sample(logits, seqs, *rest):
+        tokens = real(logits, seqs, *rest)
         if any(s.request_id == "bad" for s in seqs):
             raise RuntimeError("injected sampler fault")
         return tokens
