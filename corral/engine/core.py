@@ -120,6 +120,8 @@ class EngineCore:
             self.weights = self._start_tp(src)
         elif src.gguf and quantized_gguf:
             self.weights = self._load_gguf(src)  # None: no kernel library, src is now dense
+        elif config.quantization and src.folder is not None:
+            self.weights = self._load_quantized(src)  # None: loads dense, packs after
         if self.weights is None and src.folder is None:
             self.model = LlamaForCausalLM.random(self.model_config, self.dtype, self.device,
                                                  seed=config.seed, max_len=self.max_model_len)
@@ -274,6 +276,19 @@ class EngineCore:
         self.model, desc = gk.load_gguf_model(src.gguf, self.model_config, lib,
                                               max_len=self.max_model_len,
                                               math=self.config.gguf_math)
+        return desc
+
+    def _load_quantized(self, src) -> str | None:
+        """`--quantize` on a folder: packed while it is read, never a whole dense copy (a bf16
+        Llama 3 8B would be 32 GB in fp32). Returns the weight path, or None when the folder
+        must load dense first (no kernel library, or a hidden size without blocks of 32)."""
+        from corral.model.quantize import load_quantized
+
+        loaded = load_quantized(src.folder, self.model_config, self.config.quantization,
+                                self.max_model_len, math=self.config.gguf_math)
+        if loaded is None:
+            return None
+        self.model, desc = loaded
         return desc
 
     def _attach_kernels(self, src) -> str:

@@ -150,13 +150,14 @@ def load_quantized(folder, config, kind: str = "q8_0", max_len: int | None = Non
     converted to fp32 and packed. The peak is the packed model plus small buffers, never the
     dense model (`from_folder` + `attach_quantized` hold the whole fp32 copy first: 32 GB for
     a bf16 Llama 3 8B). Same blocks as `attach_quantized`. None when the kernel library
-    cannot be built (the caller loads dense)."""
+    cannot be built or the hidden size is not a multiple of 32 (the caller loads dense and
+    `attach_quantized` packs what it can)."""
     from corral.loading import read_tensor, release_freed_memory, safetensors_index
     from corral.model.llama import LlamaForCausalLM, Rotary
 
     math = math or gk.default_math()
     lib = gk.load_library()
-    if lib is None:
+    if lib is None or config.hidden_size % 32:
         return None
     index = safetensors_index(folder)
     with torch.device("meta"):
@@ -208,9 +209,6 @@ def load_quantized(folder, config, kind: str = "q8_0", max_len: int | None = Non
             model.get_submodule(p + norm).weight = small(f"{p}{norm}.weight")
         release_freed_memory()  # glibc keeps the freed read buffers otherwise (~1 layer each)
     model.model.norm.weight = small("model.norm.weight")
-    if config.hidden_size % 32:
-        raise CorralError(f"{folder}: hidden size {config.hidden_size} is not a multiple of "
-                          f"32; --quantize {kind} needs blocks of 32")
     # tied: the embedding reads the head's blocks; untied: its own (llama.cpp keeps
     # token_embd quantized too)
     head = "model.embed_tokens.weight" if model.tie else "lm_head.weight"
@@ -230,5 +228,6 @@ def load_quantized(folder, config, kind: str = "q8_0", max_len: int | None = Non
     total = 4 * config.num_hidden_layers + 1
     dense_note = f"; {total - n - 1} with K not a multiple of 32 stay dense" if n + 1 < total \
         else ""
-    return model, (f"{kind.upper()} (quantized while read, no dense copy) "
-                   f"{lib.gguf_isa().decode()} kernels for {n + 1}/{total} matmuls{dense_note}")
+    return model, (f"{kind.upper()} (quantized at load, no dense copy) "
+                   f"{lib.gguf_isa().decode()} kernels for {n + 1}/{total} matmuls{dense_note}"
+                   f"{gk.attach_fused(model)}")

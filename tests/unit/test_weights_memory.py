@@ -192,6 +192,6 @@ print(json.dumps({{"base": base, "peak": status("VmHWM"), "desc": desc}}))
     stored = sum(f.stat().st_size for f in bf16_folder.glob("*.safetensors"))
     packed = stored / 16 * 8.5  # bf16 -> 8.5 bits per weight
     grown = res["peak"] - res["base"]
-    assert res["desc"].startswith("Q8_0 (quantized while read, no dense copy)")
+    assert res["desc"].startswith("Q8_0 (quantized at load, no dense copy)")
     assert packed * 1.3 + SLACK < 2 * stored  # the bound tells a dense fp32 copy apart
     assert grown < packed * 1.3 + SLACK, (grown / 2**20, packed / 2**20)
