@@ -453,6 +453,16 @@ static inline void q4_0_block(const float *x, uint8_t *o) {
 #endif
 }
 
+/* F16 -> fp32 (exact), 8 at a time where F16C has it (dq_f16 converts one value at a time) */
+static void widen_f16(const uint8_t *b, int K, float *out) {
+    int i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= K; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 2 * i))));
+#endif
+    for (; i < K; i++) out[i] = fp16_to_fp32(b + 2 * i);
+}
+
 /* out[N, K/32 blocks] = rows of `src` (N x K values of type src_type: F32 0, F16 1, BF16 30)
  * quantized to qtype (Q8_0 8 or Q4_0 2). Returns 0, or -1 for an unknown type or K % 32. Rows
  * are dealt dynamically: a thread the OS does not schedule (a busy machine) holds up little. */
@@ -461,7 +471,7 @@ int gguf_quantize_rows(int qtype, int src_type, const uint8_t *src, int N, int K
     if ((qtype != 8 && qtype != 2) || (src_type != 0 && src_type != 1 && src_type != 30) ||
         K <= 0 || K % 32)
         return -1;
-    const dequant_fn widen = pick(src_type);
+    const dequant_fn widen = src_type == 1 ? widen_f16 : pick(src_type);
     const size_t in_row = (size_t)K * (src_type == 0 ? 4 : 2);
     const size_t out_row = (size_t)K / 32 * (qtype == 8 ? 34 : 18);
     const int grain = K >= 1 << 14 ? 1 : (1 << 14) / K;  /* rows of >= 16K values a task */
