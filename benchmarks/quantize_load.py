@@ -8,7 +8,7 @@ wall time of the whole `load_quantized` (read, pack, build the model), in this p
 one warm-up load (imports and kernel builds outside the timing), median over --runs.
 Baseline in the same run: the same load with the torch reference quantizer (`pack_file_rows`
 without the library: what runs without a compiler, and what ran before the C quantizer), and
-the ratio. Timings on a shared machine are noisy (OpenMP and thread pools suffer most when
+the ratio; then the quantizer alone (`pack` of an fp32 matrix in memory, C against torch). Timings on a shared machine are noisy (OpenMP and thread pools suffer most when
 another job holds the cores): compare CPU times, and the load average printed at the end.
 """
 
@@ -49,6 +49,21 @@ def timed_load(folder: Path, config, kind: str, runs: int) -> tuple[float, float
         wall.append(time.perf_counter() - w)
         del model
     return statistics.median(cpu), statistics.median(wall)
+
+
+def quantizer_only(kind: str, runs: int) -> tuple[float, float]:
+    """CPU s per parameter of packing an in-memory fp32 [4096, 4096] matrix: (C, torch)."""
+    w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02
+    lib = gk.load_library()
+    out = []
+    for how in (lib, None):
+        times = []
+        for _ in range(runs):
+            c = time.process_time()
+            quantize.pack(w, kind, how)
+            times.append(time.process_time() - c)
+        out.append(statistics.median(times) / w.numel())
+    return out[0], out[1]
 
 
 def main() -> None:
@@ -96,6 +111,9 @@ def main() -> None:
             print(f"{kind:6} {nt:>7} {cpu * ns:>15.2f} {wall * ns:>7.2f} {base_cpu * ns:>19.2f} "
                   f"{base_wall * ns:>7.2f} {base_cpu / cpu:>8.1f}x {base_wall / wall:>9.1f}x",
                   flush=True)
+            c, t = quantizer_only(kind, args.runs)
+            print(f"{'':14} quantizer alone (fp32 in memory): C {c * 1e9:.2f}, torch "
+                  f"{t * 1e9:.2f} CPU ns/param, {t / c:.0f}x", flush=True)
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"({os.cpu_count()} CPUs); C: median of {args.runs}, torch: of {args.baseline_runs}")
     if tmp is not None:

@@ -347,8 +347,9 @@ int gguf_dequant_rows(int type, const uint8_t *base, const int64_t *offsets, int
  *   Q4_0: m = the first value of largest |x|, d = m / -8, inv = d ? 1/d : 0,
  *         q = trunc(x*inv + 8.5) clamped to [0, 15], q[j] | q[j+16] << 4;
  * d stored as fp16 rounded to nearest even. Non-finite values give what torch's casts give: a
- * NaN max makes d NaN (Q4_0: the first NaN counts as the largest, as torch's argmax), and a quotient
- * that is NaN or infinite (its _roundf turns inf into NaN) becomes q = 0 (Q4_0 clamps +-inf). */
+ * NaN max makes d NaN (Q4_0: the first NaN counts as the largest, as torch's argmax), and a
+ * quotient that is NaN or infinite (_roundf turns inf into NaN) becomes q = 0 (Q4_0 clamps
+ * +-inf to 15 / 0, where gguf's numpy, casting before it clips, gives 0). */
 
 static inline uint16_t fp32_to_fp16(float f) {
 #if defined(__F16C__)
