@@ -9,10 +9,18 @@ the activations too, as in llama.cpp).
 
   Q8_0, per 32 weights: fp16 d = max|w| / 127, int8 q = round(w / d)
   Q4_0, per 32 weights: fp16 d = w_absmax_signed / -8, q = clamp(trunc(w / d + 8.5), 0, 15)
-both byte for byte as ggml's reference quantizers (and `gguf.quants.quantize`).
+both byte for byte as ggml's reference quantizers (and `gguf.quants.quantize`). The kernel
+library's C quantizer (`gguf_quantize_rows`: fp32, fp16 or bf16 rows in, ~1 ns a weight) packs
+when the library is built; the torch functions below are the reference (tests hold the C bytes
+to them) and the path without a compiler.
 """
 
 from __future__ import annotations
+
+import ctypes
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -65,13 +73,43 @@ def quantize_q4_0(weight: torch.Tensor) -> gk.PackedWeight:
 
 QUANTIZERS = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
 CHUNK_BYTES = 1 << 20  # fp32 rows quantized at a time: the quantizers make ~6 temporaries
+READ_BYTES = 4 << 20  # file bytes read per C quantizer call (the only buffer it needs)
+# the row types the C quantizer reads (ggml type ids), by torch dtype and safetensors dtype
+SRC_TYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
+FILE_TYPE_IDS = {"F32": 0, "F16": 1, "BF16": 30}
 
 
-def pack(weight: torch.Tensor, kind: str) -> gk.PackedWeight:
-    """`QUANTIZERS[kind](weight)` over chunks of rows (each row's blocks are independent, so
+def row_bytes(kind: str, k: int) -> int:
+    """Bytes of one packed row of `k` values (k a multiple of 32)."""
+    _, per_block, block_bytes = gk.TYPES[gk.TYPE_IDS[kind.upper()]]
+    return k // per_block * block_bytes
+
+
+def quantize_c(lib: ctypes.CDLL, src: int, src_type: int, n: int, k: int, kind: str, out: int,
+               num_threads: int | None = None) -> None:
+    """The library's quantizer: `n` rows of `k` values of ggml type `src_type` (F32 0, F16 1,
+    BF16 30) at address `src` -> packed `kind` rows at address `out`; the same bytes as
+    `QUANTIZERS[kind]` on the rows as fp32."""
+    rc = lib.gguf_quantize_rows(gk.TYPE_IDS[kind.upper()], src_type, src, n, k, out,
+                                num_threads or torch.get_num_threads())
+    if rc:
+        raise ValueError(f"{kind.upper()} quantizer: rows of type {src_type}, K={k} unsupported")
+
+
+def pack(weight: torch.Tensor, kind: str, lib: ctypes.CDLL | None = None) -> gk.PackedWeight:
+    """`weight` [n, k] packed as `kind`: by the C quantizer in one call when `lib` is given,
+    else `QUANTIZERS[kind](weight)` over chunks of rows (each row's blocks are independent, so
     the result is the same): its full-size temporaries would otherwise be several times the
     weight, e.g. ~10 GB for Llama 3's 128k x 4096 embedding."""
     n, k = weight.shape
+    if lib is not None:
+        if k % 32:
+            raise ValueError(f"{kind.upper()} needs K a multiple of 32, got {k}")
+        w = weight.detach()
+        w = (w if w.dtype in SRC_TYPE_IDS else w.float()).contiguous()
+        out = np.empty((n, row_bytes(kind, k)), np.uint8)
+        quantize_c(lib, w.data_ptr(), SRC_TYPE_IDS[w.dtype], n, k, kind, out.ctypes.data)
+        return gk.PackedWeight.from_rows(kind, out)
     rows = max(1, CHUNK_BYTES // (4 * k))
     if n <= rows:
         return QUANTIZERS[kind](weight)
@@ -101,14 +139,15 @@ def attach_quantized(model, kind: str = "q8_0", max_rows: int = gk.DEFAULT_MAX_R
         if w.shape[1] % 32:
             continue
         # packed and installed one at a time: peak memory stays the dense model + one layer
-        n += len(gk.install_packed(model, {name: pack(w, kind)}, lib, max_rows, math=math))
+        n += len(gk.install_packed(model, {name: pack(w, kind, lib)}, lib, max_rows,
+                                   math=math))
     total = 4 * len(model.model.layers) + 1
     dense_note = f"; {total - n} with K not a multiple of 32 stay dense" if n < total else ""
     embed = model.model.embed_tokens
     if isinstance(embed, nn.Embedding) and embed.weight.shape[1] % 32 == 0:
         # an untied embedding (a tied one reads the lm_head's rows already): packed too, as
         # llama.cpp keeps token_embd quantized, so no dense view of the weights file stays
-        model.model.embed_tokens = gk.GGUFEmbedding(pack(embed.weight, kind), lib)
+        model.model.embed_tokens = gk.GGUFEmbedding(pack(embed.weight, kind, lib), lib)
     elif isinstance(embed, nn.Embedding):
         dense_note += "; the embedding stays dense"
     return (f"{kind.upper()} (quantized at load, no dense copy) {lib.gguf_isa().decode()} "
@@ -120,18 +159,21 @@ def attach_q8_0(model, max_rows: int = gk.DEFAULT_MAX_ROWS) -> str:
     return attach_quantized(model, "q8_0", max_rows)
 
 
-def pack_file_rows(entries: list, kind: str) -> gk.PackedWeight:
+def pack_file_rows(entries: list, kind: str, lib: ctypes.CDLL | None = None) -> gk.PackedWeight:
     """The rows of one or more 2-D safetensors entries (`loading.safetensors_index`), stacked,
-    packed as `kind`: read, converted to fp32 and quantized a few rows at a time (blocks never
-    cross rows, so this equals packing the whole stacked matrix), so no fp32 copy of the
-    tensor is ever whole: Llama 3's embedding would be 2 GB."""
+    packed as `kind` a few rows at a time (blocks never cross rows, so this equals packing the
+    whole stacked matrix), so no fp32 copy of the tensor is ever whole: Llama 3's embedding
+    would be 2 GB. With `lib`, the file's bytes are read into one reused buffer and the C
+    quantizer widens and packs them; without, torch converts to fp32 and `QUANTIZERS` packs."""
     from corral.loading import read_tensor
 
     k = entries[0][2][1]
     if k % 32 or any(e[2][1] != k for e in entries):
         raise ValueError(f"{kind.upper()} needs one K, a multiple of 32: {[e[2] for e in entries]}")
-    _, per_block, block_bytes = gk.TYPES[gk.TYPE_IDS[kind.upper()]]
-    out = np.empty((sum(e[2][0] for e in entries), k // per_block * block_bytes), np.uint8)
+    out = np.empty((sum(e[2][0] for e in entries), row_bytes(kind, k)), np.uint8)
+    if lib is not None:
+        _pack_file_rows_c(entries, kind, lib, out)
+        return gk.PackedWeight.from_rows(kind, out)
     step = max(1, CHUNK_BYTES // (4 * k))
     row = 0
     for entry in entries:
@@ -143,11 +185,65 @@ def pack_file_rows(entries: list, kind: str) -> gk.PackedWeight:
     return gk.PackedWeight.from_rows(kind, out)
 
 
+def _pack_file_rows_c(entries: list, kind: str, lib: ctypes.CDLL, out: np.ndarray) -> None:
+    """`pack_file_rows` on the C quantizer: chunks of up to READ_BYTES of rows, each read with a
+    plain `pread` (no mapping, as `read_tensor`) into a reused buffer and packed straight into
+    its rows of `out` by one C thread. torch.get_num_threads() workers take chunks in turn: the
+    reads run in parallel too, and no worker waits on another's chunk (OpenMP's barriers after
+    every chunk cost more than the chunk on a busy machine)."""
+    k, out_row = entries[0][2][1], out.shape[1]
+    jobs = []  # (file, source type, file offset, rows, bytes, first row of out)
+    row = 0
+    for path, dtype, (n, _), start, end in entries:
+        if dtype not in FILE_TYPE_IDS:
+            raise CorralError(f"{path}: weights of dtype {dtype} (Corral reads F32, F16, BF16)")
+        in_row = (end - start) // n
+        step = max(1, READ_BYTES // in_row)
+        jobs += [(path, FILE_TYPE_IDS[dtype], start + r * in_row, min(step, n - r),
+                  min(step, n - r) * in_row, row + r) for r in range(0, n, step)]
+        row += n
+    buffers: queue.SimpleQueue = queue.SimpleQueue()  # one per worker, reused
+    files: dict = {}
+
+    def run(job: tuple) -> None:
+        path, tid, offset, m, size, first = job
+        try:
+            buf = buffers.get_nowait()
+        except queue.Empty:
+            buf = None
+        if buf is None or len(buf) < size:
+            buf = np.empty(max(READ_BYTES, size), np.uint8)
+        try:
+            view, got = memoryview(buf), 0
+            while got < size:  # pread may return less than asked
+                r = os.preadv(files[path], [view[got:size]], offset + got)
+                if r <= 0:
+                    raise CorralError(f"{path}: truncated weights file")
+                got += r
+            quantize_c(lib, buf.ctypes.data, tid, m, k, kind, out.ctypes.data + first * out_row, 1)
+        finally:
+            buffers.put(buf)
+
+    try:
+        for path in {j[0] for j in jobs}:
+            files[path] = os.open(path, os.O_RDONLY)
+        workers = min(torch.get_num_threads(), len(jobs))
+        if workers <= 1:
+            for job in jobs:
+                run(job)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(run, jobs))  # re-raises a worker's error
+    finally:
+        for fd in files.values():
+            os.close(fd)
+
+
 def load_quantized(folder, config, kind: str = "q8_0", max_len: int | None = None,
                    max_rows: int = gk.DEFAULT_MAX_ROWS, math: str | None = None):
     """(model, weight-path description) for an HF safetensors folder quantized to `kind` while
-    it is read: every weight is read a few rows at a time with plain file reads (no mapping),
-    converted to fp32 and packed. The peak is the packed model plus small buffers, never the
+    it is read: every weight is read a few rows at a time with plain file reads (no mapping)
+    and packed by the library's C quantizer (`pack_file_rows`). The peak is the packed model plus small buffers, never the
     dense model (`from_folder` + `attach_quantized` hold the whole fp32 copy first: 32 GB for
     a bf16 Llama 3 8B). Same blocks as `attach_quantized`. None when the kernel library
     cannot be built or the hidden size is not a multiple of 32 (the caller loads dense and
@@ -193,7 +289,7 @@ def load_quantized(folder, config, kind: str = "q8_0", max_len: int | None = Non
             if bias is not None:
                 dense.bias = nn.Parameter(bias, requires_grad=False)
             return False
-        packed = pack_file_rows(parts, kind)
+        packed = pack_file_rows(parts, kind, lib)
         setattr(parent, attr, gk.GGUFLinear(None, packed, lib, max_rows, bias, math))
         return True
 
@@ -212,13 +308,13 @@ def load_quantized(folder, config, kind: str = "q8_0", max_len: int | None = Non
     # tied: the embedding reads the head's blocks; untied: its own (llama.cpp keeps
     # token_embd quantized too)
     head = "model.embed_tokens.weight" if model.tie else "lm_head.weight"
-    packed_head = pack_file_rows(entries(head), kind)
+    packed_head = pack_file_rows(entries(head), kind, lib)
     release_freed_memory()
     model.packed_lm_head = gk.PackedLinear([packed_head], lib, max_rows, math=math)
     if model.tie:
         packed_embed = packed_head
     else:
-        packed_embed = pack_file_rows(entries("model.embed_tokens.weight"), kind)
+        packed_embed = pack_file_rows(entries("model.embed_tokens.weight"), kind, lib)
         del model.lm_head
         model.tie = True  # no dense head: compute_logits takes packed_lm_head
     model.model.embed_tokens = gk.GGUFEmbedding(packed_embed, lib)

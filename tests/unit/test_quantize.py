@@ -4,6 +4,8 @@ to the dense engine's, and the refused combinations."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -345,3 +347,167 @@ def test_load_quantized_equals_attach_quantized(lib, tmp_path, tie, dtype, kind)
     assert model.tie and model.packed_lm_head is not None
     ids = torch.tensor([3, 7, 255])
     assert torch.equal(model.model.embed_tokens(ids), dense.model.embed_tokens(ids))
+
+
+# ---- the C quantizer (gguf_quantize_rows) against the torch reference and gguf.quants ----------
+
+def edge_weights(seed: int, low: int = -30) -> torch.Tensor:
+    """[64, 256] fp32: Gaussian rows at scales from 10^low to 1e4, and blocks of 32 that hit
+    every branch of the quantizers: all zeros (+0 and -0), the largest magnitude negative or
+    tied between +a and -a (the first one counts), quotients exactly at .5 (Q8_0 rounds away
+    from zero) and exactly at Q4_0's integer steps and clamp edges (d a power of two, so every
+    product is exact), fp16 scales at round-to-even midpoints (normal and subnormal), scales
+    that overflow fp16 (d = inf) or underflow it, and scales whose reciprocal overflows fp32
+    (blocks of ~1e-38 and fp32 subnormals)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 256, generator=g)
+    w *= 10.0 ** torch.randint(low, 5, (64, 1), generator=g)
+    blocks = w.view(-1, 32)  # 512 blocks; the first ~100 are replaced below
+    blocks[0] = 0
+    blocks[1] = -0.0
+    blocks[2, 5] = -3 * blocks[2].abs().max()  # negative largest magnitude
+    blocks[3, 7], blocks[3, 20] = 5.0, -5.0  # tie: +5 first
+    blocks[4, 7], blocks[4, 20] = -5.0, 5.0  # tie: -5 first
+    e = 2.0 ** torch.arange(-20, 21, 8)  # d = e exactly: amax = 127 e (Q8_0), -8 e (Q4_0)
+    ties = torch.tensor([127.0, -126.5, 0.5, -0.5, 1.5, -1.5, 2.5, 63.5, -63.5, 126.5]
+                        + [i + 0.5 for i in range(-11, 11)])  # 32 quotients, ties at .5
+    # Q4_0, the -8 first: t = x / d + 8.5 at 0.5, every integer step, 15.5 and 16 (clamped)
+    steps = torch.tensor([-8.0, -7.9999995, -7.5, -0.5, 0.5, 6.4999995, 6.5, 7.0, 7.5]
+                         + [i - 8.5 for i in range(1, 17)] + [i - 8.0 for i in range(1, 8)])
+    assert len(ties) == len(steps) == 32
+    for i, s in enumerate(e):
+        blocks[5 + i] = ties * s
+        blocks[11 + i] = steps * s
+        blocks[17 + i] = -steps * s  # largest magnitude positive: d = -s
+    # fp16 round-to-nearest-even of d: Q4_0's d = m / -8 exactly, so m = -8 v sets d = v, for
+    # v at midpoints between fp16 neighbours (even and odd, normal and subnormal: ties go to
+    # the even one), just above and below them, and at the ends of fp16's range
+    vs = []
+    for h in (1.0, 1 + 2**-10, 3.140625, 1000.0, 1000.5, 65504.0, 2.0**-14, 2.0**-20,
+              17 * 2.0**-24, 2.0**-24, 0.0):
+        mid = h + (2.0 ** (math.floor(math.log2(h)) - 11) if h >= 2**-14 else 2.0**-25)
+        vs += [mid, mid * (1 + 2**-20), mid * (1 - 2**-20)]
+    vs += [65519.0, 65520.0, 1e6, 3 * 2.0**-26, 1e-40]
+    for i, v in enumerate(vs):
+        b = blocks[23 + i]
+        b.mul_(v / b.abs().max())
+        b[i % 32] = -8 * v
+    base = 23 + len(vs)
+    blocks[base:base + 8] *= 1e-37  # 1/d overflows fp32 (Q8_0 below ~3.7e-37, Q4_0 ~2.4e-38)
+    blocks[base + 8:base + 16] *= 1e-44  # fp32 subnormals
+    blocks[base + 16:base + 24] *= 1e36  # d overflows fp16: stored inf
+    return w
+
+
+def nonfinite_weights() -> torch.Tensor:
+    """Blocks with NaN (canonical, negative, with a payload) and +-inf: what torch's casts make of
+    them (a NaN max gives a NaN d, a NaN or infinite quotient q = 0, Q4_0 clamps +-inf)."""
+    w = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
+    bits = w.view(torch.int32)
+    w[0, 3] = float("nan")
+    w[0, 32] = float("inf")
+    w[0, 70] = -float("inf")
+    w[0, 100:110] = float("inf")
+    w[1, :32] = float("-inf")
+    bits[1, 40] = -65536  # 0xffff0000: a bf16 NaN widened
+    bits[1, 64] = 0x7F800001  # signalling
+    bits[1, 100] = 0x7FFFFFFF
+    w[2, :32] = 0
+    w[2, 31] = float("nan")
+    w[3] *= 1e-42
+    w[3, 40] = float("inf")
+    return w
+
+
+@pytest.fixture(scope="module")
+def variant_libs():
+    """Every kernel variant this CPU runs (the C quantizer is held to the same bytes in each)."""
+    libs = {v: gk.load_library(v) for v in gk.cpu_variants()}
+    missing = [v for v, lib in libs.items() if lib is None]
+    if missing:
+        pytest.fail(f"kernel variants {missing} did not build")
+    return libs
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_c_quantizer_equals_torch_and_gguf(variant_libs, kind):
+    """Byte for byte, in every variant, from fp32, bf16 and fp16 rows (widened exactly, as
+    torch's .float()), on Gaussian rows and edge blocks."""
+    from corral.model.quantize import QUANTIZERS, pack
+
+    gtype = GGMLQuantizationType[kind.upper()]
+    for seed in (0, 1):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            w = edge_weights(seed, -4 if dtype == torch.float16 else -30)  # fp16: ~6e-8 to 6e4
+            x = w.to(dtype)
+            want = QUANTIZERS[kind](x.float()).base
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                ref = quantize(x.float().numpy(), gtype)
+            # gguf casts to uint8 before clipping, so an infinite Q4_0 quotient (1/d overflowed:
+            # |w| < ~2.4e-38) gives 0 there and 15 or 0 in torch (and C): those blocks aside
+            blk = x.float().numpy().reshape(-1, 32)
+            amax = np.abs(blk).max(-1)
+            with np.errstate(over="ignore", divide="ignore"):
+                inv = np.float32(1) / (amax / np.float32(8))
+            same = np.isfinite(inv) | (amax == 0) | (kind == "q8_0")
+            assert same.mean() > 0.9
+            assert np.array_equal(want.reshape(len(blk), -1)[same],
+                                  ref.reshape(len(blk), -1)[same]), (seed, dtype)
+            for variant, lib in variant_libs.items():
+                got = pack(x, kind, lib)
+                assert (got.kind, got.n, got.k) == (kind, *w.shape)
+                bad = np.argwhere(got.base != want)
+                assert len(bad) == 0, (variant, dtype, seed, bad[:5].tolist())
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_c_quantizer_nonfinite_as_torch(variant_libs, kind):
+    from corral.model.quantize import QUANTIZERS, pack
+
+    w = nonfinite_weights()
+    want = QUANTIZERS[kind](w).base
+    assert want[0, :2].view(np.float16)[0] != want[0, :2].view(np.float16)[0]  # d is NaN
+    for variant, lib in variant_libs.items():
+        assert np.array_equal(pack(w, kind, lib).base, want), variant
+
+
+def test_c_quantizer_refuses_bad_shapes(lib):
+    from corral.model.quantize import pack, quantize_c
+
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack(torch.randn(4, 48), "q8_0", lib)
+    out = np.zeros(34, np.uint8)
+    x = torch.randn(32)
+    with pytest.raises(ValueError, match="K=48 unsupported"):
+        quantize_c(lib, x.data_ptr(), 0, 1, 48, "q8_0", out.ctypes.data)
+    with pytest.raises(ValueError, match="rows of type 2"):
+        quantize_c(lib, x.data_ptr(), 2, 1, 32, "q8_0", out.ctypes.data)
+    assert not out.any()
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_pack_file_rows_c_equals_torch_path(lib, tmp_path, monkeypatch, kind):
+    """From a safetensors file (bf16, fp16 and fp32 entries stacked, as q|k|v): the C path (reads
+    in chunks of a few rows by two workers) and the torch path (no library: what runs without a
+    compiler) give the bytes of the torch quantizer on the whole stacked fp32 matrix."""
+    from safetensors.torch import save_file
+
+    from corral.loading import safetensors_index
+    from corral.model import quantize as q
+
+    w = edge_weights(2)
+    parts = {"a": w[:40].bfloat16(), "b": w[40:45].half(), "c": w[45:].float()}
+    save_file(parts, tmp_path / "model.safetensors")
+    index = safetensors_index(tmp_path)
+    entries = [index[name] for name in parts]
+    want = q.QUANTIZERS[kind](torch.cat([p.float() for p in parts.values()])).base
+    monkeypatch.setattr(q, "READ_BYTES", 3 * 256 * 2 + 10)  # 3 bf16 rows a chunk, 1 fp32 row
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = q.pack_file_rows(entries, kind, lib)
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert (got.kind, got.n, got.k) == (kind, 64, 256)
+    assert np.array_equal(got.base, want)
+    assert np.array_equal(q.pack_file_rows(entries, kind).base, want)  # the fallback

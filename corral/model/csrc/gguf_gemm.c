@@ -24,6 +24,7 @@
  * into a thread-local fp32 buffer (L1/L2) and every row of x is dotted against it, MR=4 at a
  * time.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -335,6 +336,169 @@ int gguf_dequant_rows(int type, const uint8_t *base, const int64_t *offsets, int
     if (!dq) return -1;
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (N > 8)
     for (int n = 0; n < N; n++) dq(base + offsets[n], K, out + (size_t)n * K);
+    return 0;
+}
+
+/* ==== quantizer: F32/F16/BF16 rows -> Q8_0 / Q4_0 blocks (`--quantize` packs HF folders) ======
+ * Byte for byte as corral/model/quantize.py's torch reference and gguf.quants' numpy quantizer:
+ * the same fp32 operations in the same order (-ffp-contract=off: no fused multiply-add), per
+ * block of 32 values (the source is widened exactly first, as torch's .float() does):
+ *   Q8_0: d = max|x| / 127, inv = d ? 1/d : 0, q = x*inv rounded half away from zero;
+ *   Q4_0: m = the first value of largest |x|, d = m / -8, inv = d ? 1/d : 0,
+ *         q = trunc(x*inv + 8.5) clamped to [0, 15], q[j] | q[j+16] << 4;
+ * d stored as fp16 rounded to nearest even. Non-finite values give what torch's casts give: a
+ * NaN max makes d NaN (Q4_0: the first NaN counts as the largest, as torch's argmax), and a
+ * quotient that is NaN or infinite (_roundf turns inf into NaN) becomes q = 0 (Q4_0 clamps
+ * +-inf to 15 / 0, where gguf's numpy, casting before it clips, gives 0). */
+
+static inline uint16_t fp32_to_fp16(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    /* FP16's fp16_ieee_from_fp32_value (torch's scalar conversion): the fp32 adds round to
+     * nearest even at fp16's precision, subnormals included; NaN keeps its sign and top payload
+     * bits, quieted, as F16C's vcvtps2ph does */
+    uint32_t w, b;
+    memcpy(&w, &f, 4);
+    const uint32_t shl1 = w + w, sign = w & 0x80000000u;
+    if (shl1 > 0xff000000u) return (uint16_t)((sign >> 16) | 0x7e00u | ((w >> 13) & 0x3ffu));
+    const float to_inf = 0x1.0p+112f, to_zero = 0x1.0p-110f;
+    float base = (fabsf(f) * to_inf) * to_zero;
+    uint32_t bias = shl1 & 0xff000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    b = (bias >> 1) + 0x07800000u;
+    float fb;
+    memcpy(&fb, &b, 4);
+    base = fb + base;
+    memcpy(&b, &base, 4);
+    return (uint16_t)((sign >> 16) | (((b >> 13) & 0x7c00u) + (b & 0x0fffu)));
+#endif
+}
+
+static inline void put_fp16(uint8_t *p, float f) {
+    const uint16_t h = fp32_to_fp16(f);
+    memcpy(p, &h, 2);
+}
+
+/* |x| as the bits of a float: for non-NaN values their order is the integers' order, so the
+ * max is an integer max (which vectorizes; float max with NaN rules does not). NaN > 0x7f800000. */
+static inline uint32_t abs_bits(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return b & 0x7fffffffu;
+}
+
+static inline uint32_t block_amax_bits(const float *x) {
+    uint32_t m = 0;
+    for (int j = 0; j < 32; j++) {
+        const uint32_t a = abs_bits(x[j]);
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+static inline void q8_0_block(const float *x, uint8_t *o) {
+    const uint32_t m = block_amax_bits(x);
+    float amax;
+    memcpy(&amax, &m, 4);
+    if (m > 0x7f800000u) amax = __builtin_nanf("");  /* torch's amax: the default NaN */
+    const float d = amax / 127.0f, inv = d == 0.0f ? 0.0f : 1.0f / d;
+    put_fp16(o, d);
+    int32_t q[32];
+    for (int j = 0; j < 32; j++) {
+        float v = x[j] * inv;
+        uint32_t b;
+        memcpy(&b, &v, 4);
+        b &= -(uint32_t)((b & 0x7fffffffu) <= 0x43000000u);  /* |v| <= 128, else (NaN, inf) 0 */
+        memcpy(&v, &b, 4);
+        const int i = (int)v;  /* truncated; v - i is exact */
+        const float frac = v - (float)i;
+        q[j] = i + (frac >= 0.5f) - (frac <= -0.5f);  /* half away from zero */
+    }
+    for (int j = 0; j < 32; j++) o[2 + j] = (uint8_t)q[j];
+}
+
+static inline void q4_0_block(const float *x, uint8_t *o) {
+    const uint32_t m = block_amax_bits(x);
+    /* torch's argmax of |x|: the first NaN, else the first |x| == max */
+    const uint32_t at_least = m > 0x7f800000u ? 0x7f800001u : m;
+    uint32_t hits = 0;
+    for (int j = 0; j < 32; j++) hits |= (uint32_t)(abs_bits(x[j]) >= at_least) << j;
+    const float d = x[__builtin_ctz(hits)] / -8.0f, inv = d == 0.0f ? 0.0f : 1.0f / d;
+    put_fp16(o, d);
+#if defined(__AVX2__)
+    /* the loop below, by hand: gcc's 256-bit code for it is 2.5x slower (its 512-bit is fine) */
+    const __m256 vinv = _mm256_set1_ps(inv), bias = _mm256_set1_ps(8.5f);
+    const __m256 top = _mm256_set1_ps(15.0f), zero = _mm256_setzero_ps();
+    __m256i q[4];
+    for (int i = 0; i < 4; i++) {
+        __m256 t = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), vinv), bias);
+        t = _mm256_blendv_ps(t, top, _mm256_cmp_ps(t, top, _CMP_GE_OQ));
+        t = _mm256_and_ps(t, _mm256_cmp_ps(t, zero, _CMP_GE_OQ));  /* NaN, < 0 -> 0 */
+        q[i] = _mm256_cvttps_epi32(t);
+    }
+    /* packus works per 128-bit lane: 64-bit quarters [0-3 | 8-11 | 4-7 | 12-15] -> in order */
+    const __m256i lo = _mm256_packus_epi32(q[0], q[1]), hi = _mm256_packus_epi32(q[2], q[3]);
+    const __m256i v = _mm256_permute4x64_epi64(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), 0xd8);
+    _mm_storeu_si128((__m128i *)(o + 2), _mm_packus_epi16(_mm256_castsi256_si128(v),
+                                                          _mm256_extracti128_si256(v, 1)));
+#else
+    int32_t q[32];
+    for (int j = 0; j < 32; j++) {
+        float t = x[j] * inv + 8.5f;
+        t = t >= 15.0f ? 15.0f : t;
+        t = t >= 0.0f ? t : 0.0f;  /* NaN -> 0 */
+        q[j] = (int)t;
+    }
+    for (int j = 0; j < 16; j++) o[2 + j] = (uint8_t)(q[j] | (q[j + 16] << 4));
+#endif
+}
+
+/* F16 -> fp32 (exact), 8 at a time where F16C has it (dq_f16 converts one value at a time) */
+static void widen_f16(const uint8_t *b, int K, float *out) {
+    int i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= K; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 2 * i))));
+#endif
+    for (; i < K; i++) out[i] = fp16_to_fp32(b + 2 * i);
+}
+
+/* out[N, K/32 blocks] = rows of `src` (N x K values of type src_type: F32 0, F16 1, BF16 30)
+ * quantized to qtype (Q8_0 8 or Q4_0 2). Returns 0, or -1 for an unknown type or K % 32. Rows
+ * are dealt dynamically: a thread the OS does not schedule (a busy machine) holds up little. */
+int gguf_quantize_rows(int qtype, int src_type, const uint8_t *src, int N, int K, uint8_t *out,
+                       int n_threads) {
+    if ((qtype != 8 && qtype != 2) || (src_type != 0 && src_type != 1 && src_type != 30) ||
+        K <= 0 || K % 32)
+        return -1;
+    const dequant_fn widen = src_type == 1 ? widen_f16 : pick(src_type);
+    const size_t in_row = (size_t)K * (src_type == 0 ? 4 : 2);
+    const size_t out_row = (size_t)K / 32 * (qtype == 8 ? 34 : 18);
+    const int grain = K >= 1 << 14 ? 1 : (1 << 14) / K;  /* rows of >= 16K values a task */
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, grain) if (N > grain)
+    for (int n = 0; n < N; n++) {
+        float buf[256];  /* 8 blocks widened at a time (F32 rows are read in place) */
+        const uint8_t *in = src + (size_t)n * in_row;
+        uint8_t *o = out + (size_t)n * out_row;
+        for (int k0 = 0; k0 < K; k0 += 256) {
+            const int kn = K - k0 < 256 ? K - k0 : 256;
+            const float *x = (const float *)(in + (size_t)k0 * 4);
+            if (src_type != 0) {
+                widen(in + (size_t)k0 * 2, kn, buf);
+                x = buf;
+            }
+            for (int b = 0; b < kn; b += 32) {
+                if (qtype == 8) {
+                    q8_0_block(x + b, o);
+                    o += 34;
+                } else {
+                    q4_0_block(x + b, o);
+                    o += 18;
+                }
+            }
+        }
+    }
     return 0;
 }
 
