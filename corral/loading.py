@@ -13,6 +13,7 @@ Every source ends as one kind of folder so that one loader serves all:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -340,13 +341,21 @@ def release_freed_memory() -> None:
     """Hand memory freed by the allocator back to the OS (glibc keeps freed heap pages; a
     tokenizer's transient Python objects would stay resident beside the weights); a no-op
     where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig in a subprocess)."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

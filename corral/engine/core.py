@@ -296,11 +296,12 @@ class EngineCore:
         kept). Returns the weight path."""
         dense = f"dense {str(self.dtype).removeprefix('torch.')}"
         if self.config.quantization:  # checked by _check_quantization
+            from corral.loading import release_freed_memory
             from corral.model.quantize import attach_quantized
 
             desc = attach_quantized(self.model, self.config.quantization,
                                     math=self.config.gguf_math)
-            _release_freed_memory()  # the dense weights just dropped, not kept by malloc
+            release_freed_memory()  # the dense weights just dropped, not kept by malloc
             return desc
         if src.gguf and self.config.gguf_kernels and self.device.type == "cpu" \
                 and self.dtype == torch.float32:
@@ -784,18 +785,6 @@ class EngineCore:
             req.prompt_logprobs_out = [None] + list(first.prompt_logprobs)
             return req.prompt_logprobs_out
         return [None] + list(first.prompt_logprobs) if finished else None
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by the allocator back to the OS (glibc keeps freed heap pages, here
-    ~30 % of a model's dense weights after quantization at load); a no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _describe(e: BaseException) -> str:
