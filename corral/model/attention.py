@@ -136,9 +136,10 @@ def _prefill_packed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         # can fall back to the math path, which materializes [nh, Tq, Tk] scores)
         ks, vs = ks.repeat_interleave(nh // nkv, dim=1), vs.repeat_interleave(nh // nkv, dim=1)
         gqa = False
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
-                                       attn_mask=allowed.to(dev), scale=scale, enable_gqa=gqa)
-    return o.transpose(0, 1)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                       vs.transpose(0, 1)[None], attn_mask=allowed.to(dev),
+                                       scale=scale, enable_gqa=gqa)
+    return o[0].transpose(0, 1)
 
 
 def pack_groups(query_lens: list[int], context_lens: list[int], max_area: int) -> list[range]:
@@ -166,7 +167,9 @@ def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
     """One sequence: q [Lq, nh, hd] at positions offset..offset+Lq-1 over k/v [Lk, nkv, hd]."""
     lq, nh, _ = q.shape
     lk, nkv, _ = k.shape
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, L, hd)
+    # (1, heads, L, hd): SDPA's fused kernels (flash on CPU and CUDA) take 4-d inputs only; 3-d
+    # ones run the math path, which materializes the scores (4-9x slower for a 512-token prompt)
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if offset == 0:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
                                            enable_gqa=nh != nkv)
@@ -176,7 +179,7 @@ def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
         allowed = torch.arange(lk, device=q.device)[None, :] <= rows
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale,
                                            enable_gqa=nh != nkv)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
