@@ -2,8 +2,9 @@
 Python path on the same packed weights: small random Llama GGUFs written here (Q4_0, Q4_1, Q8_0,
 and a K-quant mix with F16 and Q4_0 parts), both math modes, batches of 1, 5 and 20 sequences
 whose contexts end on both sides of block boundaries, GQA; hidden states, logits and the KV
-cache it writes. Through the engine: greedy tokens equal with and without it, the fast path
-counted, and the fallbacks (prefill and mixed steps, LoRA rows) taken."""
+cache it writes. Prefill and mixed steps too (a chunk of n tokens is n rows whose contexts grow
+by one). Through the engine: greedy tokens equal with and without it, the fast path counted,
+and the fallbacks (LoRA rows, long prefill contexts) taken."""
 
 from __future__ import annotations
 
@@ -92,6 +93,30 @@ def decode_batch(config, ctx_lens: list[int], seed: int):
     return ids, pos, meta, cache
 
 
+def mixed_batch(config, decodes: list[int], chunks: list[tuple[int, int]], seed: int):
+    """A step of `decodes` (context lengths, one new token each) followed by prefill chunks
+    (tokens cached before, new tokens), as the runner lays them out: per-token slots and
+    positions, per-sequence tables and lengths."""
+    g = torch.Generator().manual_seed(seed)
+    nkv, hd = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    seqs = [(c - 1, 1) for c in decodes] + list(chunks)  # (cached, new)
+    width = max(-(-(c + n) // BLOCK) for c, n in seqs) + 1
+    n_blocks = len(seqs) * width + 2
+    tables = torch.randperm(n_blocks, generator=g)[:len(seqs) * width].view(-1, width)
+    cache = [(torch.randn(n_blocks + 1, BLOCK, nkv, hd, generator=g),
+              torch.randn(n_blocks + 1, BLOCK, nkv, hd, generator=g))
+             for _ in range(config.num_hidden_layers)]
+    pos = torch.cat([torch.arange(c, c + n) for c, n in seqs])
+    row = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([n for _, n in seqs]))
+    slots = tables[row, pos // BLOCK] * BLOCK + pos % BLOCK
+    ctx = [c + n for c, n in seqs]
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables,
+                             context_lens=torch.tensor(ctx), query_lens=[n for _, n in seqs],
+                             context_lens_host=ctx, num_decodes=len(decodes))
+    ids = torch.randint(100, 49000, (len(pos),), generator=g)
+    return ids, pos, meta, cache
+
+
 def both_paths(model, ids, pos, meta, cache, rope_lens=None):
     """(hidden, cache) of the fused step and of the layer-by-layer path, from the same cache."""
     fused = model.fused_decode
@@ -153,6 +178,42 @@ def test_int8_step_equals_layer_path(gguf_files, family, batch):
     assert (logits_f - logits_l).abs().max() < 0.01 * logits_l.abs().max()
 
 
+STEPS = {"prefill": ([], [(0, 37)]),  # one fresh prompt over three blocks
+         "prefills": ([], [(0, 5), (16, 20), (3, 1)]),  # two continue a cached prefix
+         "mixed": ([9, 40, 17], [(0, 12), (30, 33)]),  # decodes, then chunks
+         "long": ([300], [(250, 70)])}  # parts of a long decode beside a long chunk
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("family", list(FAMILIES) + ["q8_0-hd32"])
+def test_prefill_and_mixed_steps_equal_layer_path(gguf_files, family, step):
+    """Prefill chunks in the fused step: each token a row attending to its own prefix, every
+    row's k/v in the cache before any row attends. fp32 math: hidden states, logits of every
+    row and the cache within 1e-5 of their scale of the layer path (SDPA for the chunks).
+    int8 math: a chunk's rows read each other's k/v, so one flipped 8-bit rounding (see
+    test_int8_step_equals_layer_path) spreads to the rows after it (measured: up to 2% of the
+    scale apart, 0.2-0.4 of int8's own error on average); so the check is that the fused step
+    is as close to the fp32 result as the layer path is (measured: equal to 1%)."""
+    model = load(gguf_files[family], family, "fp32")
+    ids, pos, meta, cache = mixed_batch(model.config, *STEPS[step], seed=len(step))
+    h_fused, c_fused, h_layers, c_layers = both_paths(model, ids, pos, meta, cache)
+    assert h_fused.shape[0] == len(pos)
+    scale = h_layers.abs().max().item()
+    torch.testing.assert_close(h_fused, h_layers, rtol=0, atol=1e-5 * scale)
+    logits_f, logits_l = model.compute_logits(h_fused), model.compute_logits(h_layers)
+    torch.testing.assert_close(logits_f, logits_l, rtol=0, atol=1e-5 * logits_l.abs().max())
+    for (kf, vf), (kl, vl) in zip(c_fused, c_layers):
+        torch.testing.assert_close(kf, kl, rtol=0, atol=1e-5 * kl.abs().max())
+        torch.testing.assert_close(vf, vl, rtol=0, atol=1e-5 * vl.abs().max())
+    reference = h_layers
+    model = load(gguf_files[family], family, "int8")
+    h_fused, _, h_layers, _ = both_paths(model, ids, pos, meta, cache)
+    err_fused, err_layers = (h_fused - reference).abs(), (h_layers - reference).abs()
+    assert err_layers.mean() > 1e-4 * scale  # int8 math did run
+    assert err_fused.mean() <= 1.05 * err_layers.mean()
+    assert err_fused.max() <= 1.25 * err_layers.max()
+
+
 @pytest.mark.parametrize("math", ["fp32", "int8"])
 def test_rows_do_not_depend_on_the_batch_or_threads(gguf_files, math):
     """A sequence's hidden state is the same bit for bit alone, in a batch of 5 (buffers per
@@ -204,9 +265,10 @@ def test_rope_types_come_from_the_model(gguf_files, rope, ctx):
     torch.testing.assert_close(h_fused, h_layers, rtol=0, atol=1e-5 * h_layers.abs().max())
 
 
-def test_not_taken_outside_pure_decode(gguf_files):
-    """Prefill and mixed steps, bf16 activations and (fp32 math) steps above max_rows run the
-    layer path; the checks are on the step, not on the model."""
+def test_not_taken_for_long_prefills_bf16_or_too_many_rows(gguf_files):
+    """Mixed steps run fused; prefill chunks attending to more than MAX_PREFILL_CONTEXT keys,
+    bf16 activations and (fp32 math) steps above max_rows run the layer path; the checks are on
+    the step, not on the model."""
     model = load(gguf_files["q4_0"], "q4_0", "fp32")
     fused = model.fused_decode
     _, _, meta, _ = decode_batch(model.config, [5, 9], seed=8)
@@ -214,7 +276,14 @@ def test_not_taken_outside_pure_decode(gguf_files):
     assert fused.applies(x, meta)
     mixed = AttentionMetadata(meta.slot_mapping, meta.block_tables, meta.context_lens,
                               query_lens=[1, 4], context_lens_host=[5, 9], num_decodes=1)
-    assert not fused.applies(torch.zeros(5, SHAPE["hidden"]), mixed)
+    assert fused.applies(torch.zeros(5, SHAPE["hidden"]), mixed)
+    n = fdm.MAX_PREFILL_CONTEXT
+    long = AttentionMetadata(meta.slot_mapping, meta.block_tables, meta.context_lens,
+                             query_lens=[1, 4], context_lens_host=[n + 5, n + 1], num_decodes=1)
+    assert not fused.applies(torch.zeros(5, SHAPE["hidden"]), long)
+    assert fused.applies(x, AttentionMetadata(meta.slot_mapping, meta.block_tables,
+                                              meta.context_lens, query_lens=[1, 1],
+                                              context_lens_host=[n + 5, n + 1], num_decodes=2))
     assert not fused.applies(x.bfloat16(), meta)
     fused.max_rows = 1
     assert not fused.applies(x, meta)
@@ -256,7 +325,7 @@ def test_engine_greedy_equal_with_and_without(gguf_files):
     """Staggered requests (prefills joining running decodes: mixed steps, then pure decode
     steps of up to 4 sequences across block edges) on the K-quant mix (fused matmuls of
     several part types, an untied head), fp32 math as the suite pins: the same greedy tokens
-    either way, with the fused step taken on every pure-decode step."""
+    either way, with the fused step taken on every step."""
     family = "kquant"
     from corral.engine.config import EngineConfig
     from corral.engine.core import EngineCore
@@ -271,10 +340,10 @@ def test_engine_greedy_equal_with_and_without(gguf_files):
                                      execute(b))[1]
     prompts = [list(range(200 + 13 * i, 200 + 13 * i + n)) for i, n in enumerate((5, 14, 30, 9))]
     with_fused = engine_tokens(core, prompts, fused=True)
-    assert fused.steps == sum(decode_steps) > 12
-    assert not all(decode_steps)  # mixed and prefill steps ran too, on the layer path
+    assert fused.steps == len(decode_steps) > 12
+    assert not all(decode_steps)  # mixed and prefill steps ran too
     without = engine_tokens(core, prompts, fused=False)
-    assert fused.steps == sum(decode_steps) / 2  # the same steps again, none fused
+    assert fused.steps == len(decode_steps) / 2  # the same steps again, none fused
     assert with_fused == without
     assert all(len(t) == 12 for t in with_fused.values())
 
@@ -331,7 +400,7 @@ def test_quantized_folder_with_lora_rows_falls_back(lora_setup, kind):
 
     steps = fused.steps
     alone, _ = run(True, with_lora=False)
-    assert fused.steps - steps == 9  # every decode step of the base request
+    assert fused.steps - steps == 10  # every step of the base request, its prefill too
     steps = fused.steps
     mixed, lora_rows = run(True, with_lora=True)
     assert any(lora_rows) and fused.steps - steps == 0  # the LoRA request ran every step

@@ -501,8 +501,9 @@ def _config_of(path):
 
 @pytest.mark.slow
 def test_engine_greedy_with_kernels_matches_transformers(lib, default_folder, monkeypatch):
-    """Prefills (tile kernel) and decode steps of 1 and 3 sequences (the fused C step) on the
-    file's blocks; greedy output equals transformers' on the same GGUF dequantized."""
+    """Prefills (per module on the tile kernel, then in the fused C step) and decode steps of 1
+    and 3 sequences (the fused C step) on the file's blocks; greedy output equals
+    transformers' on the same GGUF dequantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from corral import SamplingParams
@@ -525,10 +526,17 @@ def test_engine_greedy_with_kernels_matches_transformers(lib, default_folder, mo
     assert core.info["weights"].startswith("GGUF q4_1/q8_0 memory-mapped")
     assert "for all 121 matmul parts" in core.info["weights"]
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    alone = run_staggered(core, prompts[:1], params)  # batch-1 decode
+    from corral.model import fused_decode as fdm
+
+    fused = core.model.fused_decode
+    with monkeypatch.context() as m:
+        m.setattr(fdm, "MAX_PREFILL_CONTEXT", 0)  # the prefill runs module by module
+        alone = run_staggered(core, prompts[:1], params)  # batch-1 decode
+    # the prefill ran all 121 matmul parts (the head's among them); the 63 decode steps the
+    # fused step and the head
+    assert len(calls) == 121 + 63 and fused.steps == 63
     together = run_staggered(core, prompts, params, every=1)  # decode batches of up to 3
-    # the prefills run all 121 matmul parts here; the pure-decode steps the fused C step
-    assert len(calls) > 3 * 121 and core.model.fused_decode.steps > 100
+    assert len(calls) == 121 + 63 + fused.steps - 63  # every step fused now, prefills too
     assert alone["r0"] == greedy_hf(hf, prompts[0], 64)
     for i, p in enumerate(prompts):
         assert together[f"r{i}"] == greedy_hf(hf, p, 64), f"prompt {i} differs"

@@ -1,6 +1,8 @@
 /* A whole decode step of a Llama on quantized CPU weights in one call (model/fused_decode.py).
  *
- * M sequences, one new token each, x [M][D] (the embeddings, updated in place). Per layer:
+ * M rows, x [M][D] (the embeddings, updated in place): one new token of a decoding sequence
+ * each, or one token of a prefill chunk (kv_first: all rows' k/v are written before any row
+ * attends, since a chunk's rows read each other's). Per layer:
  *
  *   xn = rmsnorm(x)            -> qkv = xn @ Wqkv^T                          [stage qkv]
  *   per (sequence, kv head): rope q (its g query heads) and k, k/v -> the paged cache slot,
@@ -31,7 +33,7 @@
 #include <sched.h>
 
 #define MAX_PARTS 4
-#define NSTAGE 8       /* counters per layer (see the stage list in decode_step) */
+#define NSTAGE 9       /* counters per layer (see the stage list in decode_step) */
 #define JCHUNK 256     /* gate|up chunk: h columns, a multiple of every activation block */
 #define REDUNDANT_MAX 4096
 
@@ -266,11 +268,13 @@ static void merge_parts(const float *parts, int np, int g, int hd, float *out) {
 /* ==== the step ================================================================================ */
 
 /* Returns 0, or -3 when out of memory. k_caches/v_caches: one [blocks][bs][nkv][hd] fp32 cache
- * per layer; slots [M], tables [M][bt_stride], ctx [M] (tokens after this one is written). */
+ * per layer; slots [M], tables [M][bt_stride], ctx [M] (tokens after this one is written): one
+ * entry per row, so a prefill chunk of n tokens is n rows with the same table and ctx growing
+ * by one. kv_first: some sequence has several rows (then all k/v are written before attention). */
 int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sinb,
                 float *const *k_caches, float *const *v_caches, int bs, const int64_t *slots,
                 const int64_t *tables, int64_t bt_stride, const int64_t *ctx, int M, float *out,
-                int n_threads) {
+                int n_threads, int kv_first) {
     const int D = m->D, nh = m->nh, nkv = m->nkv, hd = m->hd, I = m->inter, L = m->n_layers;
     const int g = nh / nkv, nqkv = (nh + 2 * nkv) * hd, natt = nh * hd;
     int kmax = D > natt ? D : natt;
@@ -379,6 +383,20 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
             }
             SYNC(st + 1, nc_qkv);
 
+            /* 2b. several rows of one sequence (prefill chunks): every row's k/v goes to the
+             *     cache before any row attends, since a row reads the ones before it */
+            if (kv_first) {
+                for (int task; (task = grab(st + 8)) < M * nkv; finish(st + 8)) {
+                    const int i = task / nkv, kh = task % nkv;
+                    const float *row = qkv + (size_t)i * nqkv;
+                    const float *c = cosb + (size_t)i * hd, *s = sinb + (size_t)i * hd;
+                    const int64_t at = (slots[i] * nkv + kh) * (int64_t)hd;
+                    rope(row + (size_t)(nh + kh) * hd, c, s, hd, kc + at);
+                    memcpy(vc + at, row + (size_t)(nh + nkv + kh) * hd, sizeof(float) * hd);
+                }
+                SYNC(st + 8, M * nkv);
+            }
+
             /* 3. per (sequence, kv head, context part): rope, cache write, attention */
             for (int task; (task = grab(st + 2)) < n_att; finish(st + 2)) {
                 const int i = task / (nkv * parts), kh = task / parts % nkv, part = task % parts;
@@ -389,7 +407,7 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
                 float qs[g * hd];
                 for (int h = 0; h < g; h++) rope(row + (size_t)(kh * g + h) * hd, c, s, hd, qs + h * hd);
                 for (int e = 0; e < g * hd; e++) qs[e] = qs[e] * m->scale;
-                if (part == np - 1) { /* the part that reads the new token writes it */
+                if (!kv_first && part == np - 1) { /* the part that reads the new token writes it */
                     const int64_t at = (slots[i] * nkv + kh) * (int64_t)hd;
                     rope(row + (size_t)(nh + kh) * hd, c, s, hd, kc + at);
                     memcpy(vc + at, row + (size_t)(nh + nkv + kh) * hd, sizeof(float) * hd);
