@@ -14,7 +14,7 @@ rope type, dynamic NTK included, comes from the model's own `Rotary`), and so do
 Prefill and mixed steps run here too: a chunk of n tokens is n rows with the same block table
 and contexts growing by one, and all rows' k/v reach the cache before any row attends. Anything
 else runs the per-module Python path (`FusedDecoder.applies`): prefill chunks attending to more
-than MAX_PREFILL_CONTEXT keys, rows under a LoRA adapter, a non-fp32 or non-CPU batch, fp32 math
+than MAX_PREFILL_CONTEXT keys or of a model without GQA, rows under a LoRA adapter, a non-fp32 or non-CPU batch, fp32 math
 above `max_rows`.
 """
 
@@ -34,7 +34,9 @@ MAX_PARTS = 4  # parts of one fused matmul (q|k|v: 3 when their types differ)
 # attends as a decode row, re-reading its prefix, where SDPA's flash kernel tiles queries. Measured
 # (2 threads, Sapphire Rapids, prompt tok/s fused vs layer path): SmolLM2 Q4_1 64 tokens 1050 vs
 # 795, 256: 1112 vs 1050, 1024: 768 vs 840; Llama-1B-shape Q4_K_M 512: 204 vs 168, 1024: 171
-# vs 160, 2048: 130 vs 150.
+# vs 160, 2048: 130 vs 150. Models without GQA (Llama 2 7B/13B) keep their prefills on the layer
+# path: with one query head per kv head each row's k/v read serves one head (Llama-2-7B shape
+# Q4_K_M, 512 tokens: 24.3 tok/s fused vs 27.1).
 MAX_PREFILL_CONTEXT = 768
 
 _libs: dict[str, ctypes.CDLL | None] = {}
@@ -138,15 +140,17 @@ class FusedDecoder:
                             float(cfg.rms_norm_eps), float(attn.scale))
         self._spec_ptr = ctypes.addressof(self._spec)
         self._attn0 = attn  # where a LoRA wrapper would sit (LoRAManager wraps every layer)
+        self.gqa = attn.nh > attn.nkv  # prefill chunks run here only then (MAX_PREFILL_CONTEXT)
         self._kv: tuple | None = None  # (the cache list, its k/v pointer arrays, block size)
 
     def applies(self, x: torch.Tensor, meta) -> bool:
         """An fp32 step on the CPU without LoRA rows, within the kernels' row limit, whose
-        prefill chunks (if any) attend to at most MAX_PREFILL_CONTEXT keys."""
+        prefill chunks (if any: GQA models only) attend to at most MAX_PREFILL_CONTEXT keys."""
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return False
         nd = meta.num_decodes
-        if nd != len(meta.query_lens) and max(meta.context_lens_host[nd:]) > MAX_PREFILL_CONTEXT:
+        if nd != len(meta.query_lens) and (
+                not self.gqa or max(meta.context_lens_host[nd:]) > MAX_PREFILL_CONTEXT):
             return False  # per-row attention re-reads a long context per row: SDPA's flash wins
         if self.max_rows is not None and x.shape[0] > self.max_rows:
             return False  # the fp32 path runs dequantized panels there

@@ -266,8 +266,8 @@ def test_rope_types_come_from_the_model(gguf_files, rope, ctx):
 
 
 def test_not_taken_for_long_prefills_bf16_or_too_many_rows(gguf_files):
-    """Mixed steps run fused; prefill chunks attending to more than MAX_PREFILL_CONTEXT keys,
-    bf16 activations and (fp32 math) steps above max_rows run the layer path; the checks are on
+    """Mixed steps run fused; prefill chunks attending to more than MAX_PREFILL_CONTEXT keys or
+    of a model without GQA, bf16 activations and (fp32 math) steps above max_rows run the layer path; the checks are on
     the step, not on the model."""
     model = load(gguf_files["q4_0"], "q4_0", "fp32")
     fused = model.fused_decode
@@ -285,6 +285,9 @@ def test_not_taken_for_long_prefills_bf16_or_too_many_rows(gguf_files):
                                               meta.context_lens, query_lens=[1, 1],
                                               context_lens_host=[n + 5, n + 1], num_decodes=2))
     assert not fused.applies(x.bfloat16(), meta)
+    fused.gqa = False  # one query head per kv head (Llama 2 7B): decodes only
+    assert not fused.applies(torch.zeros(5, SHAPE["hidden"]), mixed) and fused.applies(x, meta)
+    fused.gqa = True
     fused.max_rows = 1
     assert not fused.applies(x, meta)
 
@@ -299,6 +302,11 @@ def test_attach_needs_every_linear_packed():
     assert fdm.attach(dense) is None and dense.fused_decode is None
     desc = attach_quantized(dense, "q8_0", math="fp32")
     assert desc.endswith(", fused C decode step") and dense.fused_decode is not None
+    assert dense.fused_decode.gqa  # 4 heads over 2 kv heads
+    mha = LlamaForCausalLM.random(tiny_config(num_key_value_heads=4), torch.float32,
+                                  torch.device("cpu"))
+    attach_quantized(mha, "q8_0", math="fp32")
+    assert not mha.fused_decode.gqa
     partial = LlamaForCausalLM.random(cfg, torch.float32, torch.device("cpu"))
     attach_quantized(partial, "q8_0", math="fp32")
     partial.model.layers[1].mlp.down_proj = torch.nn.Linear(cfg.intermediate_size,
