@@ -133,6 +133,16 @@ def both_paths(model, ids, pos, meta, cache, rope_lens=None):
     return h_fused, c_fused, h_layers, c_layers
 
 
+def assert_close_to_scale(model, h_fused, c_fused, h_layers, c_layers, tol: float = 1e-5):
+    """Hidden states, logits and every layer's K/V cache within `tol` of their scale."""
+    torch.testing.assert_close(h_fused, h_layers, rtol=0, atol=tol * h_layers.abs().max())
+    logits_f, logits_l = model.compute_logits(h_fused), model.compute_logits(h_layers)
+    torch.testing.assert_close(logits_f, logits_l, rtol=0, atol=tol * logits_l.abs().max())
+    for (kf, vf), (kl, vl) in zip(c_fused, c_layers):
+        torch.testing.assert_close(kf, kl, rtol=0, atol=tol * kl.abs().max())
+        torch.testing.assert_close(vf, vl, rtol=0, atol=tol * vl.abs().max())
+
+
 BATCHES = {"one": [7], "five": [1, 16, 17, 33, 50],  # the last four straddle block edges
            "twenty": [1 + (7 * i) % 70 for i in range(20)],  # rows x D > 4096: shared buffers
            # few (sequence, kv head) pairs over long contexts: attention split into parts
@@ -148,13 +158,7 @@ def test_fp32_step_equals_layer_path(gguf_files, family, batch):
     model = load(gguf_files[family], family, "fp32")
     ids, pos, meta, cache = decode_batch(model.config, BATCHES[batch], seed=len(batch))
     h_fused, c_fused, h_layers, c_layers = both_paths(model, ids, pos, meta, cache)
-    scale = h_layers.abs().max().item()
-    torch.testing.assert_close(h_fused, h_layers, rtol=0, atol=1e-5 * scale)
-    logits_f, logits_l = model.compute_logits(h_fused), model.compute_logits(h_layers)
-    torch.testing.assert_close(logits_f, logits_l, rtol=0, atol=1e-5 * logits_l.abs().max())
-    for (kf, vf), (kl, vl) in zip(c_fused, c_layers):
-        torch.testing.assert_close(kf, kl, rtol=0, atol=1e-5 * kl.abs().max())
-        torch.testing.assert_close(vf, vl, rtol=0, atol=1e-5 * vl.abs().max())
+    assert_close_to_scale(model, h_fused, c_fused, h_layers, c_layers)
     slots = meta.slot_mapping
     k0 = c_fused[0][0].view(-1, *c_fused[0][0].shape[2:])
     assert not torch.equal(k0[slots], cache[0][0].view_as(k0)[slots])  # this step's keys landed
@@ -198,13 +202,8 @@ def test_prefill_and_mixed_steps_equal_layer_path(gguf_files, family, step):
     ids, pos, meta, cache = mixed_batch(model.config, *STEPS[step], seed=len(step))
     h_fused, c_fused, h_layers, c_layers = both_paths(model, ids, pos, meta, cache)
     assert h_fused.shape[0] == len(pos)
+    assert_close_to_scale(model, h_fused, c_fused, h_layers, c_layers)
     scale = h_layers.abs().max().item()
-    torch.testing.assert_close(h_fused, h_layers, rtol=0, atol=1e-5 * scale)
-    logits_f, logits_l = model.compute_logits(h_fused), model.compute_logits(h_layers)
-    torch.testing.assert_close(logits_f, logits_l, rtol=0, atol=1e-5 * logits_l.abs().max())
-    for (kf, vf), (kl, vl) in zip(c_fused, c_layers):
-        torch.testing.assert_close(kf, kl, rtol=0, atol=1e-5 * kl.abs().max())
-        torch.testing.assert_close(vf, vl, rtol=0, atol=1e-5 * vl.abs().max())
     reference = h_layers
     model = load(gguf_files[family], family, "int8")
     h_fused, _, h_layers, _ = both_paths(model, ids, pos, meta, cache)

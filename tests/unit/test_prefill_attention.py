@@ -10,22 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from corral.model.attention import AttentionMetadata, paged_attention
-
-
-def scattered_cache(nkv: int, hd: int, bs: int, ctx: list[int], gen: torch.Generator):
-    """K/V caches with each sequence's blocks at random places, and its block table."""
-    width = max((n + bs - 1) // bs for n in ctx)
-    nb = len(ctx) * width + 2
-    k_cache = torch.randn(nb, bs, nkv, hd, generator=gen)
-    v_cache = torch.randn(nb, bs, nkv, hd, generator=gen)
-    ids = torch.randperm(nb, generator=gen)
-    tables = torch.zeros(len(ctx), width, dtype=torch.long)
-    used = 0
-    for i, n in enumerate(ctx):
-        nblk = (n + bs - 1) // bs
-        tables[i, :nblk] = ids[used:used + nblk]
-        used += nblk
-    return k_cache, v_cache, tables
+from tests.unit.test_cpu_attention import random_case
 
 
 def reference(q, k_cache, v_cache, tables, qlens, ctx, scale):
@@ -52,10 +37,9 @@ def reference(q, k_cache, v_cache, tables, qlens, ctx, scale):
 ])
 @pytest.mark.parametrize("nh,nkv", [(4, 2), (3, 3)])
 def test_prefill_runs_on_the_flash_kernel(qlens, ctx, nh, nkv):
-    gen = torch.Generator().manual_seed(len(qlens) * 10 + nh)
     hd, bs, scale = 16, 4, 0.3
-    k_cache, v_cache, tables = scattered_cache(nkv, hd, bs, ctx, gen)
-    q = torch.randn(sum(qlens), nh, hd, generator=gen)
+    _, k_cache, v_cache, tables, _ = random_case(nh, nkv, hd, bs, ctx, seed=len(qlens) * 10 + nh)
+    q = torch.randn(sum(qlens), nh, hd, generator=torch.Generator().manual_seed(nh))
     # this step's own K/V: the last qlen positions of each sequence, as already written
     slots = torch.tensor([int(tables[i, p // bs]) * bs + p % bs
                           for i, (ql, n) in enumerate(zip(qlens, ctx)) for p in range(n - ql, n)])
