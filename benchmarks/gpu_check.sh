@@ -20,6 +20,10 @@ set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 WHEELS=${WHEELS:-.whl}
 PY=${PYTHON:-python3}
+# the CPU rehearsal runs in the checkout's venv (`make` made it); the GPU machine has no venv
+if [ -z "${PYTHON:-}" ] && [ -n "${GPU_CHECK_CPU:-}" ] && [ -x .venv/bin/python ]; then
+  PY=.venv/bin/python
+fi
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
