@@ -84,7 +84,10 @@ def run(core, timers: Timers, args, tag: str) -> dict:
 
     g = torch.Generator().manual_seed(0)
     vocab = core.model_config.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=args.steps + 2, ignore_eos=True)
+    # room for the tokens sequences prefilled early decode while later prompts prefill: every
+    # timed step then holds the whole batch (stopping when the first one finished would time
+    # shrinking batches)
+    params = SamplingParams(temperature=0, max_tokens=args.steps + 64, ignore_eos=True)
     for i in range(args.batch):
         prompt = torch.randint(100, vocab - 100, (args.prompt_len,), generator=g).tolist()
         core.add_request(f"{tag}{i}", prompt, params)
@@ -93,13 +96,18 @@ def run(core, timers: Timers, args, tag: str) -> dict:
         core.step()  # the prefills
     core.step()  # one warm decode step
     timers.reset()
-    steps, t0 = 0, timers.clock()
-    while core.has_work():
+    t0 = timers.clock()
+    for _ in range(args.steps):
+        assert len(core.scheduler.running) == args.batch, "a sequence finished early"
         t = timers.clock()
         core.step()
         timers.total["step"] += timers.clock() - t
-        steps += 1
     total = timers.clock() - t0
+    steps = args.steps
+    for i in range(args.batch):
+        core.abort(f"{tag}{i}")
+    while core.has_work():
+        core.step()
     ms = {k: 1e3 * v / steps for k, v in timers.total.items()}
     head, fwd = ms.get("head", 0.0), ms.get("forward", 0.0)
     if "fused" in ms:
@@ -145,7 +153,7 @@ def main() -> None:
     from corral.engine.core import EngineCore
 
     core = EngineCore(EngineConfig(model=args.model, gguf_math=args.math,
-                                   max_model_len=args.prompt_len + args.steps + 8,
+                                   max_model_len=args.prompt_len + args.steps + 72,
                                    max_num_seqs=max(args.batch, 1)))
     print(core.info["weights"], flush=True)
     fused = core.model.fused_decode
