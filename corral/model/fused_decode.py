@@ -14,8 +14,8 @@ rope type, dynamic NTK included, comes from the model's own `Rotary`), and so do
 Prefill and mixed steps run here too: a chunk of n tokens is n rows with the same block table
 and contexts growing by one, and all rows' k/v reach the cache before any row attends. Anything
 else runs the per-module Python path (`FusedDecoder.applies`): prefill chunks attending to more
-than MAX_PREFILL_CONTEXT keys or of a model without GQA, rows under a LoRA adapter, a non-fp32 or non-CPU batch, fp32 math
-above `max_rows`.
+than MAX_PREFILL_CONTEXT keys or of a model without GQA, rows under a LoRA adapter, a non-fp32
+or non-CPU batch, fp32 math above `max_rows`.
 """
 
 from __future__ import annotations
