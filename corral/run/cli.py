@@ -221,7 +221,8 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     if args.ids or not builtin or uses_specials(args.chat_format):
         from corral.loading import load_tokenizer, resolve_source
 
-        tokenizer = load_tokenizer(resolve_source(args.model))
+        # a .gguf's tokenizer comes from its metadata: no dense copy just to render a prompt
+        tokenizer = load_tokenizer(resolve_source(args.model, weights=False))
     fmt = get_chat_format(args.chat_format, tokenizer)
     text = fmt.render(messages, add_generation_prompt=not args.no_generation_prompt)
     sys.stdout.write(text + "\n")

@@ -532,4 +532,4 @@ def _stand_in_tokenizer():
     """random:NAME models have no tokenizer; SmolLM2's tokenizes text (benchmarks only)."""
     from corral.loading import load_tokenizer, resolve_source
 
-    return load_tokenizer(resolve_source("default"))
+    return load_tokenizer(resolve_source("default", weights=False))

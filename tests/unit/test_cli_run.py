@@ -109,6 +109,20 @@ def test_prompt_default_model_template_and_ids(capsys, default_folder):
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids.count(ids[0]) == 3  # system, user, assistant
 
 
+def test_prompt_on_a_gguf_reads_only_its_metadata(capsys, monkeypatch):
+    """The default model is a GGUF: its tokenizer comes from the file's metadata, and no dense
+    copy of the weights (538 MB for SmolLM2, ~27 GB for a 7B) is written to show a prompt."""
+    import corral.loading
+
+    def refuse(path):
+        raise AssertionError(f"prompt materialized {path}")
+
+    monkeypatch.setattr(corral.loading, "materialize_gguf", refuse)
+    rc, out, _ = run(capsys, ["prompt", "--user", "Hi", "--ids"])
+    assert rc == 0 and "<|im_start|>user\nHi<|im_end|>" in out
+    assert json.loads(out.strip().splitlines()[-1])[0] > 0
+
+
 # --- models ------------------------------------------------------------------------------------
 
 def test_models_json(capsys):
