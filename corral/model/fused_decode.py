@@ -107,7 +107,8 @@ def _mat(lin: gk.PackedLinear, keep: list) -> _Mat:
         use_int = lin.math == "int8" and w.int_ok
         if use_int:
             m.forms |= 1 if gk.INT_BLOCK[w.type_id] == 32 else 2
-        m.parts[i] = _Part(w.type_id, w.n, int(use_int), w.base_ptr, w.offsets_ptr)
+        m.parts[i] = (_Part(w.int_type, w.n, 1, w.int_base_ptr, w.offsets_ptr) if use_int
+                      else _Part(w.type_id, w.n, 0, w.base_ptr, w.offsets_ptr))
         keep.append(w)  # the struct holds raw addresses into these arrays
     return m
 

@@ -34,6 +34,7 @@ elsewhere) and the variant is picked at run time from the CPU's flags.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import platform
 import struct
@@ -164,6 +165,10 @@ def load_library(variant: str | None = None) -> ctypes.CDLL | None:
     lib.gguf_dequant_rows.restype = i32
     lib.gguf_quantize_rows.argtypes = [i32, i32, p, i32, i32, p, i32]
     lib.gguf_quantize_rows.restype = i32
+    lib.gguf_repack_bytes.argtypes = [i32, i32, i32]
+    lib.gguf_repack_bytes.restype = ctypes.c_size_t
+    lib.gguf_repack.argtypes = [i32, p, p, i32, i32, p, i32]
+    lib.gguf_repack.restype = i32
     lib.gguf_isa.argtypes = []
     lib.gguf_isa.restype = ctypes.c_char_p
     _libs[variant] = lib
@@ -217,6 +222,9 @@ class PackedWeight:
         self.offsets_ptr = self.offsets.ctypes.data
         block = INT_BLOCK.get(self.type_id)
         self.int_ok = block is not None and self.k % block == 0
+        # what the integer kernel reads: these rows, or their repacked tiles (`repack`)
+        self.int_type, self.int_base_ptr = self.type_id, self.base_ptr
+        self.repacked: np.ndarray | None = None
 
     def int_path(self) -> bool:
         """Whether the integer kernel runs this weight (its type has one and K fits its blocks)."""
@@ -250,12 +258,54 @@ def gguf_matmul(lib: ctypes.CDLL, x: torch.Tensor, parts: PackedWeight | list[Pa
     xp, yp = x.data_ptr(), y.data_ptr()
     use_int = math == "int8"
     for w in parts:  # a decode step makes ~4 calls a layer: kept lean (ctypes is ~2 us a call)
-        fn = lib.gguf_gemm_int if use_int and w.int_ok else lib.gguf_gemm
-        rc = fn(w.type_id, xp, m, w.k, w.base_ptr, w.offsets_ptr, w.n, yp, n, nt)
+        if use_int and w.int_ok:
+            rc = lib.gguf_gemm_int(w.int_type, xp, m, w.k, w.int_base_ptr, w.offsets_ptr, w.n,
+                                   yp, n, nt)
+        else:
+            rc = lib.gguf_gemm(w.type_id, xp, m, w.k, w.base_ptr, w.offsets_ptr, w.n, yp, n, nt)
         if rc:
             _check(rc, w)
         yp += 4 * w.n
     return y
+
+
+def repack(lib: ctypes.CDLL, w: PackedWeight, num_threads: int | None = None) -> bool:
+    """Give `w` the kernel library's repacked tiles for the integer path where the build has
+    them (Q4_K on x86: rows interleaved so that no step re-arranges them; see gguf_gemm.c),
+    and drop the file pages it read from this process's memory (they stay in the page cache,
+    and the original rows stay valid for anything else that reads them). Returns whether it
+    repacked."""
+    size = lib.gguf_repack_bytes(w.type_id, w.n, w.k) if w.int_ok else 0
+    if not size:
+        return False
+    raw = np.empty(size + 64, dtype=np.uint8)
+    at = -raw.ctypes.data % 64  # 64-byte aligned tiles
+    buf = raw[at:at + size]
+    rc = lib.gguf_repack(w.type_id, w.base_ptr, w.offsets_ptr, w.n, w.k, buf.ctypes.data,
+                         num_threads or torch.get_num_threads())
+    if rc < 0:
+        return False
+    w.repacked, w.int_type, w.int_base_ptr = buf, rc, buf.ctypes.data
+    _release_pages(w)
+    return True
+
+
+def _release_pages(w: PackedWeight) -> None:
+    """madvise(DONTNEED) the whole pages under w's rows in a file mapping (a read-only
+    mapping: a later read faults them back in from the page cache)."""
+    mm = getattr(w.base, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    _, per_block, block_bytes = TYPES[w.type_id]
+    row = w.k // per_block * block_bytes
+    page = mmap.PAGESIZE
+    lo, hi = int(w.offsets.min()), int(w.offsets.max()) + row
+    lo, hi = -(-lo // page) * page, hi // page * page  # only pages wholly inside
+    if hi > lo:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):
+            pass
 
 
 def dequantize_rows(lib: ctypes.CDLL, w: PackedWeight, rows: np.ndarray | None = None,
@@ -547,6 +597,12 @@ def load_gguf_model(path: Path, config, lib: ctypes.CDLL, max_len: int | None = 
             if dense.bias is not None:
                 raise CorralError(f"{path.name}: {name} needs a bias, which GGUF Llamas lack")
             setattr(parent, attr, layer)
+    tied = packed["lm_head"][0].offsets[0] == packed["embed"][0].offsets[0]
+    n_repacked = 0
+    if math == "int8":  # the tied head stays as it is: the embedding reads the same rows
+        n_repacked = sum(repack(lib, p) for name, parts in packed.items()
+                         if name.endswith("_proj") or (name == "lm_head" and not tied)
+                         for p in parts)
     if not model.tie:
         del model.lm_head  # the logits run on packed_lm_head
         model.tie = True  # no dense head: compute_logits takes packed_lm_head
@@ -556,12 +612,12 @@ def load_gguf_model(path: Path, config, lib: ctypes.CDLL, max_len: int | None = 
                if name.endswith(("_proj", "lm_head")) for p in parts]
     kinds = sorted({p.kind for p in matmuls})
     size = sum(p.nbytes for ps in packed.values() for p in ps)
-    tied = packed["lm_head"][0].offsets[0] == packed["embed"][0].offsets[0]
     model.n_params = sum(p.n * p.k for name, ps in packed.items() for p in ps
                          if not (tied and name == "lm_head"))
     isa = lib.gguf_isa().decode()
     desc = (f"GGUF {'/'.join(kinds)} memory-mapped ({size / 2**20:.0f} MiB, no dense copy), "
-            f"{isa} kernels for all {len(matmuls)} matmul parts ({_math_desc(matmuls, math, max_rows)})")
+            f"{isa} kernels for all {len(matmuls)} matmul parts ({_math_desc(matmuls, math, max_rows)})"
+            + (f", {n_repacked} repacked at load" if n_repacked else ""))
     return model, desc + attach_fused(model)
 
 

@@ -187,6 +187,47 @@ def test_row_range_entry_points_match_gguf_gemm_int(libs, kind):
             assert torch.equal(y, ref), (variant, m)
 
 
+def test_repacked_q4k_equals_the_rows_it_came_from(libs):
+    """Q4_K repacked at load (x86 SIMD builds: rows interleaved in tiles of 8 or 16) gives the
+    integer path's exact bytes at every step size, on row counts that end in a partial tile, and
+    through gemm_int_range on row ranges that cut tiles (a fused step's chunks); builds without
+    a repacked form (portable, NEON) say so and keep the rows as they are."""
+    n, k = 37, 512
+    rows = random_rows("Q4_K", n, k, seed=11)
+    x = torch.randn(33, k, generator=torch.Generator().manual_seed(5))
+    x[3, 7] = 50.0
+    p, i32 = ctypes.c_void_p, ctypes.c_int
+    for variant, lib in libs.items():
+        plain = gk.PackedWeight.from_rows("Q4_K", rows)
+        rp = gk.PackedWeight.from_rows("Q4_K", rows)
+        if variant == "portable":
+            assert not gk.repack(lib, rp) and rp.int_type == rp.type_id
+            continue
+        assert gk.repack(lib, rp) and rp.int_type != rp.type_id and rp.repacked is not None
+        assert rp.repacked.ctypes.data % 64 == 0
+        for m in (1, 2, 3, 4, 5, 9, 24, 33):
+            ref = gk.gguf_matmul(lib, x[:m], plain, math="int8")
+            assert torch.equal(gk.gguf_matmul(lib, x[:m], rp, math="int8"), ref), (variant, m)
+            assert torch.equal(gk.gguf_matmul(lib, x[:m], rp, num_threads=1, math="int8"), ref)
+        # the fused step's entry point, on ranges that start and end inside tiles
+        lib.xq_alloc.argtypes = [p, i32, i32, i32]
+        lib.xq_free.argtypes = [p]
+        lib.quantize_rows.argtypes = [p, i32, i32, p]
+        lib.gemm_int_range.argtypes = [i32, p, i32, p, p, i32, i32, p, i32, p]
+        for m in (1, 6):
+            X = XQ()
+            assert lib.xq_alloc(ctypes.byref(X), m, k, 256) == 0
+            xm = x[:m].contiguous()
+            lib.quantize_rows(xm.data_ptr(), 0, m, ctypes.byref(X))
+            y = torch.full((m, n), float("nan"))
+            for n0, n1 in ((0, 3), (3, 21), (21, 37)):
+                assert lib.gemm_int_range(rp.int_type, ctypes.byref(X), m, rp.int_base_ptr,
+                                          rp.offsets_ptr, n0, n1, y.data_ptr() + 4 * n0, n,
+                                          None) == 0
+            lib.xq_free(ctypes.byref(X))
+            assert torch.equal(y, gk.gguf_matmul(lib, xm, plain, math="int8")), (variant, m)
+
+
 def test_int8_path_leaves_float_types_on_fp32(lib):
     for kind in ("F32", "F16", "BF16"):
         w = gk.PackedWeight.from_rows(kind, random_rows(kind, 5, 64, seed=1))

@@ -200,10 +200,11 @@ static void wait_stage(stage_t *s, int n) {
 #define SYNC(s, n) wait_stage(s, n)
 #endif
 
-/* rows per matmul chunk: ~16 chunks a thread, a multiple of the 8-row tile, 16..256 */
+/* rows per matmul chunk: ~16 chunks a thread, a multiple of the widest tile (16 rows: a
+ * repacked tile is computed whole), 16..256 */
 static int chunk_rows(int N, int T) {
     int c = (N + 16 * T - 1) / (16 * T);
-    c = (c + 7) / 8 * 8;
+    c = (c + 15) / 16 * 16;
     return c < 16 ? 16 : (c > 256 ? 256 : c);
 }
 

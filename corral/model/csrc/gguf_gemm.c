@@ -573,6 +573,9 @@ static int int_block(int type) {
     switch (type) {
     case 2: case 3: case 8: return 32;
     case 12: case 13: case 14: return 256;
+#if INT_SIMD
+    case 112: return 256; /* RP_Q4_K */
+#endif
     default: return 0;
     }
 }
@@ -1447,7 +1450,9 @@ static inline void k_unpack(int type, const uint8_t *blk, uint8_t *out) {
     }
 }
 
+#ifndef MT
 #define MT 4 /* tokens per pass over a prepared tile */
+#endif
 
 /* The tile's vector width: 16 rows in zmm lanes with AVX-512 VNNI, else 8 in ymm lanes (the
  * plain AVX-512 build keeps 8: without VNNI its Q8_0 needs sign_epi8, which has no zmm form). */
@@ -1619,6 +1624,11 @@ static void prep256_block(int type, const uint8_t *const w[TL], size_t at, prep2
     p->dmin = tvf_cat(dm[0], dm[1]);
 #else
     prep256_half(type, w, at, p->t, p->sc, p->scp, &p->d, &p->dmin);
+#if !VNNI256 /* tdot256_n's madd: the scale in both int16 halves of its lane */
+    for (int j = 0; j < (type == 14 ? 16 : 8); j++)
+        p->sc[j] = _mm256_or_si256(_mm256_and_si256(p->sc[j], _mm256_set1_epi32(0xffff)),
+                                   _mm256_slli_epi32(p->sc[j], 16));
+#endif
 #endif
 }
 
@@ -1686,14 +1696,39 @@ static AI void tdot256_n(int type, const prep256 *P, const xq_t *X, int t0, int 
             xr[t] = X->q + (size_t)(t0 + t) * X->K + (size_t)b * 256;
         }
         const int nsub = type == 14 ? 16 : 8, per = type == 14 ? 4 : 8;
+#if TL == 8 && !VNNI256
+        /* no dpbusd: maddubs' int16 pairs summed over `run` groups stay below 2^15 (Q4_K 8 *
+         * 2*15*127, Q5_K 4 * 2*31*127, Q6_K 2 * 2*63*127), so one madd with the scale in both
+         * int16 halves (prep) both widens and scales them: the same integers as dpbusd +
+         * mullo below in about 60 % of the instructions */
+        (void)sub;
+        const int run = type == 12 ? 8 : type == 13 ? 4 : 2;
+        for (int j = 0; j < nsub; j++) {
+#pragma GCC unroll 8
+            for (int g0 = j * per; g0 < (j + 1) * per; g0 += run) {
+                __m256i p16[MT];
+#pragma GCC unroll 8
+                for (int g = g0; g < g0 + run; g++) {
+                    const TVI tv = p->t[g];
+                    for (int t = 0; t < mt; t++) {
+                        const __m256i m = _mm256_maddubs_epi16(tv, tvi_set1(load4(xr[t] + 4 * g)));
+                        p16[t] = g == g0 ? m : _mm256_add_epi16(p16[t], m);
+                    }
+                }
+                for (int t = 0; t < mt; t++) tot[t] = tvi_add(tot[t], tvi_madd16(p16[t], p->sc[j]));
+            }
+        }
+#else
         for (int j = 0; j < nsub; j++) {
             for (int t = 0; t < mt; t++) sub[t] = tvi_zero();
+#pragma GCC unroll 8
             for (int g = j * per; g < (j + 1) * per; g++) { /* g: 4-byte group in the block */
                 const TVI tv = p->t[g];
                 for (int t = 0; t < mt; t++) sub[t] = tvi_dpbusd(sub[t], tv, tvi_set1(load4(xr[t] + 4 * g)));
             }
             for (int t = 0; t < mt; t++) tot[t] = tvi_add(tot[t], tvi_mullo(sub[t], p->sc[j]));
         }
+#endif
         for (int t = 0; t < mt; t++) {
             /* a pair of the token's sums per madd: Q6_K's -32*sum(sc*xs16) (16-sums, adjacent
              * in memory); Q4_K/Q5_K's mins (32-sums, packed here in scalar registers, which
@@ -1718,14 +1753,16 @@ static AI void tdot256_n(int type, const prep256 *P, const xq_t *X, int t0, int 
 }
 
 /* every (type, token count) as its own compiled copy, so the accumulators stay in registers */
-#define TD_CASE(F, T)                                   \
-    case T:                                             \
-        switch (mt) {                                   \
+#ifndef MT_CASES
+#define MT_CASES(F, T)                                  \
         case 1: F##_n(T, P, X, t0, 1, a); break;         \
         case 2: F##_n(T, P, X, t0, 2, a); break;         \
         case 3: F##_n(T, P, X, t0, 3, a); break;         \
-        default: F##_n(T, P, X, t0, 4, a); break;        \
-        }                                               \
+        default: F##_n(T, P, X, t0, 4, a); break;
+#endif
+#define TD_CASE(F, T)                                   \
+    case T:                                             \
+        switch (mt) { MT_CASES(F, T) }                  \
         break;
 
 static void tdot32(int type, const prep32 *P, const xq_t *X, int t0, int mt, TVF *a) {
@@ -1769,7 +1806,190 @@ static size_t t8_work_bytes(int type, int K) {
     const size_t per = int_block(type) == 32 ? sizeof(prep32) : sizeof(prep256);
     return per * (size_t)(K / int_block(type));
 }
+
+/* ---- Q4_K repacked at load (x86): TL rows interleaved, so no step re-arranges them ----------
+ * The tiles above are what every step of the transposed path builds and throws away, and the
+ * small-step path pays a horizontal reduction and a scale shuffle per row and block instead
+ * (compute-bound on CPUs that split 512-bit ops, e.g. Zen 4: 15-20 GB/s of weights on 2 cores
+ * where DRAM gives ~30). Repacked once, a tile block is read straight into the lanes at any
+ * step size. Tile t, block b sits at base + (t * nb + b) * RP4K_BYTES:
+ *   qs  [32][TL][4]  granule i holds bytes 4i..4i+3 of each row's 128 qs bytes, so granule
+ *                    p*8+k's low nibbles are values 64p+4k.. (sub-block 2p) and its high ones
+ *                    64p+32+4k.. (sub-block 2p+1)
+ *   sc  [8][TL]      the 6-bit scales, u8
+ *   mn  [4][TL][2]   the mins in int16 pairs (mn[2q], mn[2q+1]), as prep256's scp
+ *   d   [TL], dmin [TL]  fp16, as in the block
+ * 156 bytes a row and block against 144 (+8 %). Same integers and the same fp32 operations per
+ * row as tdot256 and the small-step path: bit-identical results. */
+#define RP_Q4_K 112 /* our own type id for repacked Q4_K (ggml's ids stay below 100) */
+#define RP4K_BYTES (TL * 156)
+
+static AI TVI tvi_load(const void *p) {
+#if TL == 16
+    return _mm512_loadu_si512(p);
+#else
+    return _mm256_loadu_si256((const __m256i *)p);
 #endif
+}
+static AI TVI tvi_u8(const uint8_t *p) { /* TL bytes -> TL int32 lanes */
+#if TL == 16
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+#else
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#endif
+}
+static AI TVF tvf_fp16(const uint8_t *p) { /* TL fp16 -> TL fp32 lanes */
+#if TL == 16
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#else
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#endif
+}
+
+static AI void rp4k_n(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
+    const int nb = X->nb;
+    const TVI m4 = tvi_set1(0x0f0f0f0f);
+    const int8_t *xr[MT];
+    for (int t = 0; t < mt; t++) {
+        a[t] = tvf_zero();
+        xr[t] = X->q + (size_t)(t0 + t) * X->K;
+    }
+    for (int b = 0; b < nb; b++, T += RP4K_BYTES) {
+        const uint8_t *sc8 = T + TL * 128, *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
+        TVI tot[MT];
+        for (int t = 0; t < mt; t++) tot[t] = tvi_zero();
+        for (int p = 0; p < 4; p++) { /* sub-blocks 2p (low nibbles) and 2p+1 (high) */
+#if TL == 8 && !VNNI256
+            __m256i lo16[MT], hi16[MT]; /* maddubs pairs summed in int16: <= 8 * 2*15*127 */
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) {
+                const TVI v = tvi_load(T + (size_t)(p * 8 + k) * TL * 4);
+                const TVI lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                for (int t = 0; t < mt; t++) {
+                    const int8_t *x = xr[t] + (size_t)b * 256 + 64 * p + 4 * k;
+                    const __m256i ml = _mm256_maddubs_epi16(lo, tvi_set1(load4(x)));
+                    const __m256i mh = _mm256_maddubs_epi16(hi, tvi_set1(load4(x + 32)));
+                    lo16[t] = k ? _mm256_add_epi16(lo16[t], ml) : ml;
+                    hi16[t] = k ? _mm256_add_epi16(hi16[t], mh) : mh;
+                }
+            }
+            /* the scale in both int16 halves of a lane: one madd widens and scales */
+            const TVI s0 = tvi_u8(sc8 + (2 * p) * TL), s1 = tvi_u8(sc8 + (2 * p + 1) * TL);
+            const TVI s0p = _mm256_or_si256(s0, _mm256_slli_epi32(s0, 16));
+            const TVI s1p = _mm256_or_si256(s1, _mm256_slli_epi32(s1, 16));
+            for (int t = 0; t < mt; t++)
+                tot[t] = tvi_add(tot[t], tvi_add(tvi_madd16(lo16[t], s0p), tvi_madd16(hi16[t], s1p)));
+#else
+            TVI slo[MT], shi[MT];
+            for (int t = 0; t < mt; t++) slo[t] = shi[t] = tvi_zero();
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) {
+                const TVI v = tvi_load(T + (size_t)(p * 8 + k) * TL * 4);
+#if TL == 16
+                const TVI lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+#else
+                const TVI lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+#endif
+                for (int t = 0; t < mt; t++) {
+                    const int8_t *x = xr[t] + (size_t)b * 256 + 64 * p + 4 * k;
+                    slo[t] = tvi_dpbusd(slo[t], lo, tvi_set1(load4(x)));
+                    shi[t] = tvi_dpbusd(shi[t], hi, tvi_set1(load4(x + 32)));
+                }
+            }
+            const TVI s0 = tvi_u8(sc8 + (2 * p) * TL), s1 = tvi_u8(sc8 + (2 * p + 1) * TL);
+            for (int t = 0; t < mt; t++)
+                tot[t] = tvi_add(tot[t], tvi_add(tvi_mullo(slo[t], s0), tvi_mullo(shi[t], s1)));
+#endif
+        }
+        const TVF d = tvf_fp16(dd), dmin = tvf_fp16(dd + 2 * TL);
+        for (int t = 0; t < mt; t++) {
+            const int32_t *xs = X->s + (size_t)(t0 + t) * (X->K / 32) + (size_t)b * 8;
+            TVI im = tvi_zero();
+            for (int q = 0; q < 4; q++) {
+                const uint32_t xp = (uint32_t)(uint16_t)xs[2 * q] | ((uint32_t)xs[2 * q + 1] << 16);
+                im = tvi_add(im, tvi_madd16(tvi_load(mnp + (size_t)q * TL * 4), tvi_set1((int32_t)xp)));
+            }
+            const TVF dx = tvf_set1(X->d[(size_t)(t0 + t) * nb + b]);
+            a[t] = tvf_add(a[t], tvf_mul(tvf_mul(d, dx), tvf_cvt(tot[t])));
+            a[t] = tvf_sub(a[t], tvf_mul(tvf_mul(dmin, dx), tvf_cvt(im)));
+        }
+    }
+}
+
+static void rp4k(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
+    switch (mt) {
+    case 1: rp4k_n(T, X, t0, 1, a); break;
+    case 2: rp4k_n(T, X, t0, 2, a); break;
+    case 3: rp4k_n(T, X, t0, 3, a); break;
+    default: rp4k_n(T, X, t0, 4, a); break;
+    }
+}
+
+/* output rows [n0, n1) (any range: whole tiles are computed, the rows asked for stored) */
+static void rp_range(const xq_t *X, int M, const uint8_t *base, int n0, int n1, float *y, int ldy) {
+    const size_t tile_bytes = (size_t)X->nb * RP4K_BYTES;
+    for (int tile = n0 / TL; tile * TL < n1; tile++) {
+        const uint8_t *T = base + (size_t)tile * tile_bytes;
+        const int r0 = n0 > tile * TL ? n0 - tile * TL : 0;
+        const int r1 = n1 < (tile + 1) * TL ? n1 - tile * TL : TL;
+        TVF a[4];
+        for (int t0 = 0; t0 < M; t0 += 4) {
+            const int mt = M - t0 < 4 ? M - t0 : 4;
+            rp4k(T, X, t0, mt, a);
+            for (int t = 0; t < mt; t++) {
+                float o[TL];
+                tvf_store(o, a[t]);
+                for (int r = r0; r < r1; r++) y[(size_t)(t0 + t) * ldy + tile * TL + r - n0] = o[r];
+            }
+        }
+    }
+}
+#endif
+
+/* Bytes the repacked form of N rows of K values of `type` takes in this build (0: no repacked
+ * form: not Q4_K, K not a multiple of 256, or a build without the x86 SIMD kernels), and the
+ * type id it runs under (RP_Q4_K). */
+size_t gguf_repack_bytes(int type, int N, int K) {
+#if INT_SIMD
+    if (type == 12 && K % 256 == 0 && N > 0) return (size_t)((N + TL - 1) / TL) * (K / 256) * RP4K_BYTES;
+#endif
+    (void)type; (void)N; (void)K;
+    return 0;
+}
+
+/* Repack N Q4_K rows (at base + offsets[n]) into out (gguf_repack_bytes(12, N, K) bytes); a
+ * last partial tile repeats its last row. Returns RP_Q4_K, or -1 if there is no repacked form. */
+int gguf_repack(int type, const uint8_t *base, const int64_t *offsets, int N, int K, uint8_t *out,
+                int n_threads) {
+    if (!gguf_repack_bytes(type, N, K)) return -1;
+#if INT_SIMD
+    const int nb = K / 256, tiles = (N + TL - 1) / TL;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int tile = 0; tile < tiles; tile++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *T = out + ((size_t)tile * nb + b) * RP4K_BYTES;
+            uint8_t *sc8 = T + TL * 128, *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
+            for (int r = 0; r < TL; r++) {
+                const int n = tile * TL + r < N ? tile * TL + r : N - 1;
+                const uint8_t *blk = base + offsets[n] + (size_t)b * 144;
+                for (int i = 0; i < 32; i++) memcpy(T + ((size_t)i * TL + r) * 4, blk + 16 + 4 * i, 4);
+                int sc[8], mn[8];
+                for (int j = 0; j < 8; j++) k_scale_min(blk + 4, j, &sc[j], &mn[j]);
+                for (int j = 0; j < 8; j++) sc8[j * TL + r] = (uint8_t)sc[j];
+                for (int q = 0; q < 4; q++) {
+                    const uint16_t pr[2] = {(uint16_t)mn[2 * q], (uint16_t)mn[2 * q + 1]};
+                    memcpy(mnp + ((size_t)q * TL + r) * 4, pr, 4);
+                }
+                memcpy(dd + 2 * r, blk, 2);
+                memcpy(dd + 2 * TL + 2 * r, blk + 2, 2);
+            }
+        }
+    return RP_Q4_K;
+#else
+    (void)base; (void)offsets; (void)out; (void)n_threads;
+    return -1;
+#endif
+}
 
 /* Steps of at least this many tokens take the transposed tiles (x86 SIMD builds): preparing a
  * tile costs more than the small tiles' per-token unpacking below that (measured, 1B shapes,
@@ -1783,6 +2003,7 @@ static int t8_min_rows(int type) { return int_block(type) == 256 ? 24 : 10; }
 size_t gemm_int_work_bytes(int type, int K, int M) {
     if (!int_block(type) || K % int_block(type)) return 0;
 #if INT_SIMD
+    if (type == RP_Q4_K) return 0;
     if (M >= t8_min_rows(type)) return t8_work_bytes(type, K);
 #endif
     (void)M;
@@ -1797,6 +2018,10 @@ int gemm_int_range(int type, const xq_t *X, int M, const uint8_t *base, const in
                    int n0, int n1, float *y, int ldy, void *work) {
     if (!int_block(type) || X->K % int_block(type)) return -1;
 #if INT_SIMD
+    if (type == RP_Q4_K) { /* base: the repacked tiles (offsets unused) */
+        rp_range(X, M, base, n0, n1, y, ldy);
+        return 0;
+    }
     if (M >= t8_min_rows(type)) {
         void *buf = work ? work : aligned_alloc(64, t8_work_bytes(type, X->K));
         if (!buf) return -3;
