@@ -599,10 +599,9 @@ def load_gguf_model(path: Path, config, lib: ctypes.CDLL, max_len: int | None = 
             setattr(parent, attr, layer)
     tied = packed["lm_head"][0].offsets[0] == packed["embed"][0].offsets[0]
     n_repacked = 0
-    if math == "int8":  # the tied head stays as it is: the embedding reads the same rows
+    if math == "int8":  # a tied head too: the embedding reads the file's rows (a few a step)
         n_repacked = sum(repack(lib, p) for name, parts in packed.items()
-                         if name.endswith("_proj") or (name == "lm_head" and not tied)
-                         for p in parts)
+                         if name.endswith(("_proj", "lm_head")) for p in parts)
     if not model.tie:
         del model.lm_head  # the logits run on packed_lm_head
         model.tie = True  # no dense head: compute_logits takes packed_lm_head

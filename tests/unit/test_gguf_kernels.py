@@ -187,19 +187,22 @@ def test_row_range_entry_points_match_gguf_gemm_int(libs, kind):
             assert torch.equal(y, ref), (variant, m)
 
 
-def test_repacked_q4k_equals_the_rows_it_came_from(libs):
-    """Q4_K repacked at load (x86 SIMD builds: rows interleaved in tiles of 8 or 16) gives the
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+def test_repacked_rows_equal_the_rows_they_came_from(libs, kind):
+    """Q4_0/Q4_1/Q8_0/Q4_K repacked at load (x86 SIMD builds: rows interleaved in tiles of 8 or
+    16) give the
     integer path's exact bytes at every step size, on row counts that end in a partial tile, and
     through gemm_int_range on row ranges that cut tiles (a fused step's chunks); builds without
     a repacked form (portable, NEON) say so and keep the rows as they are."""
     n, k = 37, 512
-    rows = random_rows("Q4_K", n, k, seed=11)
+    rows = random_rows(kind, n, k, seed=11)
+    block = gk.INT_BLOCK[gk.TYPE_IDS[kind]]
     x = torch.randn(33, k, generator=torch.Generator().manual_seed(5))
     x[3, 7] = 50.0
     p, i32 = ctypes.c_void_p, ctypes.c_int
     for variant, lib in libs.items():
-        plain = gk.PackedWeight.from_rows("Q4_K", rows)
-        rp = gk.PackedWeight.from_rows("Q4_K", rows)
+        plain = gk.PackedWeight.from_rows(kind, rows)
+        rp = gk.PackedWeight.from_rows(kind, rows)
         if variant == "portable":
             assert not gk.repack(lib, rp) and rp.int_type == rp.type_id
             continue
@@ -216,7 +219,7 @@ def test_repacked_q4k_equals_the_rows_it_came_from(libs):
         lib.gemm_int_range.argtypes = [i32, p, i32, p, p, i32, i32, p, i32, p]
         for m in (1, 6):
             X = XQ()
-            assert lib.xq_alloc(ctypes.byref(X), m, k, 256) == 0
+            assert lib.xq_alloc(ctypes.byref(X), m, k, block) == 0
             xm = x[:m].contiguous()
             lib.quantize_rows(xm.data_ptr(), 0, m, ctypes.byref(X))
             y = torch.full((m, n), float("nan"))
@@ -226,6 +229,9 @@ def test_repacked_q4k_equals_the_rows_it_came_from(libs):
                                           None) == 0
             lib.xq_free(ctypes.byref(X))
             assert torch.equal(y, gk.gguf_matmul(lib, xm, plain, math="int8")), (variant, m)
+    # Q5_K / Q6_K have no repacked form: they stay rows
+    other = gk.PackedWeight.from_rows("Q6_K", random_rows("Q6_K", 5, 256, seed=2))
+    assert not gk.repack(next(iter(libs.values())), other) and other.repacked is None
 
 
 def test_int8_path_leaves_float_types_on_fp32(lib):

@@ -574,6 +574,7 @@ static int int_block(int type) {
     case 2: case 3: case 8: return 32;
     case 12: case 13: case 14: return 256;
 #if INT_SIMD
+    case 102: case 103: case 108: return 32; /* RP_Q4_0, RP_Q4_1, RP_Q8_0 */
     case 112: return 256; /* RP_Q4_K */
 #endif
     default: return 0;
@@ -1916,18 +1917,127 @@ static AI void rp4k_n(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
     }
 }
 
-static void rp4k(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
-    switch (mt) {
-    case 1: rp4k_n(T, X, t0, 1, a); break;
-    case 2: rp4k_n(T, X, t0, 2, a); break;
-    case 3: rp4k_n(T, X, t0, 3, a); break;
-    default: rp4k_n(T, X, t0, 4, a); break;
+/* ---- Q4_0 / Q4_1 / Q8_0 repacked the same way: tile t, block b at base + (t * nb + b) *
+ * rp_bytes(type): the quants as 4-byte granules [g][TL][4] (Q4: 4 granules whose low nibbles
+ * are values 4g.. and high ones 16+4g..; Q8_0: 8 granules of values 4g.., plus 128 in VNNI
+ * builds, as the transposed tiles hold them), then d [TL] (and Q4_1's m [TL]) fp16: the
+ * block's own size, no more. */
+#define RP_Q4_0 102
+#define RP_Q4_1 103
+#define RP_Q8_0 108
+
+static AI void rp32_n(const int type, const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
+    const int nb = X->nb, ng = type == RP_Q8_0 ? 8 : 4;
+    const size_t bytes = (size_t)TL * (type == RP_Q8_0 ? 34 : type == RP_Q4_1 ? 20 : 18);
+    const TVI m4 = tvi_set1(0x0f0f0f0f);
+    const int8_t *xr[MT];
+    for (int t = 0; t < mt; t++) {
+        a[t] = tvf_zero();
+        xr[t] = X->q + (size_t)(t0 + t) * X->K;
+    }
+    for (int b = 0; b < nb; b++, T += bytes) {
+        TVI is0[MT], is1[MT];
+#if TL == 8 && !VNNI256
+        __m256i p16[MT]; /* 4-bit values: maddubs pairs summed in int16, <= 8 * 2*15*127 */
+        const __m256i one = _mm256_set1_epi16(1);
+        for (int t = 0; t < mt; t++) is0[t] = is1[t] = tvi_zero();
+        for (int g = 0; g < ng; g++) {
+            const __m256i v = tvi_load(T + (size_t)g * TL * 4);
+            if (type == RP_Q8_0) { /* |w| * (x with w's sign) */
+                const __m256i av = _mm256_abs_epi8(v);
+                for (int t = 0; t < mt; t++) {
+                    const __m256i sx = _mm256_sign_epi8(tvi_set1(load4(xr[t] + (size_t)b * 32 + 4 * g)), v);
+                    is0[t] = _mm256_add_epi32(is0[t], _mm256_madd_epi16(_mm256_maddubs_epi16(av, sx), one));
+                }
+            } else {
+                const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                for (int t = 0; t < mt; t++) {
+                    const int8_t *x = xr[t] + (size_t)b * 32 + 4 * g;
+                    const __m256i m = _mm256_add_epi16(_mm256_maddubs_epi16(lo, tvi_set1(load4(x))),
+                                                       _mm256_maddubs_epi16(hi, tvi_set1(load4(x + 16))));
+                    p16[t] = g ? _mm256_add_epi16(p16[t], m) : m;
+                }
+            }
+        }
+        if (type != RP_Q8_0)
+            for (int t = 0; t < mt; t++) is0[t] = _mm256_madd_epi16(p16[t], one);
+#else
+        for (int t = 0; t < mt; t++) is0[t] = is1[t] = tvi_zero();
+#pragma GCC unroll 8
+        for (int g = 0; g < ng; g++) {
+            const TVI v = tvi_load(T + (size_t)g * TL * 4);
+            if (type == RP_Q8_0) {
+                for (int t = 0; t < mt; t++) {
+                    const TVI xv = tvi_set1(load4(xr[t] + (size_t)b * 32 + 4 * g));
+                    if (g & 1) is1[t] = tvi_dpbusd(is1[t], v, xv);
+                    else is0[t] = tvi_dpbusd(is0[t], v, xv);
+                }
+            } else {
+#if TL == 16
+                const TVI lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+#else
+                const TVI lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+#endif
+                for (int t = 0; t < mt; t++) {
+                    const int8_t *x = xr[t] + (size_t)b * 32 + 4 * g;
+                    is0[t] = tvi_dpbusd(is0[t], lo, tvi_set1(load4(x)));
+                    is1[t] = tvi_dpbusd(is1[t], hi, tvi_set1(load4(x + 16)));
+                }
+            }
+        }
+#endif
+        const uint8_t *dd = T + (size_t)ng * TL * 4;
+        const TVF dw = tvf_fp16(dd);
+        const TVF mw = type == RP_Q4_1 ? tvf_fp16(dd + 2 * TL) : tvf_zero();
+        for (int t = 0; t < mt; t++) { /* tdot32_n's fp32 step */
+            const size_t row = (size_t)(t0 + t);
+            const float dx = X->d[row * nb + b];
+            const int xs = X->s[row * nb + b];
+            TVI is = tvi_add(is0[t], is1[t]);
+            if (type == RP_Q4_0) is = tvi_sub(is, tvi_set1(8 * xs));
+#if TL == 16 || VNNI256
+            if (type == RP_Q8_0) is = tvi_sub(is, tvi_set1(128 * xs));
+#endif
+            TVF term = tvf_mul(tvf_mul(dw, tvf_set1(dx)), tvf_cvt(is));
+            if (type == RP_Q4_1) term = tvf_add(term, tvf_mul(tvf_mul(mw, tvf_set1(dx)), tvf_set1((float)xs)));
+            a[t] = tvf_add(a[t], term);
+        }
+    }
+}
+
+#define RP_MT(F, ...)                                        \
+    switch (mt) {                                            \
+    case 1: F(__VA_ARGS__, X, t0, 1, a); break;               \
+    case 2: F(__VA_ARGS__, X, t0, 2, a); break;               \
+    case 3: F(__VA_ARGS__, X, t0, 3, a); break;               \
+    default: F(__VA_ARGS__, X, t0, 4, a); break;              \
+    }
+
+static void rp_tile(int type, const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
+    switch (type) {
+    case RP_Q4_K: RP_MT(rp4k_n, T) break;
+    case RP_Q4_0: RP_MT(rp32_n, RP_Q4_0, T) break;
+    case RP_Q4_1: RP_MT(rp32_n, RP_Q4_1, T) break;
+    default: RP_MT(rp32_n, RP_Q8_0, T) break;
+    }
+}
+#undef RP_MT
+
+/* bytes of one tile block of a repacked type (0: not one) */
+static size_t rp_bytes(int type) {
+    switch (type) {
+    case RP_Q4_K: return RP4K_BYTES;
+    case RP_Q4_0: return (size_t)TL * 18;
+    case RP_Q4_1: return (size_t)TL * 20;
+    case RP_Q8_0: return (size_t)TL * 34;
+    default: return 0;
     }
 }
 
 /* output rows [n0, n1) (any range: whole tiles are computed, the rows asked for stored) */
-static void rp_range(const xq_t *X, int M, const uint8_t *base, int n0, int n1, float *y, int ldy) {
-    const size_t tile_bytes = (size_t)X->nb * RP4K_BYTES;
+static void rp_range(int type, const xq_t *X, int M, const uint8_t *base, int n0, int n1, float *y,
+                     int ldy) {
+    const size_t tile_bytes = (size_t)X->nb * rp_bytes(type);
     for (int tile = n0 / TL; tile * TL < n1; tile++) {
         const uint8_t *T = base + (size_t)tile * tile_bytes;
         const int r0 = n0 > tile * TL ? n0 - tile * TL : 0;
@@ -1935,7 +2045,7 @@ static void rp_range(const xq_t *X, int M, const uint8_t *base, int n0, int n1, 
         TVF a[4];
         for (int t0 = 0; t0 < M; t0 += 4) {
             const int mt = M - t0 < 4 ? M - t0 : 4;
-            rp4k(T, X, t0, mt, a);
+            rp_tile(type, T, X, t0, mt, a);
             for (int t = 0; t < mt; t++) {
                 float o[TL];
                 tvf_store(o, a[t]);
@@ -1946,45 +2056,75 @@ static void rp_range(const xq_t *X, int M, const uint8_t *base, int n0, int n1, 
 }
 #endif
 
-/* Bytes the repacked form of N rows of K values of `type` takes in this build (0: no repacked
- * form: not Q4_K, K not a multiple of 256, or a build without the x86 SIMD kernels), and the
- * type id it runs under (RP_Q4_K). */
+/* The repacked type a ggml type runs under in this build: RP_* or 0 (none: F32/F16/BF16,
+ * Q5_K/Q6_K, or a build without the x86 SIMD kernels). */
+#if INT_SIMD
+static int rp_type_of(int type) {
+    switch (type) {
+    case 2: return RP_Q4_0;
+    case 3: return RP_Q4_1;
+    case 8: return RP_Q8_0;
+    case 12: return RP_Q4_K;
+    default: return 0;
+    }
+}
+#endif
+
+/* Bytes the repacked form of N rows of K values of `type` takes in this build (0: none). */
 size_t gguf_repack_bytes(int type, int N, int K) {
 #if INT_SIMD
-    if (type == 12 && K % 256 == 0 && N > 0) return (size_t)((N + TL - 1) / TL) * (K / 256) * RP4K_BYTES;
+    const int rt = rp_type_of(type), B = int_block(type);
+    if (rt && N > 0 && K % B == 0) return (size_t)((N + TL - 1) / TL) * (K / B) * rp_bytes(rt);
 #endif
     (void)type; (void)N; (void)K;
     return 0;
 }
 
-/* Repack N Q4_K rows (at base + offsets[n]) into out (gguf_repack_bytes(12, N, K) bytes); a
- * last partial tile repeats its last row. Returns RP_Q4_K, or -1 if there is no repacked form. */
+/* Repack N rows of `type` (at base + offsets[n]) into out (gguf_repack_bytes bytes); a last
+ * partial tile repeats its last row. Returns the type id the repacked rows run under, or -1
+ * if there is no repacked form. */
 int gguf_repack(int type, const uint8_t *base, const int64_t *offsets, int N, int K, uint8_t *out,
                 int n_threads) {
     if (!gguf_repack_bytes(type, N, K)) return -1;
 #if INT_SIMD
-    const int nb = K / 256, tiles = (N + TL - 1) / TL;
+    const int rt = rp_type_of(type), B = int_block(type), nb = K / B, tiles = (N + TL - 1) / TL;
+    const size_t tb = rp_bytes(rt), bb = (size_t)block_bytes(type);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int tile = 0; tile < tiles; tile++)
         for (int b = 0; b < nb; b++) {
-            uint8_t *T = out + ((size_t)tile * nb + b) * RP4K_BYTES;
-            uint8_t *sc8 = T + TL * 128, *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
+            uint8_t *T = out + ((size_t)tile * nb + b) * tb;
             for (int r = 0; r < TL; r++) {
                 const int n = tile * TL + r < N ? tile * TL + r : N - 1;
-                const uint8_t *blk = base + offsets[n] + (size_t)b * 144;
-                for (int i = 0; i < 32; i++) memcpy(T + ((size_t)i * TL + r) * 4, blk + 16 + 4 * i, 4);
-                int sc[8], mn[8];
-                for (int j = 0; j < 8; j++) k_scale_min(blk + 4, j, &sc[j], &mn[j]);
-                for (int j = 0; j < 8; j++) sc8[j * TL + r] = (uint8_t)sc[j];
-                for (int q = 0; q < 4; q++) {
-                    const uint16_t pr[2] = {(uint16_t)mn[2 * q], (uint16_t)mn[2 * q + 1]};
-                    memcpy(mnp + ((size_t)q * TL + r) * 4, pr, 4);
+                const uint8_t *blk = base + offsets[n] + (size_t)b * bb;
+                if (rt == RP_Q4_K) {
+                    uint8_t *sc8 = T + TL * 128, *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
+                    for (int i = 0; i < 32; i++) memcpy(T + ((size_t)i * TL + r) * 4, blk + 16 + 4 * i, 4);
+                    int sc[8], mn[8];
+                    for (int j = 0; j < 8; j++) k_scale_min(blk + 4, j, &sc[j], &mn[j]);
+                    for (int j = 0; j < 8; j++) sc8[j * TL + r] = (uint8_t)sc[j];
+                    for (int q = 0; q < 4; q++) {
+                        const uint16_t pr[2] = {(uint16_t)mn[2 * q], (uint16_t)mn[2 * q + 1]};
+                        memcpy(mnp + ((size_t)q * TL + r) * 4, pr, 4);
+                    }
+                    memcpy(dd + 2 * r, blk, 2);
+                    memcpy(dd + 2 * TL + 2 * r, blk + 2, 2);
+                } else {
+                    const int ng = rt == RP_Q8_0 ? 8 : 4, qoff = rt == RP_Q4_1 ? 4 : 2;
+                    for (int g = 0; g < ng; g++) {
+                        uint8_t *o = T + ((size_t)g * TL + r) * 4;
+                        memcpy(o, blk + qoff + 4 * g, 4);
+#if TL == 16 || VNNI256
+                        if (rt == RP_Q8_0) /* w + 128, unsigned, as dpbusd takes it */
+                            for (int i = 0; i < 4; i++) o[i] ^= 0x80;
+#endif
+                    }
+                    uint8_t *dd = T + (size_t)ng * TL * 4;
+                    memcpy(dd + 2 * r, blk, 2);
+                    if (rt == RP_Q4_1) memcpy(dd + 2 * TL + 2 * r, blk + 2, 2);
                 }
-                memcpy(dd + 2 * r, blk, 2);
-                memcpy(dd + 2 * TL + 2 * r, blk + 2, 2);
             }
         }
-    return RP_Q4_K;
+    return rt;
 #else
     (void)base; (void)offsets; (void)out; (void)n_threads;
     return -1;
@@ -2003,7 +2143,7 @@ static int t8_min_rows(int type) { return int_block(type) == 256 ? 24 : 10; }
 size_t gemm_int_work_bytes(int type, int K, int M) {
     if (!int_block(type) || K % int_block(type)) return 0;
 #if INT_SIMD
-    if (type == RP_Q4_K) return 0;
+    if (rp_bytes(type)) return 0;
     if (M >= t8_min_rows(type)) return t8_work_bytes(type, K);
 #endif
     (void)M;
@@ -2018,8 +2158,8 @@ int gemm_int_range(int type, const xq_t *X, int M, const uint8_t *base, const in
                    int n0, int n1, float *y, int ldy, void *work) {
     if (!int_block(type) || X->K % int_block(type)) return -1;
 #if INT_SIMD
-    if (type == RP_Q4_K) { /* base: the repacked tiles (offsets unused) */
-        rp_range(X, M, base, n0, n1, y, ldy);
+    if (rp_bytes(type)) { /* base: the repacked tiles (offsets unused) */
+        rp_range(type, X, M, base, n0, n1, y, ldy);
         return 0;
     }
     if (M >= t8_min_rows(type)) {
