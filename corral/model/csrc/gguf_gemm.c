@@ -575,7 +575,7 @@ static int int_block(int type) {
     case 12: case 13: case 14: return 256;
 #if INT_SIMD
     case 102: case 103: case 108: return 32; /* RP_Q4_0, RP_Q4_1, RP_Q8_0 */
-    case 112: return 256; /* RP_Q4_K */
+    case 112: case 114: return 256; /* RP_Q4_K, RP_Q6_K */
 #endif
     default: return 0;
     }
@@ -1917,6 +1917,105 @@ static AI void rp4k_n(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
     }
 }
 
+/* ---- Q6_K repacked: tile t, block b at base + (t * nb + b) * RP6K_BYTES:
+ *   ql [32][TL][4]  granule i = ql bytes 4i..4i+3 of each row
+ *   qh [16][TL][4]  granule i = qh bytes 4i..4i+3
+ *   sc [8][TL][2]   the int8 scales in pairs (sc[2q], sc[2q+1]): one cvtepi8_epi16 gives
+ *                   tdot256's scp[q], and each scale by a shift
+ *   d  [TL]         fp16
+ * the block's own 210 bytes a row. Values 128h + 32c + 4k.. (chunk c of half h, as dq_q6_k)
+ * are the low (c = 0, 1) or high (c = 2, 3) nibbles of ql granule 16h + 8(c%2) + k, with bits
+ * 2c..2c+1 of qh granule 8h + k on top; sub-block (16 values) 8h + 2c + k/4. Same integers and
+ * fp32 steps as tdot256: bit-identical. */
+#define RP_Q6_K 114
+#define RP6K_BYTES (TL * 210)
+
+static AI void rp6k_n(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
+    const int nb = X->nb;
+    const TVI m4 = tvi_set1(0x0f0f0f0f), m30 = tvi_set1(0x30303030);
+    const int8_t *xr[MT];
+    for (int t = 0; t < mt; t++) {
+        a[t] = tvf_zero();
+        xr[t] = X->q + (size_t)(t0 + t) * X->K;
+    }
+    for (int b = 0; b < nb; b++, T += RP6K_BYTES) {
+        const uint8_t *QL = T, *QH = T + TL * 128, *SC = T + TL * 192, *D = T + TL * 208;
+        TVI tot[MT], scp[8];
+        for (int q = 0; q < 8; q++) {
+#if TL == 16
+            scp[q] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(SC + (size_t)q * TL * 2)));
+#else
+            scp[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(SC + (size_t)q * TL * 2)));
+#endif
+        }
+        for (int t = 0; t < mt; t++) tot[t] = tvi_zero();
+        for (int h = 0; h < 2; h++)
+            for (int c = 0; c < 4; c++)
+                for (int kh = 0; kh < 2; kh++) { /* sub-block j = 8h + 2c + kh */
+                    const int j = 8 * h + 2 * c + kh;
+                    /* scale j, sign-extended, in each int32 lane (scp[j/2]'s low or high half) */
+#if TL == 16
+                    const TVI scj = kh ? _mm512_srai_epi32(scp[j / 2], 16)
+                                       : _mm512_srai_epi32(_mm512_slli_epi32(scp[j / 2], 16), 16);
+#else
+                    const TVI scj = kh ? _mm256_srai_epi32(scp[j / 2], 16)
+                                       : _mm256_srai_epi32(_mm256_slli_epi32(scp[j / 2], 16), 16);
+#endif
+#if TL == 8 && !VNNI256
+                    /* maddubs pairs summed in int16 over 2 groups (<= 2 * 2*63*127), then one
+                     * madd with the scale in both halves */
+                    const __m256i scpair = _mm256_or_si256(_mm256_and_si256(scj, _mm256_set1_epi32(0xffff)),
+                                                           _mm256_slli_epi32(scj, 16));
+                    __m256i p16[MT];
+                    for (int t = 0; t < mt; t++) p16[t] = _mm256_setzero_si256();
+#endif
+                    TVI sub[MT];
+                    for (int t = 0; t < mt; t++) sub[t] = tvi_zero();
+#pragma GCC unroll 4
+                    for (int k = 4 * kh; k < 4 * kh + 4; k++) {
+                        const TVI L = tvi_load(QL + (size_t)(16 * h + 8 * (c % 2) + k) * TL * 4);
+                        const TVI H = tvi_load(QH + (size_t)(8 * h + k) * TL * 4);
+#if TL == 16
+                        const TVI lo = c < 2 ? _mm512_and_si512(L, m4) : _mm512_and_si512(_mm512_srli_epi16(L, 4), m4);
+                        const TVI hb = c == 0 ? _mm512_slli_epi16(H, 4) : c == 1 ? _mm512_slli_epi16(H, 2)
+                                     : c == 2 ? H : _mm512_srli_epi16(H, 2);
+                        const TVI v = _mm512_or_si512(lo, _mm512_and_si512(hb, m30));
+#else
+                        const TVI lo = c < 2 ? _mm256_and_si256(L, m4) : _mm256_and_si256(_mm256_srli_epi16(L, 4), m4);
+                        const TVI hb = c == 0 ? _mm256_slli_epi16(H, 4) : c == 1 ? _mm256_slli_epi16(H, 2)
+                                     : c == 2 ? H : _mm256_srli_epi16(H, 2);
+                        const TVI v = _mm256_or_si256(lo, _mm256_and_si256(hb, m30));
+#endif
+                        for (int t = 0; t < mt; t++) {
+                            const TVI xv = tvi_set1(load4(xr[t] + (size_t)b * 256 + 128 * h + 32 * c + 4 * k));
+#if TL == 8 && !VNNI256
+                            const __m256i m = _mm256_maddubs_epi16(v, xv);
+                            p16[t] = (k & 1) ? _mm256_add_epi16(p16[t], m) : m;
+                            if (k & 1) sub[t] = _mm256_add_epi32(sub[t], _mm256_madd_epi16(p16[t], scpair));
+#else
+                            sub[t] = tvi_dpbusd(sub[t], v, xv);
+#endif
+                        }
+                    }
+                    for (int t = 0; t < mt; t++)
+#if TL == 8 && !VNNI256
+                        tot[t] = tvi_add(tot[t], sub[t]);
+#else
+                        tot[t] = tvi_add(tot[t], tvi_mullo(sub[t], scj));
+#endif
+                }
+        const TVF d = tvf_fp16(D);
+        for (int t = 0; t < mt; t++) {
+            const int16_t *xs16 = X->s16 + (size_t)(t0 + t) * (X->K / 16) + (size_t)b * 16;
+            TVI im = tvi_zero();
+            for (int q = 0; q < 8; q++) im = tvi_add(im, tvi_madd16(scp[q], tvi_set1(load4(xs16 + 2 * q))));
+            tot[t] = tvi_sub(tot[t], tvi_slli(im, 5));
+            const TVF dx = tvf_set1(X->d[(size_t)(t0 + t) * nb + b]);
+            a[t] = tvf_add(a[t], tvf_mul(tvf_mul(d, dx), tvf_cvt(tot[t])));
+        }
+    }
+}
+
 /* ---- Q4_0 / Q4_1 / Q8_0 repacked the same way: tile t, block b at base + (t * nb + b) *
  * rp_bytes(type): the quants as 4-byte granules [g][TL][4] (Q4: 4 granules whose low nibbles
  * are values 4g.. and high ones 16+4g..; Q8_0: 8 granules of values 4g.., plus 128 in VNNI
@@ -2016,6 +2115,7 @@ static AI void rp32_n(const int type, const uint8_t *T, const xq_t *X, int t0, i
 static void rp_tile(int type, const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
     switch (type) {
     case RP_Q4_K: RP_MT(rp4k_n, T) break;
+    case RP_Q6_K: RP_MT(rp6k_n, T) break;
     case RP_Q4_0: RP_MT(rp32_n, RP_Q4_0, T) break;
     case RP_Q4_1: RP_MT(rp32_n, RP_Q4_1, T) break;
     default: RP_MT(rp32_n, RP_Q8_0, T) break;
@@ -2027,6 +2127,7 @@ static void rp_tile(int type, const uint8_t *T, const xq_t *X, int t0, int mt, T
 static size_t rp_bytes(int type) {
     switch (type) {
     case RP_Q4_K: return RP4K_BYTES;
+    case RP_Q6_K: return RP6K_BYTES;
     case RP_Q4_0: return (size_t)TL * 18;
     case RP_Q4_1: return (size_t)TL * 20;
     case RP_Q8_0: return (size_t)TL * 34;
@@ -2057,7 +2158,7 @@ static void rp_range(int type, const xq_t *X, int M, const uint8_t *base, int n0
 #endif
 
 /* The repacked type a ggml type runs under in this build: RP_* or 0 (none: F32/F16/BF16,
- * Q5_K/Q6_K, or a build without the x86 SIMD kernels). */
+ * Q5_K, or a build without the x86 SIMD kernels). */
 #if INT_SIMD
 static int rp_type_of(int type) {
     switch (type) {
@@ -2065,6 +2166,7 @@ static int rp_type_of(int type) {
     case 3: return RP_Q4_1;
     case 8: return RP_Q8_0;
     case 12: return RP_Q4_K;
+    case 14: return RP_Q6_K;
     default: return 0;
     }
 }
@@ -2108,6 +2210,13 @@ int gguf_repack(int type, const uint8_t *base, const int64_t *offsets, int N, in
                     }
                     memcpy(dd + 2 * r, blk, 2);
                     memcpy(dd + 2 * TL + 2 * r, blk + 2, 2);
+                } else if (rt == RP_Q6_K) {
+                    for (int i = 0; i < 32; i++) memcpy(T + ((size_t)i * TL + r) * 4, blk + 4 * i, 4);
+                    for (int i = 0; i < 16; i++)
+                        memcpy(T + (size_t)TL * 128 + ((size_t)i * TL + r) * 4, blk + 128 + 4 * i, 4);
+                    for (int q = 0; q < 8; q++)
+                        memcpy(T + (size_t)TL * 192 + ((size_t)q * TL + r) * 2, blk + 192 + 2 * q, 2);
+                    memcpy(T + (size_t)TL * 208 + 2 * r, blk + 208, 2);
                 } else {
                     const int ng = rt == RP_Q8_0 ? 8 : 4, qoff = rt == RP_Q4_1 ? 4 : 2;
                     for (int g = 0; g < ng; g++) {
