@@ -575,7 +575,7 @@ static int int_block(int type) {
     case 12: case 13: case 14: return 256;
 #if INT_SIMD
     case 102: case 103: case 108: return 32; /* RP_Q4_0, RP_Q4_1, RP_Q8_0 */
-    case 112: case 114: return 256; /* RP_Q4_K, RP_Q6_K */
+    case 112: case 113: case 114: return 256; /* RP_Q4_K, RP_Q5_K, RP_Q6_K */
 #endif
     default: return 0;
     }
@@ -1847,39 +1847,68 @@ static AI TVF tvf_fp16(const uint8_t *p) { /* TL fp16 -> TL fp32 lanes */
 #endif
 }
 
-static AI void rp4k_n(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
-    const int nb = X->nb;
+/* Q5_K the same way, with its fifth bits: qh [8][TL][4] after qs (granule k = qh bytes
+ * 4k..4k+3: bit 2p of each byte tops the low nibble of qs granule 8p + k, bit 2p+1 the high
+ * one), 188 bytes a row and block against 176 (+7 %). */
+#define RP_Q5_K 113
+#define RP5K_BYTES (TL * 188)
+
+/* bits b of each byte of H moved to bit 4 (as a mask 0x10 picks): shifts within 16-bit lanes
+ * reach no other byte's bit 4 for |4 - b| <= 4 */
+static AI TVI bit_to_4(TVI H, int b) {
+#if TL == 16
+    const TVI v = b < 4 ? _mm512_slli_epi16(H, 4 - b) : b > 4 ? _mm512_srli_epi16(H, b - 4) : H;
+    return _mm512_and_si512(v, _mm512_set1_epi8(0x10));
+#else
+    const TVI v = b < 4 ? _mm256_slli_epi16(H, 4 - b) : b > 4 ? _mm256_srli_epi16(H, b - 4) : H;
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+#endif
+}
+
+static AI void rpk_n(const int type, const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
+    const int nb = X->nb, q5 = type == RP_Q5_K;
+    const size_t bytes = q5 ? RP5K_BYTES : RP4K_BYTES;
     const TVI m4 = tvi_set1(0x0f0f0f0f);
     const int8_t *xr[MT];
     for (int t = 0; t < mt; t++) {
         a[t] = tvf_zero();
         xr[t] = X->q + (size_t)(t0 + t) * X->K;
     }
-    for (int b = 0; b < nb; b++, T += RP4K_BYTES) {
-        const uint8_t *sc8 = T + TL * 128, *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
+    for (int b = 0; b < nb; b++, T += bytes) {
+        const uint8_t *QH = T + TL * 128, *sc8 = QH + (q5 ? TL * 32 : 0), *mnp = sc8 + 8 * TL,
+                      *dd = mnp + 16 * TL;
         TVI tot[MT];
         for (int t = 0; t < mt; t++) tot[t] = tvi_zero();
         for (int p = 0; p < 4; p++) { /* sub-blocks 2p (low nibbles) and 2p+1 (high) */
 #if TL == 8 && !VNNI256
-            __m256i lo16[MT], hi16[MT]; /* maddubs pairs summed in int16: <= 8 * 2*15*127 */
+            /* maddubs pairs summed in int16 over `run` groups (Q4_K 8 * 2*15*127, Q5_K 4 *
+             * 2*31*127), then the scale in both int16 halves of a lane: one madd widens and
+             * scales */
+            const int run = q5 ? 4 : 8;
+            const TVI s0 = tvi_u8(sc8 + (2 * p) * TL), s1 = tvi_u8(sc8 + (2 * p + 1) * TL);
+            const TVI s0p = _mm256_or_si256(s0, _mm256_slli_epi32(s0, 16));
+            const TVI s1p = _mm256_or_si256(s1, _mm256_slli_epi32(s1, 16));
+            __m256i lo16[MT], hi16[MT];
+            for (int t = 0; t < mt; t++) lo16[t] = hi16[t] = _mm256_setzero_si256();
 #pragma GCC unroll 8
             for (int k = 0; k < 8; k++) {
                 const TVI v = tvi_load(T + (size_t)(p * 8 + k) * TL * 4);
-                const TVI lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                TVI lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (q5) {
+                    const TVI H = tvi_load(QH + (size_t)k * TL * 4);
+                    lo = _mm256_or_si256(lo, bit_to_4(H, 2 * p));
+                    hi = _mm256_or_si256(hi, bit_to_4(H, 2 * p + 1));
+                }
                 for (int t = 0; t < mt; t++) {
                     const int8_t *x = xr[t] + (size_t)b * 256 + 64 * p + 4 * k;
                     const __m256i ml = _mm256_maddubs_epi16(lo, tvi_set1(load4(x)));
                     const __m256i mh = _mm256_maddubs_epi16(hi, tvi_set1(load4(x + 32)));
-                    lo16[t] = k ? _mm256_add_epi16(lo16[t], ml) : ml;
-                    hi16[t] = k ? _mm256_add_epi16(hi16[t], mh) : mh;
+                    lo16[t] = k % run ? _mm256_add_epi16(lo16[t], ml) : ml;
+                    hi16[t] = k % run ? _mm256_add_epi16(hi16[t], mh) : mh;
+                    if (k % run == run - 1)
+                        tot[t] = tvi_add(tot[t], tvi_add(tvi_madd16(lo16[t], s0p), tvi_madd16(hi16[t], s1p)));
                 }
             }
-            /* the scale in both int16 halves of a lane: one madd widens and scales */
-            const TVI s0 = tvi_u8(sc8 + (2 * p) * TL), s1 = tvi_u8(sc8 + (2 * p + 1) * TL);
-            const TVI s0p = _mm256_or_si256(s0, _mm256_slli_epi32(s0, 16));
-            const TVI s1p = _mm256_or_si256(s1, _mm256_slli_epi32(s1, 16));
-            for (int t = 0; t < mt; t++)
-                tot[t] = tvi_add(tot[t], tvi_add(tvi_madd16(lo16[t], s0p), tvi_madd16(hi16[t], s1p)));
 #else
             TVI slo[MT], shi[MT];
             for (int t = 0; t < mt; t++) slo[t] = shi[t] = tvi_zero();
@@ -1887,9 +1916,19 @@ static AI void rp4k_n(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
             for (int k = 0; k < 8; k++) {
                 const TVI v = tvi_load(T + (size_t)(p * 8 + k) * TL * 4);
 #if TL == 16
-                const TVI lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                TVI lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                if (q5) {
+                    const TVI H = tvi_load(QH + (size_t)k * TL * 4);
+                    lo = _mm512_or_si512(lo, bit_to_4(H, 2 * p));
+                    hi = _mm512_or_si512(hi, bit_to_4(H, 2 * p + 1));
+                }
 #else
-                const TVI lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                TVI lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (q5) {
+                    const TVI H = tvi_load(QH + (size_t)k * TL * 4);
+                    lo = _mm256_or_si256(lo, bit_to_4(H, 2 * p));
+                    hi = _mm256_or_si256(hi, bit_to_4(H, 2 * p + 1));
+                }
 #endif
                 for (int t = 0; t < mt; t++) {
                     const int8_t *x = xr[t] + (size_t)b * 256 + 64 * p + 4 * k;
@@ -2114,7 +2153,8 @@ static AI void rp32_n(const int type, const uint8_t *T, const xq_t *X, int t0, i
 
 static void rp_tile(int type, const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
     switch (type) {
-    case RP_Q4_K: RP_MT(rp4k_n, T) break;
+    case RP_Q4_K: RP_MT(rpk_n, RP_Q4_K, T) break;
+    case RP_Q5_K: RP_MT(rpk_n, RP_Q5_K, T) break;
     case RP_Q6_K: RP_MT(rp6k_n, T) break;
     case RP_Q4_0: RP_MT(rp32_n, RP_Q4_0, T) break;
     case RP_Q4_1: RP_MT(rp32_n, RP_Q4_1, T) break;
@@ -2127,6 +2167,7 @@ static void rp_tile(int type, const uint8_t *T, const xq_t *X, int t0, int mt, T
 static size_t rp_bytes(int type) {
     switch (type) {
     case RP_Q4_K: return RP4K_BYTES;
+    case RP_Q5_K: return RP5K_BYTES;
     case RP_Q6_K: return RP6K_BYTES;
     case RP_Q4_0: return (size_t)TL * 18;
     case RP_Q4_1: return (size_t)TL * 20;
@@ -2158,7 +2199,7 @@ static void rp_range(int type, const xq_t *X, int M, const uint8_t *base, int n0
 #endif
 
 /* The repacked type a ggml type runs under in this build: RP_* or 0 (none: F32/F16/BF16,
- * Q5_K, or a build without the x86 SIMD kernels). */
+ * or a build without the x86 SIMD kernels). */
 #if INT_SIMD
 static int rp_type_of(int type) {
     switch (type) {
@@ -2166,6 +2207,7 @@ static int rp_type_of(int type) {
     case 3: return RP_Q4_1;
     case 8: return RP_Q8_0;
     case 12: return RP_Q4_K;
+    case 13: return RP_Q5_K;
     case 14: return RP_Q6_K;
     default: return 0;
     }
@@ -2198,9 +2240,14 @@ int gguf_repack(int type, const uint8_t *base, const int64_t *offsets, int N, in
             for (int r = 0; r < TL; r++) {
                 const int n = tile * TL + r < N ? tile * TL + r : N - 1;
                 const uint8_t *blk = base + offsets[n] + (size_t)b * bb;
-                if (rt == RP_Q4_K) {
-                    uint8_t *sc8 = T + TL * 128, *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
-                    for (int i = 0; i < 32; i++) memcpy(T + ((size_t)i * TL + r) * 4, blk + 16 + 4 * i, 4);
+                if (rt == RP_Q4_K || rt == RP_Q5_K) {
+                    const int q5 = rt == RP_Q5_K;
+                    uint8_t *sc8 = T + TL * 128 + (q5 ? TL * 32 : 0), *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
+                    for (int i = 0; i < 32; i++)
+                        memcpy(T + ((size_t)i * TL + r) * 4, blk + (q5 ? 48 : 16) + 4 * i, 4);
+                    if (q5)
+                        for (int i = 0; i < 8; i++)
+                            memcpy(T + (size_t)TL * 128 + ((size_t)i * TL + r) * 4, blk + 16 + 4 * i, 4);
                     int sc[8], mn[8];
                     for (int j = 0; j < 8; j++) k_scale_min(blk + 4, j, &sc[j], &mn[j]);
                     for (int j = 0; j < 8; j++) sc8[j * TL + r] = (uint8_t)sc[j];
