@@ -16,7 +16,7 @@ Two kinds of arithmetic, chosen per model (`math`, default from $CORRAL_GGUF_MAT
   block scales applied in fp32; steps of every size (decode and prefill) run this kernel:
   decode-sized steps in tiles of 4 weight rows (each row's block unpacked once in registers,
   the 4 rows reduced together), larger steps (from 10 tokens, 24 for K-quants) on x86 in
-  transposed tiles of 16 rows (AVX-512 VNNI) or 8. On x86, all these
+  transposed tiles of 16 rows (AVX-512 VNNI) or 8. On x86, Q4_0/Q4_1/Q8_0/Q4_K matmul
   weights are repacked once at load into such tiles (`repack`), which every step size then
   reads in place; the file pages they came from are dropped. The activations' rounding changes the
   numbers: logits differ from the dequantized fp32 reference by ~1e-2 of their spread (tests
@@ -273,7 +273,7 @@ def gguf_matmul(lib: ctypes.CDLL, x: torch.Tensor, parts: PackedWeight | list[Pa
 
 def repack(lib: ctypes.CDLL, w: PackedWeight, num_threads: int | None = None) -> bool:
     """Give `w` the kernel library's repacked tiles for the integer path where the build has
-    them (every integer-path type on x86: rows interleaved so that no step re-arranges them),
+    them (Q4_0/Q4_1/Q8_0/Q4_K on x86: rows interleaved so that no step re-arranges them),
     and drop the file pages it read from this process's memory (they stay in the page cache,
     and the original rows stay valid for anything else that reads them). Returns whether it
     repacked."""

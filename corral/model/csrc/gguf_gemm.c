@@ -575,7 +575,7 @@ static int int_block(int type) {
     case 12: case 13: case 14: return 256;
 #if INT_SIMD
     case 102: case 103: case 108: return 32; /* RP_Q4_0, RP_Q4_1, RP_Q8_0 */
-    case 112: case 113: case 114: return 256; /* RP_Q4_K, RP_Q5_K, RP_Q6_K */
+    case 112: return 256; /* RP_Q4_K */
 #endif
     default: return 0;
     }
@@ -1847,44 +1847,23 @@ static AI TVF tvf_fp16(const uint8_t *p) { /* TL fp16 -> TL fp32 lanes */
 #endif
 }
 
-/* Q5_K the same way, with its fifth bits: qh [8][TL][4] after qs (granule k = qh bytes
- * 4k..4k+3: bit 2p of each byte tops the low nibble of qs granule 8p + k, bit 2p+1 the high
- * one), 188 bytes a row and block against 176 (+7 %). */
-#define RP_Q5_K 113
-#define RP5K_BYTES (TL * 188)
-
-/* bits b of each byte of H moved to bit 4 (as a mask 0x10 picks): shifts within 16-bit lanes
- * reach no other byte's bit 4 for |4 - b| <= 4 */
-static AI TVI bit_to_4(TVI H, int b) {
-#if TL == 16
-    const TVI v = b < 4 ? _mm512_slli_epi16(H, 4 - b) : b > 4 ? _mm512_srli_epi16(H, b - 4) : H;
-    return _mm512_and_si512(v, _mm512_set1_epi8(0x10));
-#else
-    const TVI v = b < 4 ? _mm256_slli_epi16(H, 4 - b) : b > 4 ? _mm256_srli_epi16(H, b - 4) : H;
-    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
-#endif
-}
-
-static AI void rpk_n(const int type, const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
-    const int nb = X->nb, q5 = type == RP_Q5_K;
-    const size_t bytes = q5 ? RP5K_BYTES : RP4K_BYTES;
+static AI void rp4k_n(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
+    const int nb = X->nb;
     const TVI m4 = tvi_set1(0x0f0f0f0f);
     const int8_t *xr[MT];
     for (int t = 0; t < mt; t++) {
         a[t] = tvf_zero();
         xr[t] = X->q + (size_t)(t0 + t) * X->K;
     }
-    for (int b = 0; b < nb; b++, T += bytes) {
-        const uint8_t *QH = T + TL * 128, *sc8 = QH + (q5 ? TL * 32 : 0), *mnp = sc8 + 8 * TL,
-                      *dd = mnp + 16 * TL;
+    for (int b = 0; b < nb; b++, T += RP4K_BYTES) {
+        const uint8_t *sc8 = T + TL * 128, *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
         TVI tot[MT];
         for (int t = 0; t < mt; t++) tot[t] = tvi_zero();
         for (int p = 0; p < 4; p++) { /* sub-blocks 2p (low nibbles) and 2p+1 (high) */
 #if TL == 8 && !VNNI256
-            /* maddubs pairs summed in int16 over `run` groups (Q4_K 8 * 2*15*127, Q5_K 4 *
-             * 2*31*127), then the scale in both int16 halves of a lane: one madd widens and
-             * scales */
-            const int run = q5 ? 4 : 8;
+            /* maddubs pairs summed in int16 over the 8 groups (<= 8 * 2*15*127), then the scale
+             * in both int16 halves of a lane: one madd widens and scales */
+            const int run = 8;
             const TVI s0 = tvi_u8(sc8 + (2 * p) * TL), s1 = tvi_u8(sc8 + (2 * p + 1) * TL);
             const TVI s0p = _mm256_or_si256(s0, _mm256_slli_epi32(s0, 16));
             const TVI s1p = _mm256_or_si256(s1, _mm256_slli_epi32(s1, 16));
@@ -1893,12 +1872,7 @@ static AI void rpk_n(const int type, const uint8_t *T, const xq_t *X, int t0, in
 #pragma GCC unroll 8
             for (int k = 0; k < 8; k++) {
                 const TVI v = tvi_load(T + (size_t)(p * 8 + k) * TL * 4);
-                TVI lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                if (q5) {
-                    const TVI H = tvi_load(QH + (size_t)k * TL * 4);
-                    lo = _mm256_or_si256(lo, bit_to_4(H, 2 * p));
-                    hi = _mm256_or_si256(hi, bit_to_4(H, 2 * p + 1));
-                }
+                const TVI lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 for (int t = 0; t < mt; t++) {
                     const int8_t *x = xr[t] + (size_t)b * 256 + 64 * p + 4 * k;
                     const __m256i ml = _mm256_maddubs_epi16(lo, tvi_set1(load4(x)));
@@ -1916,19 +1890,9 @@ static AI void rpk_n(const int type, const uint8_t *T, const xq_t *X, int t0, in
             for (int k = 0; k < 8; k++) {
                 const TVI v = tvi_load(T + (size_t)(p * 8 + k) * TL * 4);
 #if TL == 16
-                TVI lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                if (q5) {
-                    const TVI H = tvi_load(QH + (size_t)k * TL * 4);
-                    lo = _mm512_or_si512(lo, bit_to_4(H, 2 * p));
-                    hi = _mm512_or_si512(hi, bit_to_4(H, 2 * p + 1));
-                }
+                const TVI lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
 #else
-                TVI lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                if (q5) {
-                    const TVI H = tvi_load(QH + (size_t)k * TL * 4);
-                    lo = _mm256_or_si256(lo, bit_to_4(H, 2 * p));
-                    hi = _mm256_or_si256(hi, bit_to_4(H, 2 * p + 1));
-                }
+                const TVI lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
 #endif
                 for (int t = 0; t < mt; t++) {
                     const int8_t *x = xr[t] + (size_t)b * 256 + 64 * p + 4 * k;
@@ -1952,105 +1916,6 @@ static AI void rpk_n(const int type, const uint8_t *T, const xq_t *X, int t0, in
             const TVF dx = tvf_set1(X->d[(size_t)(t0 + t) * nb + b]);
             a[t] = tvf_add(a[t], tvf_mul(tvf_mul(d, dx), tvf_cvt(tot[t])));
             a[t] = tvf_sub(a[t], tvf_mul(tvf_mul(dmin, dx), tvf_cvt(im)));
-        }
-    }
-}
-
-/* ---- Q6_K repacked: tile t, block b at base + (t * nb + b) * RP6K_BYTES:
- *   ql [32][TL][4]  granule i = ql bytes 4i..4i+3 of each row
- *   qh [16][TL][4]  granule i = qh bytes 4i..4i+3
- *   sc [8][TL][2]   the int8 scales in pairs (sc[2q], sc[2q+1]): one cvtepi8_epi16 gives
- *                   tdot256's scp[q], and each scale by a shift
- *   d  [TL]         fp16
- * the block's own 210 bytes a row. Values 128h + 32c + 4k.. (chunk c of half h, as dq_q6_k)
- * are the low (c = 0, 1) or high (c = 2, 3) nibbles of ql granule 16h + 8(c%2) + k, with bits
- * 2c..2c+1 of qh granule 8h + k on top; sub-block (16 values) 8h + 2c + k/4. Same integers and
- * fp32 steps as tdot256: bit-identical. */
-#define RP_Q6_K 114
-#define RP6K_BYTES (TL * 210)
-
-static AI void rp6k_n(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
-    const int nb = X->nb;
-    const TVI m4 = tvi_set1(0x0f0f0f0f), m30 = tvi_set1(0x30303030);
-    const int8_t *xr[MT];
-    for (int t = 0; t < mt; t++) {
-        a[t] = tvf_zero();
-        xr[t] = X->q + (size_t)(t0 + t) * X->K;
-    }
-    for (int b = 0; b < nb; b++, T += RP6K_BYTES) {
-        const uint8_t *QL = T, *QH = T + TL * 128, *SC = T + TL * 192, *D = T + TL * 208;
-        TVI tot[MT], scp[8];
-        for (int q = 0; q < 8; q++) {
-#if TL == 16
-            scp[q] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(SC + (size_t)q * TL * 2)));
-#else
-            scp[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(SC + (size_t)q * TL * 2)));
-#endif
-        }
-        for (int t = 0; t < mt; t++) tot[t] = tvi_zero();
-        for (int h = 0; h < 2; h++)
-            for (int c = 0; c < 4; c++)
-                for (int kh = 0; kh < 2; kh++) { /* sub-block j = 8h + 2c + kh */
-                    const int j = 8 * h + 2 * c + kh;
-                    /* scale j, sign-extended, in each int32 lane (scp[j/2]'s low or high half) */
-#if TL == 16
-                    const TVI scj = kh ? _mm512_srai_epi32(scp[j / 2], 16)
-                                       : _mm512_srai_epi32(_mm512_slli_epi32(scp[j / 2], 16), 16);
-#else
-                    const TVI scj = kh ? _mm256_srai_epi32(scp[j / 2], 16)
-                                       : _mm256_srai_epi32(_mm256_slli_epi32(scp[j / 2], 16), 16);
-#endif
-#if TL == 8 && !VNNI256
-                    /* maddubs pairs summed in int16 over 2 groups (<= 2 * 2*63*127), then one
-                     * madd with the scale in both halves */
-                    const __m256i scpair = _mm256_or_si256(_mm256_and_si256(scj, _mm256_set1_epi32(0xffff)),
-                                                           _mm256_slli_epi32(scj, 16));
-                    __m256i p16[MT];
-                    for (int t = 0; t < mt; t++) p16[t] = _mm256_setzero_si256();
-#endif
-                    TVI sub[MT];
-                    for (int t = 0; t < mt; t++) sub[t] = tvi_zero();
-#pragma GCC unroll 4
-                    for (int k = 4 * kh; k < 4 * kh + 4; k++) {
-                        const TVI L = tvi_load(QL + (size_t)(16 * h + 8 * (c % 2) + k) * TL * 4);
-                        const TVI H = tvi_load(QH + (size_t)(8 * h + k) * TL * 4);
-#if TL == 16
-                        const TVI lo = c < 2 ? _mm512_and_si512(L, m4) : _mm512_and_si512(_mm512_srli_epi16(L, 4), m4);
-                        const TVI hb = c == 0 ? _mm512_slli_epi16(H, 4) : c == 1 ? _mm512_slli_epi16(H, 2)
-                                     : c == 2 ? H : _mm512_srli_epi16(H, 2);
-                        const TVI v = _mm512_or_si512(lo, _mm512_and_si512(hb, m30));
-#else
-                        const TVI lo = c < 2 ? _mm256_and_si256(L, m4) : _mm256_and_si256(_mm256_srli_epi16(L, 4), m4);
-                        const TVI hb = c == 0 ? _mm256_slli_epi16(H, 4) : c == 1 ? _mm256_slli_epi16(H, 2)
-                                     : c == 2 ? H : _mm256_srli_epi16(H, 2);
-                        const TVI v = _mm256_or_si256(lo, _mm256_and_si256(hb, m30));
-#endif
-                        for (int t = 0; t < mt; t++) {
-                            const TVI xv = tvi_set1(load4(xr[t] + (size_t)b * 256 + 128 * h + 32 * c + 4 * k));
-#if TL == 8 && !VNNI256
-                            const __m256i m = _mm256_maddubs_epi16(v, xv);
-                            p16[t] = (k & 1) ? _mm256_add_epi16(p16[t], m) : m;
-                            if (k & 1) sub[t] = _mm256_add_epi32(sub[t], _mm256_madd_epi16(p16[t], scpair));
-#else
-                            sub[t] = tvi_dpbusd(sub[t], v, xv);
-#endif
-                        }
-                    }
-                    for (int t = 0; t < mt; t++)
-#if TL == 8 && !VNNI256
-                        tot[t] = tvi_add(tot[t], sub[t]);
-#else
-                        tot[t] = tvi_add(tot[t], tvi_mullo(sub[t], scj));
-#endif
-                }
-        const TVF d = tvf_fp16(D);
-        for (int t = 0; t < mt; t++) {
-            const int16_t *xs16 = X->s16 + (size_t)(t0 + t) * (X->K / 16) + (size_t)b * 16;
-            TVI im = tvi_zero();
-            for (int q = 0; q < 8; q++) im = tvi_add(im, tvi_madd16(scp[q], tvi_set1(load4(xs16 + 2 * q))));
-            tot[t] = tvi_sub(tot[t], tvi_slli(im, 5));
-            const TVF dx = tvf_set1(X->d[(size_t)(t0 + t) * nb + b]);
-            a[t] = tvf_add(a[t], tvf_mul(tvf_mul(d, dx), tvf_cvt(tot[t])));
         }
     }
 }
@@ -2153,9 +2018,7 @@ static AI void rp32_n(const int type, const uint8_t *T, const xq_t *X, int t0, i
 
 static void rp_tile(int type, const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
     switch (type) {
-    case RP_Q4_K: RP_MT(rpk_n, RP_Q4_K, T) break;
-    case RP_Q5_K: RP_MT(rpk_n, RP_Q5_K, T) break;
-    case RP_Q6_K: RP_MT(rp6k_n, T) break;
+    case RP_Q4_K: RP_MT(rp4k_n, T) break;
     case RP_Q4_0: RP_MT(rp32_n, RP_Q4_0, T) break;
     case RP_Q4_1: RP_MT(rp32_n, RP_Q4_1, T) break;
     default: RP_MT(rp32_n, RP_Q8_0, T) break;
@@ -2167,8 +2030,6 @@ static void rp_tile(int type, const uint8_t *T, const xq_t *X, int t0, int mt, T
 static size_t rp_bytes(int type) {
     switch (type) {
     case RP_Q4_K: return RP4K_BYTES;
-    case RP_Q5_K: return RP5K_BYTES;
-    case RP_Q6_K: return RP6K_BYTES;
     case RP_Q4_0: return (size_t)TL * 18;
     case RP_Q4_1: return (size_t)TL * 20;
     case RP_Q8_0: return (size_t)TL * 34;
@@ -2176,14 +2037,94 @@ static size_t rp_bytes(int type) {
     }
 }
 
-/* output rows [n0, n1) (any range: whole tiles are computed, the rows asked for stored) */
+/* Larger steps unpack each repacked tile block once per step into the transposed tiles'
+ * form (prep256 / prep32: no transposition needed, the lanes are already rows) and run
+ * tdot256 / tdot32 on it: the direct kernels above unpack once per 4 tokens, which costs more
+ * than it saves from t8_min_rows tokens on without VNNI (AVX2: 1.04-1.10x at 32-256 tokens);
+ * with VNNI the direct kernels stay ahead at every size measured (Q4_K, 64 and 256 tokens:
+ * 1.03-1.38x the rows' transposed tiles against 1.05-1.35x for unpacking once). */
+#define RP_UNPACK_ONCE (TL == 8 && !VNNI256)
+#if TL == 16
+#define RP_AND _mm512_and_si512
+#define RP_SR _mm512_srli_epi16
+#else
+#define RP_AND _mm256_and_si256
+#define RP_SR _mm256_srli_epi16
+#endif
+static void rp_prep256(int type, const uint8_t *T, prep256 *p) {
+    const TVI m4 = tvi_set1(0x0f0f0f0f);
+    const uint8_t *sc8 = T + TL * 128, *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
+    (void)type; /* RP_Q4_K */
+    for (int pp = 0; pp < 4; pp++)
+        for (int k = 0; k < 8; k++) {
+            const TVI v = tvi_load(T + (size_t)(pp * 8 + k) * TL * 4);
+            p->t[16 * pp + k] = RP_AND(v, m4);               /* values 64p + 4k.. */
+            p->t[16 * pp + 8 + k] = RP_AND(RP_SR(v, 4), m4); /* values 64p + 32 + 4k.. */
+        }
+    for (int j = 0; j < 8; j++) p->sc[j] = tvi_u8(sc8 + (size_t)j * TL);
+    for (int q = 0; q < 4; q++) p->scp[q] = tvi_load(mnp + (size_t)q * TL * 4);
+    p->d = tvf_fp16(dd);
+    p->dmin = tvf_fp16(dd + 2 * TL);
+#if TL == 8 && !VNNI256 /* tdot256_n's madd: the scale in both int16 halves of its lane */
+    for (int j = 0; j < 8; j++)
+        p->sc[j] = _mm256_or_si256(_mm256_and_si256(p->sc[j], _mm256_set1_epi32(0xffff)),
+                                   _mm256_slli_epi32(p->sc[j], 16));
+#endif
+}
+
+static void rp_prep32(int type, const uint8_t *T, prep32 *p) {
+    const TVI m4 = tvi_set1(0x0f0f0f0f);
+    const int ng = type == RP_Q8_0 ? 8 : 4;
+    for (int g = 0; g < ng; g++) {
+        const TVI v = tvi_load(T + (size_t)g * TL * 4);
+        if (type == RP_Q8_0) {
+            p->t[g] = v; /* VNNI builds hold w + 128 already */
+#if TL == 8 && !VNNI256
+            p->a[g] = _mm256_abs_epi8(v);
+#endif
+        } else {
+            p->t[g] = RP_AND(v, m4); /* values 4g.. */
+            p->t[4 + g] = RP_AND(RP_SR(v, 4), m4); /* values 16 + 4g.. */
+        }
+    }
+    const uint8_t *dd = T + (size_t)ng * TL * 4;
+    p->dw = tvf_fp16(dd);
+    p->mw = type == RP_Q4_1 ? tvf_fp16(dd + 2 * TL) : tvf_zero();
+}
+#undef RP_AND
+#undef RP_SR
+
+/* the ggml type a repacked type came from (tdot32 / tdot256 take those) */
+static int rp_source(int type) { return type - 100; }
+
+/* output rows [n0, n1) (any range: whole tiles are computed, the rows asked for stored); work:
+ * t8_work_bytes of scratch for the unpack-once form, or NULL for the direct kernels */
 static void rp_range(int type, const xq_t *X, int M, const uint8_t *base, int n0, int n1, float *y,
-                     int ldy) {
+                     int ldy, void *work) {
     const size_t tile_bytes = (size_t)X->nb * rp_bytes(type);
     for (int tile = n0 / TL; tile * TL < n1; tile++) {
         const uint8_t *T = base + (size_t)tile * tile_bytes;
         const int r0 = n0 > tile * TL ? n0 - tile * TL : 0;
         const int r1 = n1 < (tile + 1) * TL ? n1 - tile * TL : TL;
+        if (work) { /* unpacked once for all the step's tokens */
+            const int src = rp_source(type), B = int_block(type);
+            for (int b = 0; b < X->nb; b++) {
+                if (B == 32) rp_prep32(type, T + b * rp_bytes(type), (prep32 *)work + b);
+                else rp_prep256(type, T + b * rp_bytes(type), (prep256 *)work + b);
+            }
+            TVF a[MT];
+            for (int t0 = 0; t0 < M; t0 += MT) {
+                const int mt = M - t0 < MT ? M - t0 : MT;
+                if (B == 32) tdot32(src, (const prep32 *)work, X, t0, mt, a);
+                else tdot256(src, (const prep256 *)work, X, t0, mt, a);
+                for (int t = 0; t < mt; t++) {
+                    float o[TL];
+                    tvf_store(o, a[t]);
+                    for (int r = r0; r < r1; r++) y[(size_t)(t0 + t) * ldy + tile * TL + r - n0] = o[r];
+                }
+            }
+            continue;
+        }
         TVF a[4];
         for (int t0 = 0; t0 < M; t0 += 4) {
             const int mt = M - t0 < 4 ? M - t0 : 4;
@@ -2199,7 +2140,8 @@ static void rp_range(int type, const xq_t *X, int M, const uint8_t *base, int n0
 #endif
 
 /* The repacked type a ggml type runs under in this build: RP_* or 0 (none: F32/F16/BF16,
- * or a build without the x86 SIMD kernels). */
+ * Q5_K/Q6_K (their repacked tiles measured slower at decode than the rows: the bit merging
+ * costs more per step than the tiles save), or a build without the x86 SIMD kernels). */
 #if INT_SIMD
 static int rp_type_of(int type) {
     switch (type) {
@@ -2207,8 +2149,6 @@ static int rp_type_of(int type) {
     case 3: return RP_Q4_1;
     case 8: return RP_Q8_0;
     case 12: return RP_Q4_K;
-    case 13: return RP_Q5_K;
-    case 14: return RP_Q6_K;
     default: return 0;
     }
 }
@@ -2240,14 +2180,9 @@ int gguf_repack(int type, const uint8_t *base, const int64_t *offsets, int N, in
             for (int r = 0; r < TL; r++) {
                 const int n = tile * TL + r < N ? tile * TL + r : N - 1;
                 const uint8_t *blk = base + offsets[n] + (size_t)b * bb;
-                if (rt == RP_Q4_K || rt == RP_Q5_K) {
-                    const int q5 = rt == RP_Q5_K;
-                    uint8_t *sc8 = T + TL * 128 + (q5 ? TL * 32 : 0), *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
-                    for (int i = 0; i < 32; i++)
-                        memcpy(T + ((size_t)i * TL + r) * 4, blk + (q5 ? 48 : 16) + 4 * i, 4);
-                    if (q5)
-                        for (int i = 0; i < 8; i++)
-                            memcpy(T + (size_t)TL * 128 + ((size_t)i * TL + r) * 4, blk + 16 + 4 * i, 4);
+                if (rt == RP_Q4_K) {
+                    uint8_t *sc8 = T + TL * 128, *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
+                    for (int i = 0; i < 32; i++) memcpy(T + ((size_t)i * TL + r) * 4, blk + 16 + 4 * i, 4);
                     int sc[8], mn[8];
                     for (int j = 0; j < 8; j++) k_scale_min(blk + 4, j, &sc[j], &mn[j]);
                     for (int j = 0; j < 8; j++) sc8[j * TL + r] = (uint8_t)sc[j];
@@ -2257,13 +2192,6 @@ int gguf_repack(int type, const uint8_t *base, const int64_t *offsets, int N, in
                     }
                     memcpy(dd + 2 * r, blk, 2);
                     memcpy(dd + 2 * TL + 2 * r, blk + 2, 2);
-                } else if (rt == RP_Q6_K) {
-                    for (int i = 0; i < 32; i++) memcpy(T + ((size_t)i * TL + r) * 4, blk + 4 * i, 4);
-                    for (int i = 0; i < 16; i++)
-                        memcpy(T + (size_t)TL * 128 + ((size_t)i * TL + r) * 4, blk + 128 + 4 * i, 4);
-                    for (int q = 0; q < 8; q++)
-                        memcpy(T + (size_t)TL * 192 + ((size_t)q * TL + r) * 2, blk + 192 + 2 * q, 2);
-                    memcpy(T + (size_t)TL * 208 + 2 * r, blk + 208, 2);
                 } else {
                     const int ng = rt == RP_Q8_0 ? 8 : 4, qoff = rt == RP_Q4_1 ? 4 : 2;
                     for (int g = 0; g < ng; g++) {
@@ -2299,7 +2227,7 @@ static int t8_min_rows(int type) { return int_block(type) == 256 ? 24 : 10; }
 size_t gemm_int_work_bytes(int type, int K, int M) {
     if (!int_block(type) || K % int_block(type)) return 0;
 #if INT_SIMD
-    if (rp_bytes(type)) return 0;
+    if (rp_bytes(type) && !RP_UNPACK_ONCE) return 0;
     if (M >= t8_min_rows(type)) return t8_work_bytes(type, K);
 #endif
     (void)M;
@@ -2315,7 +2243,13 @@ int gemm_int_range(int type, const xq_t *X, int M, const uint8_t *base, const in
     if (!int_block(type) || X->K % int_block(type)) return -1;
 #if INT_SIMD
     if (rp_bytes(type)) { /* base: the repacked tiles (offsets unused) */
-        rp_range(type, X, M, base, n0, n1, y, ldy);
+        void *buf = 0;
+        if (RP_UNPACK_ONCE && M >= t8_min_rows(type)) {
+            buf = work ? work : aligned_alloc(64, t8_work_bytes(type, X->K));
+            if (!buf) return -3;
+        }
+        rp_range(type, X, M, base, n0, n1, y, ldy, buf);
+        if (buf && !work) free(buf);
         return 0;
     }
     if (M >= t8_min_rows(type)) {
