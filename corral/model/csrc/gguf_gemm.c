@@ -1451,9 +1451,7 @@ static inline void k_unpack(int type, const uint8_t *blk, uint8_t *out) {
     }
 }
 
-#ifndef MT
 #define MT 4 /* tokens per pass over a prepared tile */
-#endif
 
 /* The tile's vector width: 16 rows in zmm lanes with AVX-512 VNNI, else 8 in ymm lanes (the
  * plain AVX-512 build keeps 8: without VNNI its Q8_0 needs sign_epi8, which has no zmm form). */
@@ -1754,16 +1752,14 @@ static AI void tdot256_n(int type, const prep256 *P, const xq_t *X, int t0, int 
 }
 
 /* every (type, token count) as its own compiled copy, so the accumulators stay in registers */
-#ifndef MT_CASES
-#define MT_CASES(F, T)                                  \
+#define TD_CASE(F, T)                                   \
+    case T:                                             \
+        switch (mt) {                                   \
         case 1: F##_n(T, P, X, t0, 1, a); break;         \
         case 2: F##_n(T, P, X, t0, 2, a); break;         \
         case 3: F##_n(T, P, X, t0, 3, a); break;         \
-        default: F##_n(T, P, X, t0, 4, a); break;
-#endif
-#define TD_CASE(F, T)                                   \
-    case T:                                             \
-        switch (mt) { MT_CASES(F, T) }                  \
+        default: F##_n(T, P, X, t0, 4, a); break;        \
+        }                                               \
         break;
 
 static void tdot32(int type, const prep32 *P, const xq_t *X, int t0, int mt, TVF *a) {
@@ -1863,12 +1859,10 @@ static AI void rp4k_n(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
 #if TL == 8 && !VNNI256
             /* maddubs pairs summed in int16 over the 8 groups (<= 8 * 2*15*127), then the scale
              * in both int16 halves of a lane: one madd widens and scales */
-            const int run = 8;
             const TVI s0 = tvi_u8(sc8 + (2 * p) * TL), s1 = tvi_u8(sc8 + (2 * p + 1) * TL);
             const TVI s0p = _mm256_or_si256(s0, _mm256_slli_epi32(s0, 16));
             const TVI s1p = _mm256_or_si256(s1, _mm256_slli_epi32(s1, 16));
             __m256i lo16[MT], hi16[MT];
-            for (int t = 0; t < mt; t++) lo16[t] = hi16[t] = _mm256_setzero_si256();
 #pragma GCC unroll 8
             for (int k = 0; k < 8; k++) {
                 const TVI v = tvi_load(T + (size_t)(p * 8 + k) * TL * 4);
@@ -1877,12 +1871,12 @@ static AI void rp4k_n(const uint8_t *T, const xq_t *X, int t0, int mt, TVF *a) {
                     const int8_t *x = xr[t] + (size_t)b * 256 + 64 * p + 4 * k;
                     const __m256i ml = _mm256_maddubs_epi16(lo, tvi_set1(load4(x)));
                     const __m256i mh = _mm256_maddubs_epi16(hi, tvi_set1(load4(x + 32)));
-                    lo16[t] = k % run ? _mm256_add_epi16(lo16[t], ml) : ml;
-                    hi16[t] = k % run ? _mm256_add_epi16(hi16[t], mh) : mh;
-                    if (k % run == run - 1)
-                        tot[t] = tvi_add(tot[t], tvi_add(tvi_madd16(lo16[t], s0p), tvi_madd16(hi16[t], s1p)));
+                    lo16[t] = k ? _mm256_add_epi16(lo16[t], ml) : ml;
+                    hi16[t] = k ? _mm256_add_epi16(hi16[t], mh) : mh;
                 }
             }
+            for (int t = 0; t < mt; t++)
+                tot[t] = tvi_add(tot[t], tvi_add(tvi_madd16(lo16[t], s0p), tvi_madd16(hi16[t], s1p)));
 #else
             TVI slo[MT], shi[MT];
             for (int t = 0; t < mt; t++) slo[t] = shi[t] = tvi_zero();
@@ -2051,10 +2045,9 @@ static size_t rp_bytes(int type) {
 #define RP_AND _mm256_and_si256
 #define RP_SR _mm256_srli_epi16
 #endif
-static void rp_prep256(int type, const uint8_t *T, prep256 *p) {
+static void rp_prep256(const uint8_t *T, prep256 *p) { /* RP_Q4_K */
     const TVI m4 = tvi_set1(0x0f0f0f0f);
     const uint8_t *sc8 = T + TL * 128, *mnp = sc8 + 8 * TL, *dd = mnp + 16 * TL;
-    (void)type; /* RP_Q4_K */
     for (int pp = 0; pp < 4; pp++)
         for (int k = 0; k < 8; k++) {
             const TVI v = tvi_load(T + (size_t)(pp * 8 + k) * TL * 4);
@@ -2110,7 +2103,7 @@ static void rp_range(int type, const xq_t *X, int M, const uint8_t *base, int n0
             const int src = rp_source(type), B = int_block(type);
             for (int b = 0; b < X->nb; b++) {
                 if (B == 32) rp_prep32(type, T + b * rp_bytes(type), (prep32 *)work + b);
-                else rp_prep256(type, T + b * rp_bytes(type), (prep256 *)work + b);
+                else rp_prep256(T + b * rp_bytes(type), (prep256 *)work + b);
             }
             TVF a[MT];
             for (int t0 = 0; t0 < M; t0 += MT) {
