@@ -125,6 +125,9 @@ def main() -> None:
     ap.add_argument("--no-fp32-path", action="store_true", help="skip the old fp32-dequant path")
     ap.add_argument("--no-torch", action="store_true", help="skip torch's dense GEMM")
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--repack", action="store_true",
+                    help="also time the int8 path on the weights repacked as a model load does "
+                         "(column rp; types the build does not repack show -)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variant = args.variant or gk.cpu_variants()[0]
@@ -139,7 +142,7 @@ def main() -> None:
           f"{'CPU' if args.cpu_time else 'wall'} time, load {loadavg()}, decode "
           f"{args.decode_rows} token(s){f', cold {args.cold:.0f} MB' if args.cold else ''}",
           flush=True)
-    names = ["int8"] + (["old"] if other else []) + ([] if args.no_fp32_path else ["fp32"]) \
+    names = ["int8"] + (["rp"] if args.repack else []) + (["old"] if other else []) + ([] if args.no_fp32_path else ["fp32"]) \
         + ([] if args.no_torch else ["torch"])
     print(f"{'type':5} {'shape':20} | decode GB/s: {' '.join(f'{n:>6}' for n in names)}"
           f"{'  ratio' if other else ''} | prefill {args.prefill} GFLOP/s: "
@@ -168,6 +171,12 @@ def main() -> None:
                     return y
 
                 paths = {"int8": lambda x, w: gk.gguf_matmul(lib, x, w, nt, math="int8")}
+                if args.repack:
+                    rps = [gk.PackedWeight(c.type_id, c.base, c.offsets, c.n, c.k) for c in ws]
+                    if all(gk.repack(lib, c, nt) for c in rps):
+                        rp_cycle = itertools.cycle(rps)
+                        paths["rp"] = lambda x, w: gk.gguf_matmul(lib, x, next(rp_cycle), nt,
+                                                                  math="int8")
                 if other:
                     paths["old"] = old
                 if not args.no_fp32_path:

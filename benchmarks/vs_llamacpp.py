@@ -20,7 +20,8 @@ n_ctx 512, the same chunks (Corral scored on llama.cpp's token ids from `llama-t
 its own tokenization reported beside); the target is within 1 %. Only SmolLM2 (real weights) makes that
 a strong check: a random-weight model predicts nearly uniformly (PPL near the vocabulary size),
 which any implementation matches. Prints the ratios and ends with one JSON line (also written
-to --json-out). Timings on a shared machine are noisy.
+to --json-out). Timings on a shared machine are noisy: `--rounds 3` alternates three
+single-stream runs per side and reports the medians.
 """
 
 from __future__ import annotations
@@ -400,6 +401,22 @@ def _same_tokens(path: Path, text: Path, ids: list[int]) -> bool:
     return tok.encode(text.read_text(encoding="utf-8")) == ids
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The first run's figures with the median decode/prefill of all (and, for several runs,
+    every run's decode and prefill under "rounds")."""
+    out = dict(runs[0])
+    if len(runs) > 1:
+        for k in ("decode_tok_s", "prefill_tok_s"):
+            vals = sorted(run[k] for run in runs if k in run)
+            if vals:
+                out[k] = vals[len(vals) // 2] if len(vals) % 2 else \
+                    (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+        out["peak_rss_bytes"] = max(run.get("peak_rss_bytes", 0) for run in runs)
+        out["rounds"] = [{k: run.get(k) for k in ("decode_tok_s", "prefill_tok_s")}
+                         for run in runs]
+    return out
+
+
 def ratios(c: dict, ll: dict) -> dict:
     """>1: Corral better (speed: Corral / llama.cpp; time and memory: llama.cpp / Corral)."""
     out = {}
@@ -426,6 +443,13 @@ def describe(name: str, r: dict) -> str:
     if "ppl_own_tokens" in c:
         line += (f" on llama.cpp's tokens ({c['ppl_own_tokens']['ppl']:.4f} on its own; "
                  f"tokenizers agree: {r.get('tokenizers_agree')})")
+    if "rounds" in c:
+        line += "\n    rounds (decode/prefill): Corral " + ", ".join(
+            f"{x['decode_tok_s']:.1f}/{x['prefill_tok_s']:.0f}" for x in c["rounds"])
+        if "rounds" in r.get("llamacpp", {}):
+            line += "; llama.cpp " + ", ".join(
+                f"{x['decode_tok_s']:.1f}/{x['prefill_tok_s']:.0f}"
+                for x in r["llamacpp"]["rounds"])
     if "llamacpp" in r:
         ll = r["llamacpp"]
         line += (f"\n    llama.cpp decode {ll.get('decode_tok_s', 0):.1f}, prefill "
@@ -460,6 +484,9 @@ def main() -> None:
     ap.add_argument("--skip-ppl", action="store_true", help="no perplexity comparison")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="single-stream runs per side, alternated (Corral, llama.cpp, Corral, "
+                         "...): the medians are reported, every round's figures in the JSON")
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per server request")
@@ -504,11 +531,18 @@ def main() -> None:
     results = {}
     for name, path in files.items():
         print(f"== {name} ({path.stat().st_size / 2**30:.2f} GiB) ...", flush=True)
+        runs: dict[str, list[dict]] = {"corral": [], "llamacpp": []}
+        for _ in range(max(1, args.rounds)):  # alternated: a slow spell of the host hits both
+            runs["corral"].append(corral_single(path, args.threads, args.prompt_tokens,
+                                                args.decode_tokens))
+            if not args.skip_llamacpp:
+                runs["llamacpp"].append(llama_single(path, args.threads, args.prompt_tokens,
+                                                     args.decode_tokens,
+                                                     repack=not args.no_repack))
         r = {"file": str(path), "size_bytes": path.stat().st_size, "streams": args.streams,
-             "corral": corral_single(path, args.threads, args.prompt_tokens, args.decode_tokens)}
-        if not args.skip_llamacpp:
-            r["llamacpp"] = llama_single(path, args.threads, args.prompt_tokens,
-                                         args.decode_tokens, repack=not args.no_repack)
+             "corral": median_run(runs["corral"])}
+        if runs["llamacpp"]:
+            r["llamacpp"] = median_run(runs["llamacpp"])
         if not args.skip_serve and name in args.serve_on.split(","):
             r["corral"].update(serve_corral(path, args.threads, load))
             if not args.skip_llamacpp:

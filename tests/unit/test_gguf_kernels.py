@@ -187,10 +187,10 @@ def test_row_range_entry_points_match_gguf_gemm_int(libs, kind):
             assert torch.equal(y, ref), (variant, m)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_repacked_rows_equal_the_rows_they_came_from(libs, kind):
-    """Q4_0/Q4_1/Q8_0/Q4_K repacked at load (x86 SIMD builds: rows interleaved in tiles of 8 or
-    16) give the
+    """Weights repacked at load (x86 SIMD builds: Q4_0/Q4_1/Q8_0/Q4_K in tiles of 8 or 16 rows
+    interleaved in 4-byte groups, Q5_K/Q6_K with the blocks of 4 rows side by side) give the
     integer path's exact bytes at every step size, on row counts that end in a partial tile, and
     through gemm_int_range on row ranges that cut tiles (a fused step's chunks); builds without
     a repacked form (portable, NEON) say so and keep the rows as they are."""
@@ -217,7 +217,7 @@ def test_repacked_rows_equal_the_rows_they_came_from(libs, kind):
         lib.xq_free.argtypes = [p]
         lib.quantize_rows.argtypes = [p, i32, i32, p]
         lib.gemm_int_range.argtypes = [i32, p, i32, p, p, i32, i32, p, i32, p]
-        for m in (1, 6):
+        for m in (1, 6, 25):
             X = XQ()
             assert lib.xq_alloc(ctypes.byref(X), m, k, block) == 0
             xm = x[:m].contiguous()
@@ -229,8 +229,8 @@ def test_repacked_rows_equal_the_rows_they_came_from(libs, kind):
                                           None) == 0
             lib.xq_free(ctypes.byref(X))
             assert torch.equal(y, gk.gguf_matmul(lib, xm, plain, math="int8")), (variant, m)
-    # Q5_K/Q6_K (slower repacked at decode) and float types have no repacked form: they stay rows
-    for other_kind in ("Q5_K", "Q6_K", "F16"):
+    # float types have no repacked form: they stay rows
+    for other_kind in ("F16", "BF16", "F32"):
         other = gk.PackedWeight.from_rows(other_kind, random_rows(other_kind, 5, 256, seed=2))
         assert not gk.repack(next(iter(libs.values())), other) and other.repacked is None
 

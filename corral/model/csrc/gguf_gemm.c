@@ -577,6 +577,7 @@ static int int_block(int type) {
     case 102: case 103: case 108: return 32; /* RP_Q4_0, RP_Q4_1, RP_Q8_0 */
     case 112: return 256; /* RP_Q4_K */
 #endif
+    case 213: case 214: return 256; /* RI_Q5_K, RI_Q6_K */
     default: return 0;
     }
 }
@@ -1332,10 +1333,12 @@ static AI void tile_block(const int type, const int mt, const uint8_t *const w[N
 }
 #endif
 
-/* out[t][r] = (token t0+t) . (row w[r]) for t < mt, over all blocks; nw: the next tile's rows
- * (prefetched: 4 short row streams at a time defeat the hardware prefetcher from DRAM) */
+/* out[t][r] = (token t0+t) . (row w[r]) for t < mt, over all blocks (block b of row r at
+ * w[r] + b * stride); nw: the next tile's rows (prefetched: 4 short row streams at a time
+ * defeat the hardware prefetcher from DRAM) */
 static AI void gv_tile(const int type, const int mt, const uint8_t *const w[NR],
-                       const uint8_t *const nw[NR], const xq_t *X, int t0, float out[MR][NR]) {
+                       const uint8_t *const nw[NR], const size_t stride, const xq_t *X, int t0,
+                       float out[MR][NR]) {
     const int K = X->K, nb = X->nb, B = int_block(type), bb = block_bytes(type);
     const int has_m = type == 3 || type == 12 || type == 13;
     const int8_t *xb[MR];
@@ -1344,7 +1347,7 @@ static AI void gv_tile(const int type, const int mt, const uint8_t *const w[NR],
     V4F a[MR];
     for (int t = 0; t < mt; t++) a[t] = v4f_zero();
     for (int b = 0; b < nb; b++) {
-        const size_t at = (size_t)b * bb;
+        const size_t at = (size_t)b * stride;
         for (int r = 0; r < NR; r++)
             for (int o = 0; o < bb; o += 64) __builtin_prefetch(nw[r] + at + o, 0, 3);
         for (int t = 0; t < mt; t++) {
@@ -1376,39 +1379,61 @@ static AI void gv_tile(const int type, const int mt, const uint8_t *const w[NR],
 #define GV_CASE(T)                                                        \
     case T:                                                               \
         switch (mt) {                                                     \
-        case 1: gv_tile(T, 1, w, nw, X, t0, out); break;                  \
-        case 2: gv_tile(T, 2, w, nw, X, t0, out); break;                  \
-        case 3: gv_tile(T, 3, w, nw, X, t0, out); break;                  \
-        default: gv_tile(T, 4, w, nw, X, t0, out); break;                 \
+        case 1: gv_tile(T, 1, w, nw, stride, X, t0, out); break;                  \
+        case 2: gv_tile(T, 2, w, nw, stride, X, t0, out); break;                  \
+        case 3: gv_tile(T, 3, w, nw, stride, X, t0, out); break;                  \
+        default: gv_tile(T, 4, w, nw, stride, X, t0, out); break;                 \
         }                                                                 \
         break;
 
 static void gv_dispatch(int type, int mt, const uint8_t *const w[NR], const uint8_t *const nw[NR],
-                        const xq_t *X, int t0, float out[MR][NR]) {
+                        size_t stride, const xq_t *X, int t0, float out[MR][NR]) {
     switch (type) {
     GV_CASE(2) GV_CASE(3) GV_CASE(8) GV_CASE(12) GV_CASE(13) GV_CASE(14)
     }
 }
 #undef GV_CASE
 
+/* ---- Q5_K/Q6_K interleaved at load: their own blocks, NR rows side by side ------------------
+ * Group g of NR rows (a last partial group repeats its last row), block b of its row r at
+ * base + ((g * nb + b) * NR + r) * block bytes: the small tiles above read one sequential
+ * stream instead of NR short ones (measured on Zen 4, 1B shapes from DRAM, 2 threads: the
+ * rows give 17-26 GB/s, a hot cache 34-50, so the row streams, not the arithmetic, bound
+ * them). The same kernels run on them, so results are bit-identical to the rows. Their ids:
+ * RI_* = 200 + the ggml type. */
+#define RI_Q5_K 213
+#define RI_Q6_K 214
+static int ri_source(int type) { return type > 200 ? type - 200 : 0; }
+
+/* where row n starts (block 0) for a row layout (offsets) or an interleaved one (gbytes: one
+ * group's bytes, bb: one block's) */
+static inline const uint8_t *row_start(const uint8_t *base, const int64_t *offsets, int ri, int n,
+                                       size_t gbytes, size_t bb) {
+    return ri ? base + (size_t)(n / NR) * gbytes + (size_t)(n % NR) * bb : base + offsets[n];
+}
+
 /* output rows [n0, n1) for tokens [0, M), small tiles; y at column n0 */
 static void gv_range(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
                      int n0, int n1, float *y, int ldy) {
+    const int ri = ri_source(type) != 0, src = ri ? ri_source(type) : type;
+    const size_t bb = (size_t)block_bytes(src), gbytes = (size_t)X->nb * NR * bb;
+    const size_t stride = ri ? NR * bb : bb;
+    const int start = ri ? n0 - n0 % NR : n0; /* interleaved: whole groups, the rows asked kept */
     for (int c0 = 0; c0 < M; c0 += TCHUNK) {
         const int c1 = M - c0 < TCHUNK ? M : c0 + TCHUNK;
-        for (int n = n0; n < n1; n += NR) {
-            const int nr = n1 - n < NR ? n1 - n : NR;
+        for (int n = start; n < n1; n += NR) {
+            const int r0 = n0 > n ? n0 - n : 0, r1 = n1 - n < NR ? n1 - n : NR;
             const uint8_t *w[NR], *nw[NR];
             for (int r = 0; r < NR; r++) {
-                w[r] = base + offsets[n + (r < nr ? r : nr - 1)];
-                nw[r] = n + NR + r < n1 ? base + offsets[n + NR + r] : w[r];
+                w[r] = row_start(base, offsets, ri, n + (r < r1 ? r : r1 - 1), gbytes, bb);
+                nw[r] = n + NR + r < n1 ? row_start(base, offsets, ri, n + NR + r, gbytes, bb) : w[r];
             }
             float out[MR][NR];
             for (int t0 = c0; t0 < c1; t0 += MR) {
                 const int mt = c1 - t0 < MR ? c1 - t0 : MR;
-                gv_dispatch(type, mt, w, nw, X, t0, out);
+                gv_dispatch(src, mt, w, nw, stride, X, t0, out);
                 for (int t = 0; t < mt; t++)
-                    for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + (n - n0) + r] = out[t][r];
+                    for (int r = r0; r < r1; r++) y[(size_t)(t0 + t) * ldy + (n - n0) + r] = out[t][r];
             }
         }
     }
@@ -1775,15 +1800,19 @@ static void tdot256(int type, const prep256 *P, const xq_t *X, int t0, int mt, T
  * prepared once for all its blocks into buf (t8_work_bytes) */
 static void t8_range(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
                      int n0, int n1, float *y, int ldy, void *buf) {
+    const int ri = ri_source(type) != 0;
+    if (ri) type = ri_source(type);
     const int B = int_block(type), nb = X->nb;
-    const size_t bb = (size_t)block_bytes(type);
+    const size_t bb = (size_t)block_bytes(type), gbytes = (size_t)nb * NR * bb;
+    const size_t stride = ri ? NR * bb : bb;
     for (int n = n0; n < n1; n += TL) {
         const int nr = n1 - n < TL ? n1 - n : TL;
         const uint8_t *w[TL];
-        for (int r = 0; r < TL; r++) w[r] = base + offsets[n + (r < nr ? r : nr - 1)];
+        for (int r = 0; r < TL; r++)
+            w[r] = row_start(base, offsets, ri, n + (r < nr ? r : nr - 1), gbytes, bb);
         for (int b = 0; b < nb; b++) {
-            if (B == 32) prep32_block(type, w, b * bb, (prep32 *)buf + b);
-            else prep256_block(type, w, b * bb, (prep256 *)buf + b);
+            if (B == 32) prep32_block(type, w, b * stride, (prep32 *)buf + b);
+            else prep256_block(type, w, b * stride, (prep256 *)buf + b);
         }
         TVF a[MT];
         for (int t0 = 0; t0 < M; t0 += MT) {
@@ -2132,9 +2161,10 @@ static void rp_range(int type, const xq_t *X, int M, const uint8_t *base, int n0
 }
 #endif
 
-/* The repacked type a ggml type runs under in this build: RP_* or 0 (none: F32/F16/BF16,
- * Q5_K/Q6_K (their repacked tiles measured slower at decode than the rows: the bit merging
- * costs more per step than the tiles save), or a build without the x86 SIMD kernels). */
+/* The repacked type a ggml type runs under in this build: RP_*, RI_* (Q5_K/Q6_K: only their
+ * blocks interleaved; tiles in the RP_Q4_K form measured slower at decode than the rows, the
+ * bit merging costing more per step than the tiles save) or 0 (none: F32/F16/BF16, or a build
+ * without the x86 SIMD kernels). */
 #if INT_SIMD
 static int rp_type_of(int type) {
     switch (type) {
@@ -2142,6 +2172,8 @@ static int rp_type_of(int type) {
     case 3: return RP_Q4_1;
     case 8: return RP_Q8_0;
     case 12: return RP_Q4_K;
+    case 13: return RI_Q5_K;
+    case 14: return RI_Q6_K;
     default: return 0;
     }
 }
@@ -2151,7 +2183,9 @@ static int rp_type_of(int type) {
 size_t gguf_repack_bytes(int type, int N, int K) {
 #if INT_SIMD
     const int rt = rp_type_of(type), B = int_block(type);
-    if (rt && N > 0 && K % B == 0) return (size_t)((N + TL - 1) / TL) * (K / B) * rp_bytes(rt);
+    if (rt && N > 0 && K % B == 0)
+        return ri_source(rt) ? (size_t)((N + NR - 1) / NR) * NR * (K / B) * block_bytes(type)
+                             : (size_t)((N + TL - 1) / TL) * (K / B) * rp_bytes(rt);
 #endif
     (void)type; (void)N; (void)K;
     return 0;
@@ -2166,6 +2200,17 @@ int gguf_repack(int type, const uint8_t *base, const int64_t *offsets, int N, in
 #if INT_SIMD
     const int rt = rp_type_of(type), B = int_block(type), nb = K / B, tiles = (N + TL - 1) / TL;
     const size_t tb = rp_bytes(rt), bb = (size_t)block_bytes(type);
+    if (ri_source(rt)) {
+        const int groups = (N + NR - 1) / NR;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int g = 0; g < groups; g++)
+            for (int r = 0; r < NR; r++) {
+                const int n = g * NR + r < N ? g * NR + r : N - 1;
+                for (int b = 0; b < nb; b++)
+                    memcpy(out + (((size_t)g * nb + b) * NR + r) * bb, base + offsets[n] + (size_t)b * bb, bb);
+            }
+        return rt;
+    }
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int tile = 0; tile < tiles; tile++)
         for (int b = 0; b < nb; b++) {
