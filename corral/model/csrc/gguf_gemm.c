@@ -1335,7 +1335,7 @@ static AI void tile_block(const int type, const int mt, const uint8_t *const w[N
 
 /* out[t][r] = (token t0+t) . (row w[r]) for t < mt, over all blocks (block b of row r at
  * w[r] + b * stride); nw: the next tile's rows (prefetched: 4 short row streams at a time
- * defeat the hardware prefetcher from DRAM) */
+ * defeat the hardware prefetcher from DRAM; interleaved rows prefetch their one stream) */
 static AI void gv_tile(const int type, const int mt, const uint8_t *const w[NR],
                        const uint8_t *const nw[NR], const size_t stride, const xq_t *X, int t0,
                        float out[MR][NR]) {
@@ -1348,8 +1348,11 @@ static AI void gv_tile(const int type, const int mt, const uint8_t *const w[NR],
     for (int t = 0; t < mt; t++) a[t] = v4f_zero();
     for (int b = 0; b < nb; b++) {
         const size_t at = (size_t)b * stride;
-        for (int r = 0; r < NR; r++)
-            for (int o = 0; o < bb; o += 64) __builtin_prefetch(nw[r] + at + o, 0, 3);
+        if (stride != (size_t)bb) /* interleaved: one stream, 2 blocks ahead (measured +3-30 %) */
+            for (int o = 0; o < NR * bb; o += 64) __builtin_prefetch(w[0] + at + 2 * stride + o, 0, 3);
+        else
+            for (int r = 0; r < NR; r++)
+                for (int o = 0; o < bb; o += 64) __builtin_prefetch(nw[r] + at + o, 0, 3);
         for (int t = 0; t < mt; t++) {
             const size_t row = (size_t)(t0 + t);
             xb[t] = X->q + row * K + (size_t)b * B;
