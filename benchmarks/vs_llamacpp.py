@@ -84,9 +84,16 @@ def install(cmake_args: str = "") -> None:
                 path.symlink_to(target)
 
 
+def base_env() -> dict:
+    """This process's environment without OMP_WAIT_POLICY: both sides run with their OpenMP
+    default (llama.cpp's threads sync between ops through OpenMP, and a passive wait policy
+    slowed its single-stream decode ~3x here)."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+
 def llama_env() -> dict:
     libdirs = sorted({str(p.parent) for p in VENV.rglob("*.so*")})
-    return {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+    return {**base_env(), "LD_LIBRARY_PATH": os.pathsep.join(
         [*libdirs, os.environ.get("LD_LIBRARY_PATH", "")])}
 
 
@@ -178,7 +185,7 @@ CORRAL_VARIANT: str | None = None  # --isa: $CORRAL_GGUF_VARIANT for every Corra
 
 
 def corral_env(threads: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = {**base_env(), "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": str(threads)}
     if CORRAL_VARIANT:
         env["CORRAL_GGUF_VARIANT"] = CORRAL_VARIANT
