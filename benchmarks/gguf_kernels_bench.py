@@ -175,8 +175,8 @@ def main() -> None:
                     rps = [gk.PackedWeight(c.type_id, c.base, c.offsets, c.n, c.k) for c in ws]
                     if all(gk.repack(lib, c, nt) for c in rps):
                         rp_cycle = itertools.cycle(rps)
-                        paths["rp"] = lambda x, w: gk.gguf_matmul(lib, x, next(rp_cycle), nt,
-                                                                  math="int8")
+                        paths["rp"] = lambda x, w, c=rp_cycle: gk.gguf_matmul(lib, x, next(c),
+                                                                              nt, math="int8")
                 if other:
                     paths["old"] = old
                 if not args.no_fp32_path:

@@ -108,7 +108,7 @@ def _mat(lin: gk.PackedLinear, keep: list) -> _Mat:
         if use_int:
             m.forms |= 1 if gk.INT_BLOCK[w.type_id] == 32 else 2
         m.parts[i] = (_Part(w.int_type, w.n, 1, w.int_base_ptr, w.offsets_ptr) if use_int
-                      else _Part(w.type_id, w.n, 0, w.base_ptr, w.offsets_ptr))
+                      else _Part(w.type_id, w.n, 0, w.rows(), w.offsets_ptr))
         keep.append(w)  # the struct holds raw addresses into these arrays
     return m
 

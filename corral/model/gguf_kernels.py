@@ -228,6 +228,20 @@ class PackedWeight:
         self.int_type, self.int_base_ptr = self.type_id, self.base_ptr
         self.repacked: np.ndarray | None = None
 
+    def drop_rows(self) -> None:
+        """Free the rows once `repack` gave the integer kernel its tiles (weights quantized at
+        load, whose rows nothing else reads): only the integer path runs this weight after."""
+        if self.repacked is None:
+            raise CorralError("drop_rows: this weight has no repacked tiles")
+        self.base, self.base_ptr = np.empty(0, dtype=np.uint8), 0
+
+    def rows(self) -> int:
+        """The rows' address for the fp32 kernel and dequantize_rows (an error once dropped)."""
+        if not self.base_ptr:
+            raise CorralError("this weight's rows were freed after repacking at load: it runs "
+                              "on the int8 kernels only (gguf math int8)")
+        return self.base_ptr
+
     def int_path(self) -> bool:
         """Whether the integer kernel runs this weight (its type has one and K fits its blocks)."""
         return self.int_ok
@@ -264,7 +278,7 @@ def gguf_matmul(lib: ctypes.CDLL, x: torch.Tensor, parts: PackedWeight | list[Pa
             rc = lib.gguf_gemm_int(w.int_type, xp, m, w.k, w.int_base_ptr, w.offsets_ptr, w.n,
                                    yp, n, nt)
         else:
-            rc = lib.gguf_gemm(w.type_id, xp, m, w.k, w.base_ptr, w.offsets_ptr, w.n, yp, n, nt)
+            rc = lib.gguf_gemm(w.type_id, xp, m, w.k, w.rows(), w.offsets_ptr, w.n, yp, n, nt)
         if rc:
             _check(rc, w)
         yp += 4 * w.n
@@ -316,7 +330,7 @@ def dequantize_rows(lib: ctypes.CDLL, w: PackedWeight, rows: np.ndarray | None =
     offsets = w.offsets if rows is None else np.ascontiguousarray(w.offsets[rows])
     n = len(offsets)
     out = torch.empty(n, w.k, dtype=torch.float32) if out is None else out
-    _check(lib.gguf_dequant_rows(w.type_id, w.base.ctypes.data, offsets.ctypes.data, n, w.k,
+    _check(lib.gguf_dequant_rows(w.type_id, w.rows(), offsets.ctypes.data, n, w.k,
                                  out.data_ptr(), num_threads or torch.get_num_threads()), w)
     return out
 
@@ -338,7 +352,7 @@ def panel_matmul(lib: ctypes.CDLL, x: torch.Tensor, parts: list[PackedWeight]) -
         for r0 in range(0, w.n, rows):
             r1 = min(r0 + rows, w.n)
             panel = buf[: r1 - r0]
-            _check(lib.gguf_dequant_rows(w.type_id, w.base.ctypes.data,
+            _check(lib.gguf_dequant_rows(w.type_id, w.rows(),
                                          w.offsets[r0:].ctypes.data, r1 - r0, w.k,
                                          panel.data_ptr(), torch.get_num_threads()), w)
             y[:, col + r0: col + r1] = F.linear(x, panel)

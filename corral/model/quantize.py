@@ -270,6 +270,17 @@ def load_quantized(folder, config, kind: str = "q8_0", max_len: int | None = Non
         return nn.Parameter(torch.cat([read_tensor(e).float() for e in entries(name)]),
                             requires_grad=False)
 
+    n_repacked = 0
+
+    def repacked(w: gk.PackedWeight) -> gk.PackedWeight:
+        """int8 math: w in the library's repacked tiles (x86 SIMD builds), its rows freed, so
+        memory holds one form of each weight (while it is packed: both, one matrix at a time)."""
+        nonlocal n_repacked
+        if math == "int8" and gk.repack(lib, w):
+            w.drop_rows()
+            n_repacked += 1
+        return w
+
     def linear(path: str, names: list[str]) -> bool:
         parent_name, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -289,7 +300,7 @@ def load_quantized(folder, config, kind: str = "q8_0", max_len: int | None = Non
             if bias is not None:
                 dense.bias = nn.Parameter(bias, requires_grad=False)
             return False
-        packed = pack_file_rows(parts, kind, lib)
+        packed = repacked(pack_file_rows(parts, kind, lib))
         setattr(parent, attr, gk.GGUFLinear(None, packed, lib, max_rows, bias, math))
         return True
 
@@ -309,6 +320,8 @@ def load_quantized(folder, config, kind: str = "q8_0", max_len: int | None = Non
     # token_embd quantized too)
     head = "model.embed_tokens.weight" if model.tie else "lm_head.weight"
     packed_head = pack_file_rows(entries(head), kind, lib)
+    if not model.tie:  # a tied head's rows are the embedding's too: they stay rows
+        packed_head = repacked(packed_head)
     release_freed_memory()
     model.packed_lm_head = gk.PackedLinear([packed_head], lib, max_rows, math=math)
     if model.tie:
@@ -326,4 +339,5 @@ def load_quantized(folder, config, kind: str = "q8_0", max_len: int | None = Non
         else ""
     return model, (f"{kind.upper()} (quantized at load, no dense copy) "
                    f"{lib.gguf_isa().decode()} kernels for {n + 1}/{total} matmuls{dense_note}"
-                   f"{gk.attach_fused(model)}")
+                   + (f", {n_repacked} repacked at load" if n_repacked else "")
+                   + gk.attach_fused(model))

@@ -304,13 +304,18 @@ def test_pack_in_row_chunks_equals_one_call(monkeypatch):
         assert np.array_equal(packed.base, q.QUANTIZERS[kind](w).base)
 
 
+def _bytes(p: gk.PackedWeight) -> np.ndarray:
+    """What the kernels read of p: its repacked tiles if it has them, else its rows."""
+    return p.repacked if p.repacked is not None else p.base[p.offsets[0]:]
+
+
 def _packed_state(model) -> dict[str, np.ndarray]:
     """Every packed matmul's bytes, the embedding's and the norms, by name."""
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, gk.GGUFLinear):
-            out[name] = np.concatenate([p.base[p.offsets[0]:] for p in mod.fast.parts])
-    out["lm_head"] = model.packed_lm_head.parts[0].base
+            out[name] = np.concatenate([_bytes(p) for p in mod.fast.parts])
+    out["lm_head"] = _bytes(model.packed_lm_head.parts[0])
     out["embed"] = model.model.embed_tokens.packed.base
     for name, p in model.named_parameters():
         out[name] = p.detach().numpy()
@@ -320,9 +325,13 @@ def _packed_state(model) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
-def test_load_quantized_equals_attach_quantized(lib, tmp_path, tie, dtype, kind):
+@pytest.mark.parametrize("gmath", ["fp32", "int8"])
+def test_load_quantized_equals_attach_quantized(lib, tmp_path, tie, dtype, kind, gmath):
     """Quantized while read (one layer at a time, no dense model) gives the very blocks that
-    from_folder + attach_quantized give from the whole dense model."""
+    from_folder + attach_quantized give from the whole dense model. With int8 math on x86 SIMD
+    builds the matmuls (not a tied head, whose rows the embedding reads) are repacked as they
+    are read and their rows freed: the tiles equal those repacked from attach_quantized's
+    blocks, and the fp32 kernel refuses the freed rows with a clear error."""
     from transformers import LlamaForCausalLM as HFLlama
 
     from corral.loading import ModelSource, load_config
@@ -335,9 +344,34 @@ def test_load_quantized_equals_attach_quantized(lib, tmp_path, tie, dtype, kind)
     config = load_config(ModelSource("t", tmp_path))
     dense = LlamaForCausalLM.from_folder(tmp_path, config, torch.float32, torch.device("cpu"),
                                          max_len=64)
-    want_desc = attach_quantized(dense, kind)
-    model, desc = load_quantized(tmp_path, config, kind, max_len=64)
-    assert desc == want_desc
+    want_desc = attach_quantized(dense, kind, math=gmath)
+    model, desc = load_quantized(tmp_path, config, kind, max_len=64, math=gmath)
+    layers = [m for m in model.modules() if isinstance(m, gk.GGUFLinear)]
+    heads = [] if tie else [model.packed_lm_head]
+    n_repacked = sum(p.repacked is not None for m in [*layers, *heads]
+                     for p in (m.fast.parts if isinstance(m, gk.GGUFLinear) else m.parts))
+    can_repack = lib.gguf_repack_bytes(gk.TYPE_IDS[kind.upper()], 64, 64) > 0
+    assert n_repacked == (len(layers) + len(heads) if gmath == "int8" and can_repack else 0)
+    if n_repacked:
+        fused = ", fused C decode step" if want_desc.endswith(", fused C decode step") else ""
+        assert desc == (want_desc.removesuffix(fused) + f", {n_repacked} repacked at load"
+                        + fused)
+        for m in [*(x for x in dense.modules() if isinstance(x, gk.GGUFLinear)),
+                  *([] if tie else [dense.packed_lm_head])]:
+            for p in (m.fast.parts if isinstance(m, gk.GGUFLinear) else m.parts):
+                assert gk.repack(lib, p)
+        freed = model.model.layers[0].self_attn.qkv_proj.fast.parts[0]
+        assert freed.base.size == 0
+        with pytest.raises(CorralError, match="freed after repacking"):
+            gk.dequantize_rows(lib, freed)
+        with pytest.raises(CorralError, match="freed after repacking"):
+            gk.gguf_matmul(lib, torch.randn(2, freed.k), freed, math="fp32")
+        x = torch.randn(5, freed.k)
+        assert torch.equal(gk.gguf_matmul(lib, x, freed, math="int8"),
+                           gk.gguf_matmul(lib, x, dense.model.layers[0].self_attn.qkv_proj
+                                          .fast.parts[0], math="int8"))
+    else:
+        assert desc == want_desc
     want, got = _packed_state(dense), _packed_state(model)
     assert set(got) == set(want)
     for name in want:

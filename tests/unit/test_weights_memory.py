@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from corral.model import gguf_kernels as gk
+
 # Runs in the child: the baseline is taken after the imports, with VmHWM reset to the current
 # RSS. (Loading runs no meta-device op: the first one would import torch._dynamo, ~90 MB.)
 PRELUDE = """
@@ -175,10 +177,13 @@ def bf16_folder(tmp_path_factory):
     return path
 
 
-def test_quantize_while_read_peak_stays_near_packed(bf16_folder):
+@pytest.mark.parametrize("gmath", ["fp32", "int8"])
+def test_quantize_while_read_peak_stays_near_packed(bf16_folder, gmath):
     """`load_quantized` never holds the dense model, nor one whole fp32 tensor: peak RSS grows
     by the packed Q8_0 weights (x1.3) + slack (read buffers, quantizer temporaries), far under
-    the fp32 copy that building the dense model first needs (2x the bf16 files)."""
+    the fp32 copy that building the dense model first needs (2x the bf16 files). With int8
+    math the matmuls are repacked as they are read (x86 SIMD builds) and their rows freed:
+    the same bound holds."""
     res = run_child(f"""
 from pathlib import Path
 from corral.model.quantize import load_quantized
@@ -186,12 +191,15 @@ folder = Path({str(bf16_folder)!r})
 config = corral.loading.load_config(corral.loading.ModelSource("t", folder))
 reset_peak()
 base = status("VmHWM")
-model, desc = load_quantized(folder, config, "q8_0", max_len=128)
+model, desc = load_quantized(folder, config, "q8_0", max_len=128, math={gmath!r})
 print(json.dumps({{"base": base, "peak": status("VmHWM"), "desc": desc}}))
 """)
     stored = sum(f.stat().st_size for f in bf16_folder.glob("*.safetensors"))
     packed = stored / 16 * 8.5  # bf16 -> 8.5 bits per weight
     grown = res["peak"] - res["base"]
     assert res["desc"].startswith("Q8_0 (quantized at load, no dense copy)")
+    lib = gk.load_library()
+    repacks = gmath == "int8" and lib is not None and lib.gguf_repack_bytes(8, 32, 32) > 0
+    assert ("repacked at load" in res["desc"]) == repacks, res["desc"]
     assert packed * 1.3 + SLACK < 2 * stored  # the bound tells a dense fp32 copy apart
     assert grown < packed * 1.3 + SLACK, (grown / 2**20, packed / 2**20)
