@@ -167,10 +167,15 @@ def test_falls_back_to_torch_without_a_working_compiler(monkeypatch, tmp_path, c
     assert capsys.readouterr().err == ""  # warned once per process
 
 
-def test_portable_c_path_without_avx512(monkeypatch, tmp_path):
-    """The plain C loops (CPUs without AVX-512) give the same results as the reference."""
+@pytest.mark.parametrize("flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2", "-mno-fma"]],
+                         ids=["avx2", "portable"])
+def test_c_paths_without_avx512(monkeypatch, tmp_path, flags):
+    """The AVX2+FMA loops (CPUs without AVX-512) and the plain C ones give the same results as
+    the reference."""
+    if "avx2" not in open("/proc/cpuinfo").read() and "-mno-avx2" not in flags:
+        pytest.skip("this CPU has no AVX2")
     monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_attention, "CFLAGS", [*cpu_attention.CFLAGS, "-mno-avx512f"])
+    monkeypatch.setattr(cpu_attention, "CFLAGS", [*cpu_attention.CFLAGS, *flags])
     monkeypatch.setattr(cpu_attention, "_lib", None)
     monkeypatch.setattr(cpu_attention, "_lib_tried", False)
     assert cpu_attention.load_library() is not None

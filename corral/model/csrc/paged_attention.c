@@ -115,6 +115,69 @@ static inline void accumulate(float *acc, float alpha, const float *p, const flo
         _mm512_mask_storeu_ps(acc + i, m, a);
     }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+/* AVX2 + FMA (most laptops, AMD before Zen 4): 8 lanes, the same exp polynomial as above */
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+/* exp for x <= 0; x is clamped to -87, so 2^n (n >= -126) stays a normal float */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+/* lanes j < n of 8 (n >= 1) */
+static inline __m256i lanes8(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline float dot(const float *a, const float *b, int hd) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= hd; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum256(acc);
+    for (; i < hd; i++) s += a[i] * b[i];
+    return s;
+}
+static inline float exp_sum(const float *s, float *p, int n, float mx) {
+    const __m256 vm = _mm256_set1_ps(mx);
+    __m256 sum = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) {
+        const __m256i m = lanes8(n - j);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(s + j, m), vm));
+        _mm256_maskstore_ps(p + j, m, e);
+        sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
+    }
+    return hsum256(sum);
+}
+static inline void accumulate(float *acc, float alpha, const float *p, const float *v,
+                              int64_t stride, int n, int hd) {
+    const __m256 va = _mm256_set1_ps(alpha);
+    int i = 0;
+    for (; i + 8 <= hd; i += 8) {
+        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + i), va);
+        for (int j = 0; j < n; j++)
+            a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * stride + i), a);
+        _mm256_storeu_ps(acc + i, a);
+    }
+    for (; i < hd; i++) {
+        acc[i] *= alpha;
+        for (int j = 0; j < n; j++) acc[i] += p[j] * v[j * stride + i];
+    }
+}
 #else
 static inline float dot(const float *a, const float *b, int hd) {
     float s = 0.0f;
