@@ -18,7 +18,8 @@ Two kinds of arithmetic, chosen per model (`math`, default from $CORRAL_GGUF_MAT
   the 4 rows reduced together), larger steps (from 10 tokens, 24 for K-quants) on x86 in
   transposed tiles of 16 rows (AVX-512 VNNI) or 8. On x86, Q4_0/Q4_1/Q8_0/Q4_K matmul
   weights are repacked once at load into such tiles (`repack`), which every step size then
-  reads in place; the file pages they came from are dropped. The activations' rounding changes the
+  reads in place, and Q5_K/Q6_K blocks are interleaved 4 rows at a time (one read stream per
+  decode tile); the file pages they came from are dropped. The activations' rounding changes the
   numbers: logits differ from the dequantized fp32 reference by ~1e-2 of their spread (tests
   bound it). All SIMD variants (x86 and aarch64) and the portable build give bit-identical
   results.
