@@ -3,6 +3,8 @@ PyTorch decode path; the engine with it on and off; the fallback when no compile
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -172,7 +174,7 @@ def test_falls_back_to_torch_without_a_working_compiler(monkeypatch, tmp_path, c
 def test_c_paths_without_avx512(monkeypatch, tmp_path, flags):
     """The AVX2+FMA loops (CPUs without AVX-512) and the plain C ones give the same results as
     the reference."""
-    if "avx2" not in open("/proc/cpuinfo").read() and "-mno-avx2" not in flags:
+    if "avx2" not in Path("/proc/cpuinfo").read_text() and "-mno-avx2" not in flags:
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_attention, "CFLAGS", [*cpu_attention.CFLAGS, *flags])
