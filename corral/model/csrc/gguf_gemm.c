@@ -1799,6 +1799,23 @@ static void tdot256(int type, const prep256 *P, const xq_t *X, int t0, int mt, T
 }
 #undef TD_CASE
 
+/* a tile prepared in work (prep32/prep256 per block, rows in the lanes) against tokens [0, M):
+ * lanes [r0, r1) of each token's result into y[t * ldy + col + r] */
+static void tdot_store(int type, const void *work, const xq_t *X, int M, float *y, int ldy,
+                       int col, int r0, int r1) {
+    TVF a[MT];
+    for (int t0 = 0; t0 < M; t0 += MT) {
+        const int mt = M - t0 < MT ? M - t0 : MT;
+        if (int_block(type) == 32) tdot32(type, (const prep32 *)work, X, t0, mt, a);
+        else tdot256(type, (const prep256 *)work, X, t0, mt, a);
+        for (int t = 0; t < mt; t++) {
+            float o[TL];
+            tvf_store(o, a[t]);
+            for (int r = r0; r < r1; r++) y[(size_t)(t0 + t) * ldy + col + r] = o[r];
+        }
+    }
+}
+
 /* output rows [n0, n1) for tokens [0, M) into y (at column n0): each tile of TL rows is
  * prepared once for all its blocks into buf (t8_work_bytes) */
 static void t8_range(int type, const xq_t *X, int M, const uint8_t *base, const int64_t *offsets,
@@ -1817,17 +1834,7 @@ static void t8_range(int type, const xq_t *X, int M, const uint8_t *base, const 
             if (B == 32) prep32_block(type, w, b * stride, (prep32 *)buf + b);
             else prep256_block(type, w, b * stride, (prep256 *)buf + b);
         }
-        TVF a[MT];
-        for (int t0 = 0; t0 < M; t0 += MT) {
-            const int mt = M - t0 < MT ? M - t0 : MT;
-            if (B == 32) tdot32(type, (const prep32 *)buf, X, t0, mt, a);
-            else tdot256(type, (const prep256 *)buf, X, t0, mt, a);
-            for (int t = 0; t < mt; t++) {
-                float o[TL];
-                tvf_store(o, a[t]);
-                for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * ldy + (n - n0) + r] = o[r];
-            }
-        }
+        tdot_store(type, buf, X, M, y, ldy, n - n0, 0, nr);
     }
 }
 
@@ -2146,17 +2153,7 @@ static void rp_range(int type, const xq_t *X, int M, const uint8_t *base, int n0
                 if (B == 32) rp_prep32(type, T + b * rp_bytes(type), (prep32 *)work + b);
                 else rp_prep256(T + b * rp_bytes(type), (prep256 *)work + b);
             }
-            TVF a[MT];
-            for (int t0 = 0; t0 < M; t0 += MT) {
-                const int mt = M - t0 < MT ? M - t0 : MT;
-                if (B == 32) tdot32(src, (const prep32 *)work, X, t0, mt, a);
-                else tdot256(src, (const prep256 *)work, X, t0, mt, a);
-                for (int t = 0; t < mt; t++) {
-                    float o[TL];
-                    tvf_store(o, a[t]);
-                    for (int r = r0; r < r1; r++) y[(size_t)(t0 + t) * ldy + tile * TL + r - n0] = o[r];
-                }
-            }
+            tdot_store(src, work, X, M, y, ldy, tile * TL - n0, r0, r1);
             continue;
         }
         TVF a[4];
