@@ -158,6 +158,17 @@ static void silu_mul(const float *g, const float *u, int n, float *h) {
         _mm512_storeu_ps(h + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)),
                                               _mm512_loadu_ps(u + j)));
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* exp256 does not overflow to inf: exp(-g) is clamped at exp(88) ~ 1.7e38, so silu(g) for
+     * g < -88 is ~ g * 6e-39 * u instead of -0. (The scalar loop took 5.8 ns a value on Zen 3
+     * against 0.5: ~0.7 ms of a 1B-shape token, 12 ms of a 32-token step.) */
+    const __m256 one = _mm256_set1_ps(1.0f), top = _mm256_set1_ps(88.0f);
+    for (; j + 8 <= n; j += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + j);
+        const __m256 e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), top));
+        _mm256_storeu_ps(h + j, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)),
+                                              _mm256_loadu_ps(u + j)));
+    }
 #endif
     for (; j < n; j++) h[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 }
