@@ -560,6 +560,12 @@ const char *gguf_isa(void) {
 #endif
 #define AI inline __attribute__((always_inline))
 
+/* An empty asm that takes and returns v in a register: the AVX2 kernels' int16/int32 running
+ * sums pass through it once per step, so GCC's reassociation cannot turn them into trees of
+ * products computed first and spilled to the stack (it did: at 32 tokens on Zen 3, ~0.7
+ * maddubs a cycle, 1.3x slower). */
+#define KEEP(v) __asm__("" : "+x"(v))
+
 typedef struct {
     int K, nb;     /* nb: activation blocks per row (K/32 or K/256) */
     int8_t *q;     /* [M][K] */
@@ -1036,13 +1042,11 @@ static const uint8_t K4SHUF[8][32] __attribute__((aligned(32))) = {
     K4ROW(0), K4ROW(1), K4ROW(2), K4ROW(3), K4ROW(4), K4ROW(5), K4ROW(6), K4ROW(7)
 #undef K4ROW
 };
-/* Q6_K: int8 scales 2c (8 bytes) then 2c+1 (8 bytes), for the 32 values of chunk c */
-static const uint8_t K6SHUF[8][16] __attribute__((aligned(16))) = {
-#define K6ROW(c) {2*c, 2*c, 2*c, 2*c, 2*c, 2*c, 2*c, 2*c, 2*c+1, 2*c+1, 2*c+1, 2*c+1, 2*c+1, 2*c+1, \
-    2*c+1, 2*c+1}
-    K6ROW(0), K6ROW(1), K6ROW(2), K6ROW(3), K6ROW(4), K6ROW(5), K6ROW(6), K6ROW(7)
-#undef K6ROW
-};
+/* Q6_K: its 16 int8 scales as even ones then odd ones; widened to int16, lane 0 holds sc[2c]
+ * and lane 1 sc[2c+1] at position c, so K4SHUF[c] spreads chunk c's scales (values 32c..32c+15
+ * in lane 0, 32c+16.. in lane 1) in one shuffle */
+static const uint8_t K6EVENODD[16] __attribute__((aligned(16))) = {0, 2, 4, 6, 8, 10, 12, 14,
+                                                                   1, 3, 5, 7, 9, 11, 13, 15};
 
 static AI void tile_blockk(const int type, const int mt, const uint8_t *const w[NR], size_t at,
                            const int8_t *const xb[MR], const int16_t *const xs16[MR],
@@ -1064,6 +1068,7 @@ static AI void tile_blockk(const int type, const int mt, const uint8_t *const w[
         for (int t = 0; t < mt; t++) acc[t] = _mm256_setzero_si256();
         if (type == 14) {
             const __m128i sc8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+            const __m256i eo = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i *)K6EVENODD)));
             for (int j = 0; j < 2; j++) {
                 const __m256i a = _mm256_loadu_si256((const __m256i *)(blk + 64 * j));
                 const __m256i b = _mm256_loadu_si256((const __m256i *)(blk + 64 * j + 32));
@@ -1078,11 +1083,11 @@ static AI void tile_blockk(const int type, const int mt, const uint8_t *const w[
                 v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), m4),
                                        _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xc0)), 2));
                 for (int i = 0; i < 4; i++) {
-                    const __m256i scl = _mm256_cvtepi8_epi16(
-                        _mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i *)K6SHUF[4 * j + i])));
+                    const __m256i scl = _mm256_shuffle_epi8(eo, _mm256_load_si256((const __m256i *)K4SHUF[4 * j + i]));
                     for (int t = 0; t < mt; t++) {
                         const __m256i xv = _mm256_loadu_si256((const __m256i *)(xb[t] + 128 * j + 32 * i));
                         acc[t] = DPWSSD(acc[t], _mm256_maddubs_epi16(v[i], xv), scl);
+                        KEEP(acc[t]);
                     }
                 }
             }
@@ -1110,6 +1115,7 @@ static AI void tile_blockk(const int type, const int mt, const uint8_t *const w[
                     const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb[t] + 64 * p + 32));
                     acc[t] = DPWSSD(acc[t], _mm256_maddubs_epi16(lo, x0), sl);
                     acc[t] = DPWSSD(acc[t], _mm256_maddubs_epi16(hi, x1), sh);
+                    KEEP(acc[t]);
                 }
             }
             for (int t = 0; t < mt; t++) {
@@ -1480,12 +1486,6 @@ static inline void k_unpack(int type, const uint8_t *blk, uint8_t *out) {
 }
 
 #define MT 4 /* tokens per pass over a prepared tile */
-
-/* An empty asm that takes and returns v in a register: the AVX2 kernels' int16/int32 sums pass
- * through it once per step, so GCC's reassociation cannot turn the running sums into trees of
- * maddubs results computed first and spilled to the stack (it did: ~0.7 maddubs a cycle, 1.3x
- * slower at 32 tokens on Zen 3). */
-#define KEEP(v) __asm__("" : "+x"(v))
 
 /* The tile's vector width: 16 rows in zmm lanes with AVX-512 VNNI, else 8 in ymm lanes (the
  * plain AVX-512 build keeps 8: without VNNI its Q8_0 needs sign_epi8, which has no zmm form). */
