@@ -107,6 +107,10 @@ def add_kernel_args(group) -> None:
     group.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None,
                        help="CPU fp32 HF model: run on Q8_0/Q4_0 weights made at load (faster, "
                             "less memory, numerics change; no dense copy kept)")
+    group.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16"], default=None,
+                       help="KV cache values; auto (default): float16 for a CPU model on "
+                            "int8 quantized matmuls (as llama.cpp: half the memory and "
+                            "bandwidth per token), else the model's dtype")
     group.add_argument("--no-cuda-graphs", action="store_true",
                        help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
 
@@ -185,6 +189,8 @@ def kernel_kwargs_from_args(args: argparse.Namespace) -> dict:
         kw["quantization"] = args.quantize
     if args.gguf_math:
         kw["gguf_math"] = args.gguf_math
+    if getattr(args, "kv_cache_dtype", None):
+        kw["kv_cache_dtype"] = args.kv_cache_dtype
     return kw
 
 

@@ -21,6 +21,9 @@ class EngineConfig:
     max_num_seqs: int | None = None  # default 64 on CPU, 256 on CUDA
     max_num_batched_tokens: int | None = None  # per-step token budget (chunked prefill)
     enable_prefix_caching: bool = True
+    # KV cache values: "float32" | "float16" | "auto" (CPU models on int8 quantized matmuls: fp16,
+    # llama.cpp's default, half the bytes a step streams; otherwise the model's dtype)
+    kv_cache_dtype: str = "auto"
     quantization: str | None = None  # "q8_0": CPU fp32 decode on Q8_0 weights made at load
     gguf_kernels: bool = True  # CPU fp32 .gguf model: small steps read the quantized blocks
     # quantized matmuls on CPU: "int8" (activations quantized to 8 bits, integer dot products,

@@ -134,6 +134,7 @@ class EngineCore:
         self.lora = self._setup_lora()  # after the kernels: the wrappers keep what they find
         self.eos_token_ids = _eos_ids(src, self.model_config, self.tokenizer)
         cuda = self.device.type == "cuda"
+        self.kv_dtype = self._kv_cache_dtype()
         bs = config.block_size
         num_blocks = self._num_kv_blocks(bs)
         if self.tp is not None:  # the smallest count any rank's memory holds
@@ -151,7 +152,8 @@ class EngineCore:
             ),
             self.bm,
         )
-        self.runner = ModelRunner(self.model, num_blocks, bs, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, bs, self.dtype, self.device,
+                                  self.kv_dtype)
         if self.lora is not None:
             self.runner.lora = self.lora
             self.scheduler.can_admit = self._lora_slot_ready
@@ -169,11 +171,36 @@ class EngineCore:
 
     # ---- setup -------------------------------------------------------------------------
 
+    def _kv_cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype from `kv_cache_dtype`: "auto" is fp16 for a CPU model whose
+        matmuls take 8-bit activations (llama.cpp's default cache type: half the bytes a
+        decode step streams, half the memory a token holds), else the model's own dtype (the
+        fp32 paths stay exact). Only an fp32 CPU model (one process) can choose otherwise."""
+        choice = (self.config.kv_cache_dtype or "auto").lower()
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                 "fp16": torch.float16}
+        if choice == "auto":
+            from corral.model.gguf_kernels import runs_int8
+
+            cpu32 = self.device.type == "cpu" and self.dtype == torch.float32
+            return torch.float16 if cpu32 and runs_int8(self.model) else self.dtype
+        if choice not in names:
+            raise CorralError(f"unknown KV cache dtype {choice!r} (choose from: auto, float32, "
+                              "float16)")
+        dtype = names[choice]
+        if dtype != self.dtype and (self.device.type != "cpu" or self.dtype != torch.float32
+                                    or self.tp is not None):
+            raise CorralError(f"--kv-cache-dtype {choice}: only an fp32 CPU model without "
+                              "tensor parallelism keeps its cache in another dtype (this one "
+                              f"is {str(self.dtype).removeprefix('torch.')} on "
+                              f"{self.device.type}); leave it at auto")
+        return dtype
+
     def _num_kv_blocks(self, block_size: int) -> int:
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks
         # the model's own config: under tensor parallelism, this rank's share of the KV heads
-        per_block = kv_bytes_per_block(self.model.config, block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.model.config, block_size, self.kv_dtype)
         if self.device.type == "cuda":
             driver, self.model.driver = getattr(self.model, "driver", None), None
             try:  # TP workers run the same profiled step at the same time (engine.tp)
@@ -385,6 +412,7 @@ class EngineCore:
             "vocab_size": self.model_config.vocab_size,  # the server checks token ids with it
             "chat_format": getattr(self.chat_format, "name", None),
             "kv_blocks": self.bm.num_blocks,
+            "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             "block_size": self.bm.block_size,
             "weights": self.weights,
             "loras": self.lora.listing() if self.lora is not None else [],

@@ -1,7 +1,8 @@
 """Turns a scheduled batch into tensors, runs the model, returns the logits the sampler needs.
 
 Owns the KV-cache tensors: per layer, K and V of shape [num_blocks + 1, block_size, n_kv, hd]
-(the extra block is never handed out: padded rows of CUDA-graph decode batches write there).
+(the extra block is never handed out: padded rows of CUDA-graph decode batches write there), in
+the KV dtype (the model's, or fp16 under an fp32 CPU model: EngineConfig.kv_cache_dtype).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class StepLogits:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, kv_dtype: torch.dtype | None = None):
         cfg = model.config
         if device.type == "cuda":
             # cuda:N with N != 0: Triton launches and graph capture use the current device
@@ -49,8 +50,9 @@ class ModelRunner:
         self.dynamic_rope = (cfg.rope_parameters or {}).get("rope_type") == "dynamic"
         self.pad_block = num_blocks  # past the BlockManager's ids 0..num_blocks-1
         shape = (num_blocks + 1, block_size, cfg.num_key_value_heads, head_dim_of(cfg))
-        self.kv_cache = [(torch.zeros(shape, dtype=dtype, device=device),
-                          torch.zeros(shape, dtype=dtype, device=device))
+        kv_dtype = kv_dtype or dtype
+        self.kv_cache = [(torch.zeros(shape, dtype=kv_dtype, device=device),
+                          torch.zeros(shape, dtype=kv_dtype, device=device))
                          for _ in range(cfg.num_hidden_layers)]
         self.graphs: DecodeGraphs | None = None
         self.lora = None  # model.lora.LoRAManager when adapters are enabled

@@ -54,14 +54,15 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
              slot_mapping: torch.Tensor) -> None:
     """Store this step's keys/values ([T, n_kv, hd]) at their cache slots."""
     nb, bs, nkv, hd = k_cache.shape
-    k_cache.view(nb * bs, nkv, hd).index_copy_(0, slot_mapping, k)
-    v_cache.view(nb * bs, nkv, hd).index_copy_(0, slot_mapping, v)
+    k_cache.view(nb * bs, nkv, hd).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, nkv, hd).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal GQA attention for a flat batch. q: [T, nh, hd]; k, v: [T, nkv, hd] (this step's,
-    already written to the cache). Returns [T, nh, hd]."""
+    already written to the cache). Returns [T, nh, hd]. Keys and values are used as the cache
+    holds them (rounded to an fp16 cache too), whichever path reads them."""
     nd = meta.num_decodes
     if nd == len(meta.query_lens):
         return _decode_attention(q, k_cache, v_cache, meta, scale)
@@ -72,6 +73,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     firsts = [nd]
     for ql in qls:
         firsts.append(firsts[-1] + ql)
+    if k_cache.dtype != k.dtype:  # as an fp16 cache holds them
+        k, v = k.to(k_cache.dtype).to(k.dtype), v.to(v_cache.dtype).to(v.dtype)
     area = PACK_AREA.get(q.device.type, PACK_AREA["cuda"])
     for g in pack_groups(qls, ctxs, area):
         a, b = firsts[g.start], firsts[g.stop]
@@ -123,8 +126,8 @@ def _prefill_packed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     k_pos = torch.arange(int(ctx.sum())) - k_first[k_row]
     k_row_d, k_pos_d = k_row.to(dev), k_pos.to(dev)
     slots = block_tables[k_row_d, k_pos_d // bs] * bs + k_pos_d % bs
-    ks = k_cache.view(nb * bs, nkv, hd).index_select(0, slots)
-    vs = v_cache.view(nb * bs, nkv, hd).index_select(0, slots)
+    ks = k_cache.view(nb * bs, nkv, hd).index_select(0, slots).to(q.dtype)
+    vs = v_cache.view(nb * bs, nkv, hd).index_select(0, slots).to(q.dtype)
     # queries: their sequence and absolute position
     q_row = torch.repeat_interleave(torch.arange(p), qlen)
     q_first = torch.cumsum(qlen, 0) - qlen
@@ -200,12 +203,14 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     mask = meta.decode_mask  # [B, 1, 1, S]
     if mask is None:
         ctx = meta.context_lens[:b]
-        mask = build_decode_mask(ctx, int(ctx.max()), k_cache.dtype)
+        mask = build_decode_mask(ctx, int(ctx.max()), q.dtype)
     s = mask.shape[-1]
     nblk = (s + k_cache.shape[1] - 1) // k_cache.shape[1]
     bt = meta.block_tables[:b, :nblk]
     ks = gather_blocks(k_cache, bt)[:, :s].transpose(1, 2)  # [B, nkv, S, hd] (a view)
     vs = gather_blocks(v_cache, bt)[:, :s].transpose(1, 2)
+    if ks.dtype != q.dtype:  # an fp16 cache under fp32 queries (the C kernel unavailable)
+        ks, vs = ks.to(q.dtype), vs.to(q.dtype)
     if q.dtype == torch.float32:
         # SDPA reads the strided view directly (a contiguous copy would cost as much again
         # as the gather); measured 1.7x faster than the matmuls below on CPU in fp32
@@ -220,7 +225,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 def decode_needs_mask(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether decode on `device` with a `dtype` KV cache reads AttentionMetadata.decode_mask
+    """Whether decode on `device` with `dtype` queries reads AttentionMetadata.decode_mask
     (the Triton and C kernels bound each sequence by context_lens instead)."""
     if decode_uses_triton(device):
         return False

@@ -81,7 +81,8 @@ def load_library(variant: str) -> ctypes.CDLL | None:
               file=sys.stderr, flush=True)
         return None
     p, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.decode_step.argtypes = [p, p, p, p, p, p, i32, p, p, ctypes.c_int64, p, i32, p, i32, i32]
+    lib.decode_step.argtypes = [p, p, p, p, p, p, i32, i32, p, p, ctypes.c_int64, p, i32, p, i32,
+                                i32]
     lib.decode_step.restype = i32
     _libs[variant] = lib
     return lib
@@ -162,19 +163,20 @@ class FusedDecoder:
     def _cache_pointers(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]):
         if self._kv is None or self._kv[0] is not kv_cache:
             k0 = kv_cache[0][0]
-            if k0.dtype != torch.float32 or not all(k.is_contiguous() and v.is_contiguous()
-                                                    for k, v in kv_cache):
-                raise ValueError("the fused decode step needs contiguous fp32 KV caches")
+            if k0.dtype not in (torch.float32, torch.float16) or not all(
+                    k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == k0.dtype
+                    for k, v in kv_cache):
+                raise ValueError("the fused decode step needs contiguous fp32 or fp16 KV caches")
             n = len(kv_cache)
             kp = (ctypes.c_void_p * n)(*[k.data_ptr() for k, _ in kv_cache])
             vp = (ctypes.c_void_p * n)(*[v.data_ptr() for _, v in kv_cache])
-            self._kv = (kv_cache, kp, vp, k0.shape[1])
+            self._kv = (kv_cache, kp, vp, int(k0.dtype == torch.float16), k0.shape[1])
         return self._kv[1:]
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta,
                  kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """x [B, D] (the embeddings; updated in place), cos/sin [B, hd] -> normed hidden [B, D]."""
-        kp, vp, bs = self._cache_pointers(kv_cache)
+        kp, vp, f16, bs = self._cache_pointers(kv_cache)
         b = x.shape[0]
         x = x.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
@@ -187,7 +189,7 @@ class FusedDecoder:
         slots, ctx = meta.slot_mapping.contiguous(), ctx.contiguous()
         out = torch.empty_like(x)
         rc = self.lib.decode_step(self._spec_ptr, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                  kp, vp, bs, slots.data_ptr(), tables.data_ptr(),
+                                  kp, vp, f16, bs, slots.data_ptr(), tables.data_ptr(),
                                   tables.stride(0), ctx.data_ptr(), b, out.data_ptr(),
                                   torch.get_num_threads(), int(multi))
         if rc:

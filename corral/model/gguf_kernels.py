@@ -426,6 +426,11 @@ class GGUFLinear(nn.Linear):
         return self.fast(x)
 
 
+def runs_int8(model: nn.Module) -> bool:
+    """Whether some linear of `model` runs 8-bit activations on packed weights (int8 math)."""
+    return any(isinstance(m, GGUFLinear) and m.fast.math == "int8" for m in model.modules())
+
+
 class GGUFEmbedding(nn.Module):
     """Token embedding rows dequantized on lookup from packed rows."""
 

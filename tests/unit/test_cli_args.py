@@ -42,3 +42,15 @@ def test_unknown_chat_format_is_refused_before_loading(capsys):
     for argv in (["serve", "--chat-format", "vicuna"], ["ui", "--format", "vicuna"]):
         assert main(argv) == 1
         assert "unknown chat format 'vicuna'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["generate", "chat", "serve", "eval"])  # the kernel flags' commands
+def test_kv_cache_dtype_reaches_the_engine_config(cmd, capsys):
+    from corral.cli_args import kernel_kwargs_from_args
+
+    args = parse(cmd, "--kv-cache-dtype", "float16")
+    assert kernel_kwargs_from_args(args)["kv_cache_dtype"] == "float16"
+    assert "kv_cache_dtype" not in kernel_kwargs_from_args(parse(cmd))  # the engine's auto
+    with pytest.raises(SystemExit):
+        parse(cmd, "--kv-cache-dtype", "int8")
+    assert "invalid choice: 'int8'" in capsys.readouterr().err

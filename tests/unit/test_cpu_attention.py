@@ -76,12 +76,15 @@ def torch_decode(q, k_cache, v_cache, tables, ctx, scale):
 CONTEXTS = {16: [1, 15, 16, 17, 32, 33, 300], 5: [1, 4, 5, 6, 11, 97]}
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("nh,nkv", [(4, 4), (9, 3), (8, 2), (6, 1)])
 @pytest.mark.parametrize("hd", [64, 32, 128, 40])
 @pytest.mark.parametrize("bs", [16, 5])
-def test_kernel_matches_reference_and_torch_path(lib, monkeypatch, nh, nkv, hd, bs):
+def test_kernel_matches_reference_and_torch_path(lib, monkeypatch, nh, nkv, hd, bs, kv_dtype):
+    """fp16 caches: the reference and the PyTorch path read the same fp16 values."""
     ctx = CONTEXTS[bs]
     q, kc, vc, tables, ctx_t = random_case(nh, nkv, hd, bs, ctx, seed=nh * 1000 + hd + bs)
+    kc, vc = kc.to(kv_dtype), vc.to(kv_dtype)
     scale = hd ** -0.5
     out = cpu_attention.paged_decode(q, kc, vc, tables, ctx_t, scale)
     assert out.shape == q.shape and out.dtype == torch.float32
@@ -91,9 +94,33 @@ def test_kernel_matches_reference_and_torch_path(lib, monkeypatch, nh, nkv, hd, 
     torch.testing.assert_close(out, torch_decode(q, kc, vc, tables, ctx_t, scale),
                                rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(cpu_attention, "_lib", lib)
-    # threads split (sequence, kv head) tasks only: the same sums in the same order
-    assert torch.equal(cpu_attention.paged_decode(q, kc, vc, tables, ctx_t, scale,
-                                                  num_threads=1), out)
+    # 7 or 6 sequences: on 2 threads a task is one kv head, on 1 thread all of a sequence's
+    # (4 sequences a thread); either way each head's sums run in the same order
+    for threads in (1, 3):
+        assert torch.equal(cpu_attention.paged_decode(q, kc, vc, tables, ctx_t, scale,
+                                                      num_threads=threads), out)
+
+
+def special_values_case(kv_dtype: torch.dtype):
+    """One key per sequence, so each output row is its value row exactly (softmax of one score
+    is 1): fp16 subnormals, the smallest normal, the largest finite, signed zeros, inf, NaN."""
+    specials = torch.tensor([2.0 ** -24, -(2.0 ** -24), 3 * 2.0 ** -20, 2.0 ** -14, 65504.0,
+                             -65504.0, -0.0, 0.0, float("inf"), float("-inf"), float("nan"),
+                             1 / 3, -2.5, 1e-3, 7.0, -1e4])
+    q, kc, vc, tables, _ = random_case(4, 2, 64, 16, [1, 1, 1, 1], seed=9)
+    vc = torch.randn(vc.shape, generator=torch.Generator().manual_seed(1))
+    for i in range(4):  # the value row each sequence reads: specials at every lane position
+        vc[int(tables[i, 0]), 0] = specials.roll(5 * i).repeat(8)[:128].view(2, 64)
+    ctx = torch.ones(4, dtype=torch.long)
+    expect = torch.stack([vc[int(tables[i, 0]), 0] for i in range(4)]).to(kv_dtype)
+    expect = expect.float().repeat_interleave(2, dim=0).view(4, 4, 64)  # 2 query heads a kv head
+    return q, kc.to(kv_dtype), vc.to(kv_dtype), tables, ctx, expect
+
+
+def test_fp16_values_convert_exactly(lib):
+    q, kc, vc, tables, ctx, expect = special_values_case(torch.float16)
+    out = cpu_attention.paged_decode(q, kc, vc, tables, ctx, 0.125)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0, equal_nan=True)
 
 
 def test_decode_branch_uses_kernel_for_fp32_only(lib, monkeypatch):
@@ -169,11 +196,12 @@ def test_falls_back_to_torch_without_a_working_compiler(monkeypatch, tmp_path, c
     assert capsys.readouterr().err == ""  # warned once per process
 
 
-@pytest.mark.parametrize("flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2", "-mno-fma"]],
+@pytest.mark.parametrize("flags", [["-mno-avx512f"],
+                                   ["-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c"]],
                          ids=["avx2", "portable"])
 def test_c_paths_without_avx512(monkeypatch, tmp_path, flags):
-    """The AVX2+FMA loops (CPUs without AVX-512) and the plain C ones give the same results as
-    the reference."""
+    """The AVX2+FMA+F16C loops (CPUs without AVX-512) and the plain C ones (software fp16
+    conversion) give the same results as the reference, fp32 and fp16 caches alike."""
     if "avx2" not in Path("/proc/cpuinfo").read_text() and "-mno-avx2" not in flags:
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path))
@@ -181,8 +209,16 @@ def test_c_paths_without_avx512(monkeypatch, tmp_path, flags):
     monkeypatch.setattr(cpu_attention, "_lib", None)
     monkeypatch.setattr(cpu_attention, "_lib_tried", False)
     assert cpu_attention.load_library() is not None
-    for nh, nkv, hd, bs in [(9, 3, 64, 16), (4, 4, 40, 5), (8, 2, 128, 16)]:
-        q, kc, vc, tables, ctx = random_case(nh, nkv, hd, bs, CONTEXTS[bs], seed=hd)
-        out = cpu_attention.paged_decode(q, kc, vc, tables, ctx, hd ** -0.5)
-        torch.testing.assert_close(out.double(), reference(q, kc, vc, tables, ctx, hd ** -0.5),
-                                   rtol=1e-5, atol=1e-5)
+    for kv_dtype in (torch.float32, torch.float16):
+        for nh, nkv, hd, bs in [(9, 3, 64, 16), (4, 4, 40, 5), (8, 2, 128, 16)]:
+            q, kc, vc, tables, ctx = random_case(nh, nkv, hd, bs, CONTEXTS[bs], seed=hd)
+            kc, vc = kc.to(kv_dtype), vc.to(kv_dtype)
+            for threads in (1, 2):
+                out = cpu_attention.paged_decode(q, kc, vc, tables, ctx, hd ** -0.5,
+                                                 num_threads=threads)
+                torch.testing.assert_close(out.double(),
+                                           reference(q, kc, vc, tables, ctx, hd ** -0.5),
+                                           rtol=1e-5, atol=1e-5)
+    q, kc, vc, tables, ctx, expect = special_values_case(torch.float16)
+    out = cpu_attention.paged_decode(q, kc, vc, tables, ctx, 0.125)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0, equal_nan=True)

@@ -413,3 +413,32 @@ def test_quantized_folder_with_lora_rows_falls_back(lora_setup, kind):
     assert any(lora_rows) and fused.steps - steps == 0  # the LoRA request ran every step
     reference, _ = run(False, with_lora=True)
     assert mixed == reference and mixed["base"] == alone["base"]
+
+
+@pytest.mark.parametrize("step", ["decode", "mixed"])
+@pytest.mark.parametrize("family", ["q4_1", "kquant", "q8_0-hd32"])
+def test_fp16_cache_equals_layer_path(gguf_files, family, step):
+    """An fp16 KV cache (the engine's default under int8 math): both paths write the new keys
+    and values rounded to fp16 (to nearest even) and attend over fp16 values. fp32 math, so
+    the only differences are float rounding, and a k/v value a last fp32 bit apart can round
+    to neighbouring fp16 values (1e-3 apart): hidden states, logits and caches within 1e-3 of
+    their scale (measured: hidden states at most 1e-4 of it, caches 3.3e-4: a few roundings
+    moved in the prefill chunks). Against the same step on an fp32 cache of the same values:
+    within 5e-3 (measured at most 7.7e-4)."""
+    model = load(gguf_files[family], family, "fp32")
+    if step == "decode":
+        ids, pos, meta, cache = decode_batch(model.config, BATCHES["long3"] + BATCHES["five"],
+                                             seed=11)
+    else:
+        ids, pos, meta, cache = mixed_batch(model.config, *STEPS["mixed"], seed=12)
+    cache = [(k.half(), v.half()) for k, v in cache]
+    h_fused, c_fused, h_layers, c_layers = both_paths(model, ids, pos, meta, cache)
+    assert c_fused[0][0].dtype == torch.float16
+    slots = meta.slot_mapping
+    k0 = c_fused[0][0].view(-1, *c_fused[0][0].shape[2:])
+    assert not torch.equal(k0[slots], cache[0][0].view_as(k0)[slots])  # this step's keys landed
+    assert_close_to_scale(model, h_fused, [(k.float(), v.float()) for k, v in c_fused], h_layers,
+                          [(k.float(), v.float()) for k, v in c_layers], tol=1e-3)
+    # and the fp16 cache is close to the fp32 one: the same step on fp32 copies of the values
+    h32, _, _, _ = both_paths(model, ids, pos, meta, [(k.float(), v.float()) for k, v in cache])
+    torch.testing.assert_close(h_fused, h32, rtol=0, atol=5e-3 * h32.abs().max())

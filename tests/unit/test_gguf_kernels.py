@@ -604,19 +604,28 @@ def _perplexity(core, ids: list[int]) -> float:
 
 
 def test_smollm2_int8_perplexity_within_1_percent_of_exact():
-    """The default model (Q4_1/Q8_0 GGUF) on the int8 path: perplexity of a fixed English text
-    within 1% of the exact fp32 path's (measured: 0.2% lower on 1024 tokens of README.md)."""
+    """The default model (Q4_1/Q8_0 GGUF) on the int8 path, with its default fp16 KV cache and
+    with an fp32 one: perplexity of a fixed English text (512 tokens of README.md) within 1%
+    of the exact fp32 path's. Measured, int8 with fp16 / fp32 cache: +0.66% / +0.43% (avx512vnni
+    kernels), +0.28% / +0.84% (avx2). The fp16 cache under fp32 math moves it by < 0.01%; under
+    int8 math any last-bit change flips some activation roundings, which moves a 256-token
+    text's perplexity by up to ~0.6% either way, so the text is longer than that."""
     from pathlib import Path
 
     from corral.engine.config import EngineConfig
     from corral.engine.core import EngineCore
 
-    text = (Path(__file__).parents[2] / "README.md").read_text()[:3000]
+    text = (Path(__file__).parents[2] / "README.md").read_text()[:12000]
     ppl = {}
-    for math in ("fp32", "int8"):
-        core = EngineCore(EngineConfig(model="default", max_model_len=512, gguf_math=math))
-        ids = core.tokenizer(text)["input_ids"][:256]
-        assert len(ids) == 256
-        ppl[math] = _perplexity(core, ids)
-    assert 1 < ppl["fp32"] < 200  # the model reads English: a sane perplexity
-    assert abs(ppl["int8"] / ppl["fp32"] - 1) < 0.01, ppl
+    for math, kv in (("fp32", "auto"), ("int8", "float32"), ("int8", "auto")):
+        core = EngineCore(EngineConfig(model="default", max_model_len=1024, gguf_math=math,
+                                       kv_cache_dtype=kv))
+        assert core.info["kv_cache_dtype"] == ("float16" if (math, kv) == ("int8", "auto")
+                                               else "float32")
+        ids = core.tokenizer(text)["input_ids"][:512]
+        assert len(ids) == 512
+        ppl[math, core.info["kv_cache_dtype"]] = _perplexity(core, ids)
+    exact = ppl["fp32", "float32"]
+    assert 1 < exact < 200  # the model reads English: a sane perplexity
+    for value in ppl.values():
+        assert abs(value / exact - 1) < 0.01, ppl

@@ -5,8 +5,9 @@
  * attends, since a chunk's rows read each other's). Per layer:
  *
  *   xn = rmsnorm(x)            -> qkv = xn @ Wqkv^T                          [stage qkv]
- *   per (sequence, kv head): rope q (its g query heads) and k, k/v -> the paged cache slot,
- *       paged decode attention over the sequence's blocks (GQA, online softmax)   [stage attn]
+ *   per (sequence, kv heads): rope q (their query heads) and k, k/v -> the paged cache slot
+ *       (fp32 or fp16), paged decode attention over the sequence's blocks (GQA, online
+ *       softmax; all kv heads in one task once there are 4 rows a thread)       [stage attn]
  *   x += attn @ Wo^T                                                         [stage o]
  *   xn = rmsnorm(x)            -> h = silu(xn @ Wgate^T) * (xn @ Wup^T)        [stage gate_up]
  *   x += h @ Wdown^T                                                         [stage down]
@@ -19,7 +20,7 @@
  *
  * Threads: ONE OpenMP region for the whole stack instead of ~4 fork/joins per layer (the
  * structure of llama.cpp's graph compute). Each stage hands out its work in chunks through an
- * atomic counter (output rows of a matmul; (sequence, kv head) tasks of attention) and a
+ * atomic counter (output rows of a matmul; (sequence, kv heads, part) tasks of attention) and a
  * thread goes on to the next stage once every chunk of this one is done, whoever did it (see
  * "stages without barriers" below): a thread the OS preempts on a busy machine delays the step
  * by the chunk it holds, not by its share of every stage. Small steps (M*K <= REDUNDANT_MAX)
@@ -146,10 +147,28 @@ static inline void rope(const float *x, const float *c, const float *s, int hd, 
     }
 }
 
+/* kv head kh of a qkv row: k (roped) and v -> the caches at element `at`, fp32 or fp16 (rounded
+ * to nearest even, as torch's cast of the layer path's write_kv) */
+static void kv_write(void *kc, void *vc, int f16, int64_t at, const float *row, const float *c,
+                     const float *s, int nh, int nkv, int kh, int hd) {
+    float k[hd];
+    rope(row + (size_t)(nh + kh) * hd, c, s, hd, k);
+    const float *v = row + (size_t)(nh + nkv + kh) * hd;
+    if (!f16) {
+        memcpy((float *)kc + at, k, sizeof(float) * hd);
+        memcpy((float *)vc + at, v, sizeof(float) * hd);
+        return;
+    }
+    uint16_t *kd = (uint16_t *)kc + at, *vd = (uint16_t *)vc + at;
+    for (int e = 0; e < hd; e++) {
+        kd[e] = fp32_to_fp16(k[e]);
+        vd[e] = fp32_to_fp16(v[e]);
+    }
+}
 /* h[j] = silu(g[j]) * u[j] = g / (1 + exp(-g)) * u */
 static void silu_mul(const float *g, const float *u, int n, float *h) {
     int j = 0;
-#ifdef __AVX512F__
+#ifdef ATT_AVX512
     const __m512 one = _mm512_set1_ps(1.0f);
     for (; j + 16 <= n; j += 16) {
         const __m512 gv = _mm512_loadu_ps(g + j);
@@ -158,7 +177,7 @@ static void silu_mul(const float *g, const float *u, int n, float *h) {
         _mm512_storeu_ps(h + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)),
                                               _mm512_loadu_ps(u + j)));
     }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(ATT_AVX2)
     /* exp256 does not overflow to inf: exp(-g) is clamped at exp(88) ~ 1.7e38, so silu(g) for
      * g < -88 is ~ g * 6e-39 * u instead of -0. (The scalar loop takes 4.1-4.3 ns a value on
      * Zen 3, this one 0.5: for the 1B shape's 16 x 8192 values a token, ~0.5 ms of a token.) */
@@ -284,9 +303,9 @@ static void merge_parts(const float *parts, int np, int g, int hd, float *out) {
  * entry per row, so a prefill chunk of n tokens is n rows with the same table and ctx growing
  * by one. kv_first: some sequence has several rows (then all k/v are written before attention). */
 int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sinb,
-                float *const *k_caches, float *const *v_caches, int bs, const int64_t *slots,
-                const int64_t *tables, int64_t bt_stride, const int64_t *ctx, int M, float *out,
-                int n_threads, int kv_first) {
+                void *const *k_caches, void *const *v_caches, int kv_f16, int bs,
+                const int64_t *slots, const int64_t *tables, int64_t bt_stride, const int64_t *ctx,
+                int M, float *out, int n_threads, int kv_first) {
     const int D = m->D, nh = m->nh, nkv = m->nkv, hd = m->hd, I = m->inter, L = m->n_layers;
     const int g = nh / nkv, nqkv = (nh + 2 * nkv) * hd, natt = nh * hd;
     int kmax = D > natt ? D : natt;
@@ -307,10 +326,12 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
                              align64(sizeof(float) * (size_t)M * kmax);
     const size_t tmp_bytes = align64(sizeof(float) * (size_t)M * 2 * JCHUNK);
     const size_t per_thread = work_bytes + tmp_bytes + (redundant ? act_bytes : 0);
-    const int parts = attention_parts(M * nkv, T), n_att = M * nkv * parts;
-    const size_t part_floats = (size_t)g * hd + 2 * g;
+    /* attention tasks: (sequence, group of `per` kv heads, context part) */
+    const int per = heads_per_task(M, nkv, T), G = nkv / per, gq = per * g;
+    const int parts = attention_parts(M * G, T), n_att = M * G * parts;
+    const size_t part_floats = (size_t)gq * hd + 2 * gq;
     const size_t partial_bytes = parts > 1 ? align64(sizeof(float) * (size_t)n_att * part_floats) +
-                                                 align64(sizeof(int) * (size_t)M * nkv)
+                                                 align64(sizeof(int) * (size_t)M * G)
                                            : 0;
     const size_t shared = partial_bytes + align64(sizeof(float) * (size_t)M * nqkv) +
                           align64(sizeof(float) * (size_t)M * natt) + 2 * act_bytes +
@@ -323,8 +344,8 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
     if (parts > 1) {
         p += align64(sizeof(float) * (size_t)n_att * part_floats);
         merges = (int *)p;
-        memset(merges, 0, sizeof(int) * (size_t)M * nkv);
-        p += align64(sizeof(int) * (size_t)M * nkv);
+        memset(merges, 0, sizeof(int) * (size_t)M * G);
+        p += align64(sizeof(int) * (size_t)M * G);
     }
     float *qkv = (float *)p;
     p += align64(sizeof(float) * (size_t)M * nqkv);
@@ -369,7 +390,7 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
         for (int l = 0; l < L; l++) {
             const dlayer_t *ly = &m->layers[l];
             stage_t *st = stages + l * NSTAGE;
-            float *kc = k_caches[l], *vc = v_caches[l];
+            void *kc = k_caches[l], *vc = v_caches[l];
 
             /* 1. xn = rmsnorm(x) and its int8 forms for qkv */
             a.K = D;
@@ -402,50 +423,41 @@ int decode_step(const dmodel_t *m, float *x, const float *cosb, const float *sin
                     const int i = task / nkv, kh = task % nkv;
                     const float *row = qkv + (size_t)i * nqkv;
                     const float *c = cosb + (size_t)i * hd, *s = sinb + (size_t)i * hd;
-                    const int64_t at = (slots[i] * nkv + kh) * (int64_t)hd;
-                    rope(row + (size_t)(nh + kh) * hd, c, s, hd, kc + at);
-                    memcpy(vc + at, row + (size_t)(nh + nkv + kh) * hd, sizeof(float) * hd);
+                    kv_write(kc, vc, kv_f16, (slots[i] * nkv + kh) * (int64_t)hd, row, c, s, nh, nkv, kh, hd);
                 }
                 SYNC(st + 8, M * nkv);
             }
 
-            /* 3. per (sequence, kv head, context part): rope, cache write, attention */
+            /* 3. per (sequence, kv heads, context part): rope, cache write, attention */
             for (int task; (task = grab(st + 2)) < n_att; finish(st + 2)) {
-                const int i = task / (nkv * parts), kh = task / parts % nkv, part = task % parts;
-                const int np = parts_of(ctx[i], parts);
+                const int i = task / (G * parts), grp = task / parts % G, part = task % parts;
+                const int np = parts_of(ctx[i], parts), kh0 = grp * per, kh1 = kh0 + per;
                 if (part >= np) continue;
                 const float *row = qkv + (size_t)i * nqkv;
                 const float *c = cosb + (size_t)i * hd, *s = sinb + (size_t)i * hd;
-                float qs[g * hd];
-                for (int h = 0; h < g; h++) rope(row + (size_t)(kh * g + h) * hd, c, s, hd, qs + h * hd);
-                for (int e = 0; e < g * hd; e++) qs[e] = qs[e] * m->scale;
-                if (!kv_first && part == np - 1) { /* the part that reads the new token writes it */
-                    const int64_t at = (slots[i] * nkv + kh) * (int64_t)hd;
-                    rope(row + (size_t)(nh + kh) * hd, c, s, hd, kc + at);
-                    memcpy(vc + at, row + (size_t)(nh + nkv + kh) * hd, sizeof(float) * hd);
-                }
+                float qs[gq * hd];
+                for (int h = 0; h < gq; h++) rope(row + (size_t)(kh0 * g + h) * hd, c, s, hd, qs + h * hd);
+                for (int e = 0; e < gq * hd; e++) qs[e] = qs[e] * m->scale;
+                if (!kv_first && part == np - 1) /* the part that reads the new token writes it */
+                    for (int kh = kh0; kh < kh1; kh++)
+                        kv_write(kc, vc, kv_f16, (slots[i] * nkv + kh) * (int64_t)hd, row, c, s, nh, nkv, kh, hd);
                 const int64_t *table = tables + (int64_t)i * bt_stride;
-                float *o = att + ((size_t)i * nh + (size_t)kh * g) * hd;
-                const float *kk = kc + (int64_t)kh * hd, *vv = vc + (int64_t)kh * hd;
+                float *o = att + ((size_t)i * nh + (size_t)kh0 * g) * hd;
                 if (np == 1) {
-                    if (hd == 64) attend(qs, kk, vv, table, ctx[i], g, nkv, 64, bs, o);
-                    else if (hd == 128) attend(qs, kk, vv, table, ctx[i], g, nkv, 128, bs, o);
-                    else attend(qs, kk, vv, table, ctx[i], g, nkv, hd, bs, o);
+                    attend_any(qs, kc, vc, table, ctx[i], g, nkv, kh0, kh1, hd, bs, kv_f16, o);
                     continue;
                 }
                 const int64_t len = (ctx[i] + np - 1) / np, t0 = part * len;
                 const int64_t t1 = t0 + len < ctx[i] ? t0 + len : ctx[i];
-                float *acc = partial + (((size_t)i * nkv + kh) * parts + part) * part_floats;
-                float *pm = acc + g * hd, *pl = pm + g;
-                memset(acc, 0, sizeof(float) * g * hd);
-                for (int h = 0; h < g; h++) { pm[h] = -INFINITY; pl[h] = 0.0f; }
-                if (hd == 64) attend_range(qs, kk, vv, table, t0, t1, g, nkv, 64, bs, acc, pm, pl);
-                else if (hd == 128) attend_range(qs, kk, vv, table, t0, t1, g, nkv, 128, bs, acc, pm, pl);
-                else attend_range(qs, kk, vv, table, t0, t1, g, nkv, hd, bs, acc, pm, pl);
+                float *acc = partial + (((size_t)i * G + grp) * parts + part) * part_floats;
+                float *pm = acc + gq * hd, *pl = pm + gq;
+                memset(acc, 0, sizeof(float) * gq * hd);
+                for (int h = 0; h < gq; h++) { pm[h] = -INFINITY; pl[h] = 0.0f; }
+                attend_range_any(qs, kc, vc, table, t0, t1, g, nkv, kh0, kh1, hd, bs, kv_f16, acc, pm, pl);
                 /* the last part of this layer to finish merges them all (counts run on across
-                 * layers: a (sequence, head) has np parts in every layer) */
-                if (__atomic_add_fetch(merges + (size_t)i * nkv + kh, 1, __ATOMIC_ACQ_REL) == (l + 1) * np)
-                    merge_parts(partial + ((size_t)i * nkv + kh) * parts * part_floats, np, g, hd, o);
+                 * layers: a (sequence, head group) has np parts in every layer) */
+                if (__atomic_add_fetch(merges + (size_t)i * G + grp, 1, __ATOMIC_ACQ_REL) == (l + 1) * np)
+                    merge_parts(partial + ((size_t)i * G + grp) * parts * part_floats, np, gq, hd, o);
             }
             SYNC(st + 2, n_att);
 
