@@ -241,12 +241,19 @@ def test_rows_do_not_depend_on_the_batch_or_threads(gguf_files, math):
 @pytest.mark.parametrize("variant", gk.cpu_variants())
 def test_every_kernel_variant(gguf_files, variant):
     """The library is built per instruction set with the matmul kernels it includes; each
-    one's step equals the layer path on that variant."""
+    one's step equals the layer path on that variant, on fp32 and fp16 caches."""
     model = load(gguf_files["kquant"], "kquant", "int8", variant=variant)
     assert fdm._variant_of(model.model.layers[0].self_attn.o_proj.fast.lib) == variant
     ids, pos, meta, cache = decode_batch(model.config, BATCHES["five"], seed=6)
-    h_fused, _, h_layers, _ = both_paths(model, ids, pos, meta, cache)
-    assert (h_fused - h_layers).abs().max() < 0.01 * h_layers.abs().max()
+    for kv_dtype in (torch.float32, torch.float16):  # fp16: the variant's conversions both ways
+        kv = [(k.to(kv_dtype), v.to(kv_dtype)) for k, v in cache]
+        h_fused, c_fused, h_layers, c_layers = both_paths(model, ids, pos, meta, kv)
+        assert (h_fused - h_layers).abs().max() < 0.01 * h_layers.abs().max()
+        for (kf, vf), (kl, vl) in zip(c_fused, c_layers):
+            torch.testing.assert_close(kf.float(), kl.float(), rtol=0,
+                                       atol=1e-2 * kl.float().abs().max())
+            torch.testing.assert_close(vf.float(), vl.float(), rtol=0,
+                                       atol=1e-2 * vl.float().abs().max())
 
 
 @pytest.mark.parametrize("rope,ctx", [
