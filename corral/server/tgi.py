@@ -146,6 +146,7 @@ async def info(request: Request):
             "validation_workers": 1, "max_client_batch_size": 1,
             "router": "corral", "version": _version(), "sha": None, "docker_label": None,
             "corral_weights": einfo.get("weights"),  # e.g. which CPU weight path decodes
+            "corral_kv_cache_dtype": einfo.get("kv_cache_dtype"),
             # the OpenAI routes' caps (docs/serve.md, "Limits and validation")
             "corral_max_n": cfg.max_n, "corral_max_prompts": cfg.max_prompts,
             "corral_max_stop_length": cfg.max_stop_length,

@@ -185,6 +185,7 @@ def test_tgi_info_and_health(server):
     assert info["max_input_tokens"] == 64 and info["max_total_tokens"] == 256
     assert info["max_concurrent_requests"] == 1
     assert info["corral_weights"].startswith("GGUF ") and "no dense copy" in info["corral_weights"]
+    assert info["corral_kv_cache_dtype"] == "float32"  # the suite pins fp32 math (conftest.py)
     assert httpx.get(server.url + "/health").status_code == 200  # open without a key
 
 
