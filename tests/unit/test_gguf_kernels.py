@@ -590,7 +590,9 @@ def test_engine_greedy_with_kernels_matches_transformers(lib, default_folder, mo
         assert together[f"r{i}"] == greedy_hf(hf, p, 64), f"prompt {i} differs"
 
 
-def _perplexity(core, ids: list[int]) -> float:
+def prompt_logprobs(core, ids: list[int]) -> np.ndarray:
+    """Log-probabilities of tokens 1.. of `ids`, teacher forced (in prefill chunks of the
+    engine's max_num_batched_tokens: later chunks read the earlier ones' keys from the cache)."""
     from corral import SamplingParams
 
     core.add_request("ppl", ids, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
@@ -599,8 +601,11 @@ def _perplexity(core, ids: list[int]) -> float:
         for out in core.step():
             if out.finished:
                 lps = out.prompt_logprobs
-    nll = [-lps[i][ids[i]] for i in range(1, len(ids))]
-    return float(np.exp(np.mean(nll)))
+    return np.array([lps[i][ids[i]] for i in range(1, len(ids))])
+
+
+def _perplexity(core, ids: list[int]) -> float:
+    return float(np.exp(-np.mean(prompt_logprobs(core, ids))))
 
 
 def test_smollm2_int8_perplexity_within_1_percent_of_exact():

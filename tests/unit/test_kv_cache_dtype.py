@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from corral import SamplingParams
 from corral.engine.config import EngineConfig
 from corral.engine.core import EngineCore
 from corral.errors import CorralError
+from tests.unit.test_gguf_kernels import prompt_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +64,6 @@ def test_fp16_holds_twice_the_blocks_in_the_same_memory(tiny_model_dir):
                                           kv_cache_dtype=kv)).info["kv_blocks"]
               for kv in ("float32", "float16")}
     assert blocks == {"float32": 64, "float16": 128}
-
-
-def prompt_logprobs(core: EngineCore, ids: list[int]) -> np.ndarray:
-    """Log-probabilities of tokens 1.. of `ids` (teacher forced), in prefill chunks of
-    max_num_batched_tokens: later chunks read the earlier ones' keys from the cache."""
-    core.add_request("p", ids, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
-    lps = None
-    while core.has_work():
-        for out in core.step():
-            if out.finished:
-                lps = out.prompt_logprobs
-    return np.array([lps[i][ids[i]] for i in range(1, len(ids))])
 
 
 @pytest.mark.parametrize("kind", ["fused", "layers"])
