@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -144,6 +145,10 @@ def serve(args: argparse.Namespace) -> int:
     engine_kw = engine_kwargs_from_args(args)
     _setup_logging()
     engine = AsyncLLM(model=args.model, **engine_kw)
+    # The start-up's objects live as long as the server: out of every later collection, so a
+    # full one pauses the event loop for the requests' objects only (~0.2 s otherwise with
+    # SmolLM2 loaded, every stream's next token waiting).
+    gc.freeze()
     try:
         app = create_app(engine, config)
         server = DrainingServer(uvicorn.Config(
