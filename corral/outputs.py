@@ -161,6 +161,9 @@ class RequestOutput:
     prompt_logprobs: list[Logprobs | None] | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None
+    # the failure lies in the request's own values (a constraint no token can follow,
+    # min_tokens and stop tokens leaving none, an unusable temperature): a client error
+    error_by_request: bool = False
 
     @property
     def text(self) -> str:

@@ -24,6 +24,7 @@ from corral.engine.detokenizer import (
 from corral.engine.kv_cache import BlockManager
 from corral.engine.runner import ModelRunner, StepLogits, kv_bytes_per_block, profiled_kv_budget
 from corral.engine.sampler import (
+    RequestFault,
     apply_penalties,
     batch_top_logprobs,
     block_stop_tokens,
@@ -66,6 +67,7 @@ class Request:
     pending: list[Sequence] = field(default_factory=list)  # n>1 samples waiting for the prompt
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
     error: str | None = None
+    error_by_request: bool = False  # see RequestOutput
     prompt_logprobs_out: list | None = None  # [None] + every prompt position, once complete
 
     @property
@@ -590,6 +592,7 @@ class EngineCore:
         if req.request_id in self._failed:
             return
         message = f"{what}: {e if isinstance(e, str) else _describe(e)}"
+        req.error_by_request = isinstance(e, RequestFault)
         log.warning("request %s failed: %s", req.request_id, message,
                     exc_info=e if isinstance(e, BaseException) else None)
         self._failed[req.request_id] = self._fail(req, message)
@@ -710,8 +713,8 @@ class EngineCore:
             return tokens, [None] * len(seqs), bad
         vocab = logits.shape[1]
         want = [j for j, s in enumerate(seqs) if s.params.logprobs is not None]
-        too_many = {j: f"logprobs must be at most the vocabulary size ({vocab}), got "
-                       f"{seqs[j].params.logprobs}"
+        too_many = {j: RequestFault(f"logprobs must be at most the vocabulary size ({vocab}), "
+                                    f"got {seqs[j].params.logprobs}")
                     for j in want if not 0 <= seqs[j].params.logprobs <= vocab}
         want = [j for j in want if j not in too_many]
         raw_lp = None
@@ -800,7 +803,8 @@ class EngineCore:
         if finished and req.metrics.finished_time is None:
             req.metrics.finished_time = time.time()
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outputs, finished,
-                             self._prompt_logprobs(req, finished), req.metrics, req.error)
+                             self._prompt_logprobs(req, finished), req.metrics, req.error,
+                             req.error_by_request)
 
     @staticmethod
     def _prompt_logprobs(req: Request, finished: bool) -> list | None:

@@ -338,19 +338,26 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], rng: torch.Generator | No
     return tokens, bad
 
 
+class RequestFault(str):
+    """A reason that lies in the request's own values, not in the engine or the model (the
+    server answers it as a client error)."""
+
+
 def unsampleable_reason(row: torch.Tensor, temperature: float) -> str:
-    """Why a row [V] has no sampling distribution (a rare path: it transfers its peak)."""
+    """Why a row [V] has no sampling distribution (a rare path: it transfers its peak); a
+    RequestFault unless the model's logits themselves are NaN."""
     if not (math.isfinite(temperature) and temperature >= 0):
-        return f"temperature must be a finite number >= 0, got {temperature}"
+        return RequestFault(f"temperature must be a finite number >= 0, got {temperature}")
     v = float(row.max())
     if math.isnan(v):
         return "the logits contain NaN (after penalties)"
     if v == float("-inf"):
-        return "every token is forbidden (min_tokens / stop tokens / constraints)"
+        return RequestFault("every token is forbidden: the request's constraint, min_tokens "
+                            "and stop tokens leave none of this model's vocabulary")
     if math.isinf(v):
-        return "the logits overflowed to infinity (check repetition_penalty)"
-    return (f"temperature {temperature} turns the logits into infinities; "
-            "use a larger temperature or 0 for greedy")
+        return RequestFault("the logits overflowed to infinity (check repetition_penalty)")
+    return RequestFault(f"temperature {temperature} turns the logits into infinities; "
+                        "use a larger temperature or 0 for greedy")
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: int, n: int) -> dict[int, float]:

@@ -198,10 +198,11 @@ class Serving:
                     last = now
                 finished = out.finished
                 if out.error and finished:
-                    # the engine failed this request alone (its values, a NaN row, ...): an
-                    # error response, or an error event if the stream has begun
-                    raise ApiError(500, f"generation failed: {out.error}",
-                                   code="generation_failed")
+                    # the engine failed this request alone: an error response, or an error
+                    # event if the stream has begun; a client error when its own values
+                    # (a constraint no token can follow, ...) are the cause
+                    raise ApiError(400 if out.error_by_request else 500,
+                                   f"generation failed: {out.error}", code="generation_failed")
                 yield out
         finally:
             if not finished:

@@ -13,8 +13,15 @@ from corral.server.errors import OPENAI_TYPES, TGI_PATHS, TGI_TYPES, ApiError
 log = logging.getLogger("corral.server")
 
 
+# Characters that str.splitlines() (and so httpx's iter_lines, a common SSE reader) takes for
+# line ends although SSE does not, and json.dumps leaves raw (it escapes those below U+0020):
+# escaped, generated text never splits an event.
+_LINE_ENDS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
 def sse(obj: dict, prefix: str = "data: ") -> str:
-    return f"{prefix}{json.dumps(obj, ensure_ascii=False)}\n\n"
+    """One event: `obj` as compact UTF-8 JSON on one line, whatever its strings hold."""
+    return f"{prefix}{json.dumps(obj, ensure_ascii=False).translate(_LINE_ENDS)}\n\n"
 
 
 def error_event(path: str, err: ApiError) -> str:

@@ -297,6 +297,37 @@ def test_logprob_bytes_rebuild_the_text(app):
         out["choices"][0]["message"]["content"]
 
 
+def test_stream_events_stay_one_line_for_line_splitting_readers(app):
+    """U+0085, U+2028 and U+2029 are line ends to str.splitlines() and so to httpx's
+    iter_lines, not to SSE: the events escape them, so every line of an echoed stream is one
+    whole event, and the text comes back unchanged."""
+    prompt = "a\x85b\u2028c\u2029d"
+    r = post(app, "/v1/completions", {**GOOD_CMPL, "prompt": prompt, "echo": True,
+                                      "max_tokens": 1, "stream": True})
+    assert r.status_code == 200, r.text
+    lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines), lines
+    events = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert lines[-1] == "data: [DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events).startswith(prompt)
+
+
+def test_a_constraint_no_token_can_follow_is_a_client_error(app):
+    """SmolLM2's byte-level vocabulary has no token for the byte 0xF1 that starts U+40000:
+    the regex leaves no token at the first step. The request fails alone, as a 400 (TGI: 422),
+    never a 500; the next request runs."""
+    body = {**GOOD_CHAT, "guided_regex": "\U00040000"}
+    r = post(app, "/v1/chat/completions", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "generation_failed" and "every token is forbidden" in err["message"]
+    assert err["type"] == "invalid_request_error"
+    r = post(app, "/generate", {**GOOD_TGI, "parameters": {
+        **GOOD_TGI["parameters"], "grammar": {"type": "regex", "value": "\U00040000"}}})
+    assert r.status_code == 422 and "every token is forbidden" in r.json()["error"], r.text
+    ok(app)
+
+
 def test_an_unexpected_error_is_a_json_500_that_keeps_the_connection(engine, monkeypatch):
     """Nothing escapes the app (uvicorn would close the keep-alive connection after it)."""
     app = make_app(engine)

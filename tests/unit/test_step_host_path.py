@@ -9,7 +9,13 @@ import torch
 from corral import SamplingParams
 from corral.engine.inputs import BlockTables
 from corral.engine.kv_cache import BlockManager
-from corral.engine.sampler import apply_penalties, batch_top_logprobs, sample, top_logprobs
+from corral.engine.sampler import (
+    RequestFault,
+    apply_penalties,
+    batch_top_logprobs,
+    sample,
+    top_logprobs,
+)
 from corral.engine.sequence import Sequence
 from corral.model import attention
 from corral.model.attention import AttentionMetadata, paged_attention, write_kv
@@ -354,6 +360,8 @@ def test_unsampleable_rows_are_reported_and_others_kept():
     tokens, bad = sample(logits, seqs)
     assert tokens[0] == int(logits[0].argmax()) and set(bad) == {1, 2, 3}
     assert "NaN" in bad[1] and "forbidden" in bad[2] and "temperature" in bad[3]
+    # the model's NaN is the server's fault; the others lie in the request's own values
+    assert [isinstance(bad[i], RequestFault) for i in (1, 2, 3)] == [False, True, True]
 
 
 # ---- outputs as views, detokenizer -----------------------------------------------------
