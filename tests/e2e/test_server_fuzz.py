@@ -97,6 +97,71 @@ SAMPLING = {
                                  HOSTILE)),
     "user": (SHORT, TEXT),
 }
+# constrained output and tools: small valid constraints, and anything a client might send
+# (broken regexes and grammars, non-schemas, deep JSON, wrong types)
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), TEXT)
+JSON_ANY = st.recursive(JSON_LEAF, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                       st.dictionaries(TEXT, c, max_size=3)),
+                        max_leaves=12)
+SCHEMA = st.one_of(
+    st.sampled_from([{"type": "object", "properties": {"a": {"type": "integer"}},
+                      "required": ["a"]},
+                     {"type": "string", "maxLength": 5}, {"type": "boolean"},
+                     {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 2},
+                     {"enum": [1, "two", None]}]),
+    st.fixed_dictionaries({"type": st.sampled_from(["string", "integer", "number", "object",
+                                                    "array", "null", "nope"])},
+                          optional={"minimum": num(-10, 10), "maxLength": ints(0, 9),
+                                    "pattern": TEXT, "enum": st.lists(JSON_LEAF, max_size=3),
+                                    "items": JSON_ANY, "properties": JSON_ANY}))
+BAD_SCHEMA = st.one_of(SCHEMA, JSON_ANY, TEXT, HOSTILE)
+REGEX = st.sampled_from(["[a-z]{1,5}", "(yes|no)", "\\d+", "a*b?"])
+BAD_REGEX = st.one_of(REGEX, TEXT, st.sampled_from(["(", "[z-a]", "a{5,2}", "\\", "(?P<x>a)",
+                                                    "a**", ".{0,200}x", "(a|)*"]), HOSTILE)
+GRAMMAR = st.sampled_from(['root ::= "yes" | "no"', 'root ::= [0-9]+'])
+BAD_GRAMMAR = st.one_of(GRAMMAR, TEXT, st.sampled_from(["root ::=", "root ::= root",
+                                                        'x ::= "a"', "root ::= (", '::= "a"']),
+                        HOSTILE)
+CHOICE = st.lists(st.text("abcxyz ", min_size=1, max_size=6).filter(str.strip), min_size=1,
+                  max_size=3)
+RESPONSE_FORMAT = (
+    st.one_of(st.just({"type": "text"}), st.just({"type": "json_object"}),
+              st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema":
+                                     st.fixed_dictionaries({"name": st.just("r"),
+                                                            "schema": SCHEMA})})),
+    st.one_of(st.fixed_dictionaries({"type": st.one_of(st.sampled_from(
+        ["text", "json_object", "json_schema", "grammar"]), HOSTILE)},
+        optional={"json_schema": st.one_of(st.fixed_dictionaries(
+            {}, optional={"name": TEXT, "schema": BAD_SCHEMA, "strict": JSON_LEAF}), HOSTILE)}),
+        HOSTILE))
+CONSTRAINT_FIELDS = {
+    "response_format": RESPONSE_FORMAT,
+    "guided_json": (SCHEMA, BAD_SCHEMA), "guided_regex": (REGEX, BAD_REGEX),
+    "guided_choice": (CHOICE, maybe_list(TEXT)), "guided_grammar": (GRAMMAR, BAD_GRAMMAR),
+    "structured_outputs": (
+        st.one_of(st.fixed_dictionaries({"regex": REGEX}), st.fixed_dictionaries({"choice": CHOICE}),
+                  st.fixed_dictionaries({"json": SCHEMA})),
+        st.one_of(st.fixed_dictionaries({}, optional={
+            "json": BAD_SCHEMA, "regex": BAD_REGEX, "choice": maybe_list(TEXT),
+            "grammar": BAD_GRAMMAR, "json_object": JSON_LEAF}), HOSTILE))}
+TOOL = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["get_weather", "add"])},
+    optional={"description": SHORT, "parameters": SCHEMA})})
+BAD_TOOL = st.one_of(TOOL, st.fixed_dictionaries({}, optional={
+    "type": st.one_of(st.just("function"), TEXT, HOSTILE),
+    "function": st.one_of(st.fixed_dictionaries({}, optional={
+        "name": st.one_of(TEXT, HOSTILE), "parameters": BAD_SCHEMA, "strict": JSON_LEAF}),
+        HOSTILE)}), HOSTILE)
+TOOL_FIELDS = {
+    "tools": (st.lists(TOOL, min_size=1, max_size=2, unique_by=lambda t: t["function"]["name"]),
+              st.one_of(st.lists(BAD_TOOL, max_size=4), HOSTILE)),
+    "tool_choice": (st.sampled_from(["auto", "none", "required",
+                                     {"type": "function", "function": {"name": "get_weather"}}]),
+                    st.one_of(TEXT, st.fixed_dictionaries({}, optional={
+                        "type": st.one_of(st.just("function"), TEXT), "function": st.one_of(
+                            st.fixed_dictionaries({"name": st.one_of(TEXT, HOSTILE)}),
+                            HOSTILE)}), HOSTILE)),
+    "parallel_tool_calls": (st.booleans(), st.one_of(st.booleans(), HOSTILE))}
 MODEL = (st.sampled_from(["default", "tgi", "dummy", ""]),
          st.sampled_from(["default", "tgi", "dummy", "", "gpt-4o", None, 3, "\ud800"]))
 MESSAGE = st.fixed_dictionaries(
@@ -142,7 +207,13 @@ TGI_PARAMETERS = {
     "return_full_text": (st.booleans(), st.booleans()),
     "best_of": (st.just(1), ints(0, 2)), "truncate": (st.integers(1, 50), ints(-1, 50)),
     "top_n_tokens": (st.integers(0, 5), ints(-1, 25)), "watermark": (st.just(False),
-                                                                    st.booleans())}
+                                                                    st.booleans()),
+    "grammar": (st.one_of(st.fixed_dictionaries({"type": st.just("json"), "value": SCHEMA}),
+                          st.fixed_dictionaries({"type": st.just("regex"), "value": REGEX})),
+                st.one_of(st.fixed_dictionaries({}, optional={
+                    "type": st.one_of(st.sampled_from(["json", "regex", "json_schema"]), TEXT,
+                                      HOSTILE), "value": st.one_of(BAD_SCHEMA, BAD_REGEX)}),
+                    HOSTILE))}
 
 
 def requests_for(fields: dict, required: tuple[str, ...], bounded: str):
@@ -163,8 +234,25 @@ def requests_for(fields: dict, required: tuple[str, ...], bounded: str):
     return dicts(0), dicts(0), one_bad(), dicts(1)  # valid ones twice as often
 
 
-CHAT = requests_for(CHAT_FIELDS, ("model", "messages"), "max_tokens")
-COMPLETION = requests_for(COMPLETION_FIELDS, ("model", "prompt"), "max_tokens")
+def with_extras(bodies, groups: list[dict]):
+    """Each body, now and then with one field of each group added (valid or hostile): at most
+    one constraint a request, so that valid ones reach constrained decoding."""
+    @st.composite
+    def add(draw, body_strategy):
+        body = draw(body_strategy)
+        for fields in groups:
+            if isinstance(body, dict) and draw(st.integers(0, 2)) == 0:
+                key = draw(st.sampled_from(sorted(fields)))
+                body[key] = draw(fields[key][draw(st.integers(0, 1))])
+        return body
+
+    return tuple(add(b) for b in bodies)
+
+
+CHAT = with_extras(requests_for(CHAT_FIELDS, ("model", "messages"), "max_tokens"),
+                   [CONSTRAINT_FIELDS, TOOL_FIELDS, TOOL_FIELDS])
+COMPLETION = with_extras(requests_for(COMPLETION_FIELDS, ("model", "prompt"), "max_tokens"),
+                         [CONSTRAINT_FIELDS])
 _params = requests_for(TGI_PARAMETERS, (), "max_new_tokens")
 _good_tgi = st.fixed_dictionaries({"inputs": SHORT.filter(str.strip),
                                    "parameters": _params[0]}, optional={"stream": st.booleans()})
@@ -204,6 +292,25 @@ def sse_events(r: httpx.Response) -> list:
     return events
 
 
+def as_sdk_completion(e: dict, body: dict) -> dict:
+    """A /v1/completions answer or chunk with the nulls OpenAI's API sends where the SDK's
+    `Completion` type (shared by both) lists only final values: finish_reason null until a
+    choice ends, and an echoed prompt's first token without a logprob. Checked, then filled."""
+    choices = []
+    for c in e.get("choices", []):
+        assert c["finish_reason"] in (None, "stop", "length"), e
+        c = {**c, "finish_reason": c["finish_reason"] or "stop"}
+        lp = c.get("logprobs")
+        if lp and lp.get("token_logprobs") and lp["token_logprobs"][0] is None:
+            assert body.get("echo") is True, e
+            lp = {**lp, "token_logprobs": [0.0, *lp["token_logprobs"][1:]]}
+            if lp.get("top_logprobs") and lp["top_logprobs"][0] is None:
+                lp["top_logprobs"] = [{}, *lp["top_logprobs"][1:]]
+            c["logprobs"] = lp
+        choices.append(c)
+    return {**e, "choices": choices}
+
+
 def check_answer(path: str, body, r: httpx.Response) -> None:
     from openai.types import Completion
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -225,16 +332,18 @@ def check_answer(path: str, body, r: httpx.Response) -> None:
                 ChatCompletionChunk.model_validate(e, strict=False)
         else:
             out = ChatCompletion.model_validate(r.json())
-            assert out.usage.total_tokens <= 96
+            # every choice's prompt + answer fits the 96-token budget (usage sums the choices)
+            budget = 96 - out.usage.prompt_tokens
+            assert 0 <= out.usage.completion_tokens <= len(out.choices) * budget
     elif path == "/v1/completions":
         if streamed:
             events = sse_events(r)
             assert events[-1] == "[DONE]"
             for e in events[:-1]:
-                Completion.model_validate(e)
+                Completion.model_validate(as_sdk_completion(e, body))
         else:
-            out = Completion.model_validate(r.json())
-            assert out.usage.total_tokens <= 96 or body.get("echo")
+            out = Completion.model_validate(as_sdk_completion(r.json(), body))
+            assert out.usage.completion_tokens <= len(out.choices) * 96
     elif streamed:  # /generate_stream, or / with stream
         events = sse_events(r)
         for e in events:
