@@ -20,8 +20,11 @@ _LINE_ENDS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
 
 
 def sse(obj: dict, prefix: str = "data: ") -> str:
-    """One event: `obj` as compact UTF-8 JSON on one line, whatever its strings hold."""
-    return f"{prefix}{json.dumps(obj, ensure_ascii=False).translate(_LINE_ENDS)}\n\n"
+    """One event: `obj` as UTF-8 JSON on one line, whatever its strings hold."""
+    text = json.dumps(obj, ensure_ascii=False)
+    if not text.isascii():  # O(1); most events are ASCII and need no translation
+        text = text.translate(_LINE_ENDS)
+    return f"{prefix}{text}\n\n"
 
 
 def error_event(path: str, err: ApiError) -> str:
